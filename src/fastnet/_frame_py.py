@@ -1,0 +1,399 @@
+"""Pure-Python twin of ``fastnet._frame``: the same decoders and encoders.
+
+Strategy: a decoder keeps the bytes that belong to no delivered frame in one
+``bytearray``. Each ``feed`` appends, cuts every complete frame from the front,
+and deletes the consumed prefix once (CPython deletes from the front of a
+bytearray in O(1) by moving its start). ``get_buffer`` hands out a fresh
+receive buffer and ``buffer_updated`` feeds what arrived in it. Decoders never
+return ``None``: an incomplete frame stays buffered and the call returns the
+frames completed so far, possibly none. Work per call is linear in the bytes
+received: a line decoder remembers how far it has searched for a delimiter.
+
+This module is the reference for behaviour. The extension ``_frame.pyx`` must
+give the same frames, the same ``pending`` counts and the same errors for every
+input and every chunking; the test suite runs against both.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterable, Union
+
+from .errors import (
+    FrameError,
+    FrameTooLarge,
+    IncompleteFrame,
+    delimiter_in_payload,
+    negative_body,
+    negative_length_field,
+    strip_past_end,
+)
+
+if TYPE_CHECKING:
+    from .framing import LengthPrefixed, Lines
+
+__all__ = [
+    "LengthPrefixedDecoder",
+    "LengthPrefixedEncoder",
+    "LineDecoder",
+    "LineEncoder",
+]
+
+Buffer = Union[bytes, bytearray, memoryview]
+
+# Size of the receive buffer get_buffer() hands out when the caller gives no
+# size hint (asyncio passes -1); 64 KiB is what uvloop asks for and what one
+# recv() on loopback typically returns under load.
+READ_SIZE = 65536
+
+
+def _as_bytes(data: Buffer) -> bytes:
+    if isinstance(data, bytes):
+        return data
+    return memoryview(data).tobytes()
+
+
+class _Decoder:
+    __slots__ = ("_buf", "_recv", "_failed")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._recv: bytearray | None = None
+        self._failed: FrameError | None = None
+
+    @property
+    def pending(self) -> int:
+        """The number of received bytes that belong to no delivered frame yet."""
+        return len(self._buf)
+
+    def _check(self) -> None:
+        failed = self._failed
+        if failed is not None:
+            raise type(failed)(*failed.args)
+
+    def _fail(self, exc: FrameError) -> FrameError:
+        self._failed = exc
+        self._buf.clear()
+        return exc
+
+    def _decode(self, out: list[bytes]) -> FrameError | None:
+        raise NotImplementedError
+
+    def feed(self, data: Buffer) -> list[bytes]:
+        """Append ``data`` to the stream and return the frames it completes.
+
+        Args:
+            data: any bytes-like object; it is not kept after the call.
+
+        Returns:
+            The complete frames, oldest first; an empty list when ``data``
+            completes none. Bytes of an unfinished frame stay buffered.
+
+        Raises:
+            FrameTooLarge: a frame exceeds the limit.
+            FrameError: the input breaks the framing rules.
+
+        Error handling:
+            The error's ``frames`` attribute holds the frames completed before
+            the bad input in this call. A length-prefixed decoder is failed
+            afterwards and raises again on every call; a line decoder skips
+            the over-long line and continues on the next call (``feed(b"")``
+            resumes with what is buffered).
+        """
+        self._check()
+        self._buf += data
+        out: list[bytes] = []
+        exc = self._decode(out)
+        if exc is not None:
+            raise exc
+        return out
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Return a writable buffer for the next receive (asyncio.BufferedProtocol).
+
+        Args:
+            sizehint: the size the caller would like, or -1 for any size.
+
+        Returns:
+            A writable memoryview of at least one byte. Write into its start,
+            then call ``buffer_updated`` with the number of bytes written.
+
+        Raises:
+            FrameError: the decoder has failed (see ``feed``).
+        """
+        self._check()
+        self._recv = bytearray(sizehint if sizehint > 0 else READ_SIZE)
+        return memoryview(self._recv)
+
+    def buffer_updated(self, nbytes: int) -> list[bytes]:
+        """Take ``nbytes`` written into the last ``get_buffer`` and return complete frames.
+
+        Returns, raises and handles errors as ``feed``.
+
+        Raises:
+            RuntimeError: no ``get_buffer`` call precedes this one.
+            ValueError: ``nbytes`` is negative or larger than that buffer.
+        """
+        recv = self._recv
+        if recv is None:
+            raise RuntimeError("buffer_updated() called without get_buffer()")
+        if not 0 <= nbytes <= len(recv):
+            raise ValueError(f"nbytes {nbytes} outside the buffer of {len(recv)} bytes")
+        self._recv = None
+        with memoryview(recv) as view:
+            return self.feed(view[:nbytes])
+
+
+class LengthPrefixedDecoder(_Decoder):
+    """Streaming decoder of length-prefixed frames.
+
+    Args:
+        spec: the ``fastnet.LengthPrefixed`` layout to decode.
+    """
+
+    __slots__ = ("_offset", "_size", "_order", "_adjustment", "_strip", "_max", "_header")
+
+    def __init__(self, spec: LengthPrefixed) -> None:
+        super().__init__()
+        self._offset = spec.offset
+        self._size = spec.length_size
+        self._order = spec.byteorder
+        self._adjustment = spec.adjustment
+        self._strip = spec.strip_size
+        self._max = spec.max_frame
+        self._header = spec.offset + spec.length_size
+
+    def _decode(self, out: list[bytes]) -> FrameError | None:
+        buf = self._buf
+        n = len(buf)
+        pos = 0
+        header = self._header
+        strip = self._strip
+        with memoryview(buf) as view:
+            while n - pos >= header:
+                field = pos + self._offset
+                length = int.from_bytes(view[field : field + self._size], self._order)
+                body = length + self._adjustment
+                if body < 0:
+                    return self._fail(negative_body(length, self._adjustment, frames=out))
+                if body > self._max:
+                    return self._fail(FrameTooLarge(body, self._max, frames=out))
+                size = header + body
+                if strip > size:
+                    return self._fail(strip_past_end(strip, size, frames=out))
+                if n - pos < size:
+                    break
+                out.append(view[pos + strip : pos + size].tobytes())
+                pos += size
+        del buf[:pos]
+        return None
+
+    def eof(self) -> list[bytes]:
+        """Signal the end of the stream and return the last complete frames.
+
+        Returns:
+            The frames still buffered, oldest first (normally none: ``feed``
+            returns frames as soon as they are complete).
+
+        Raises:
+            IncompleteFrame: the stream ended inside a frame; ``frames`` holds
+                the complete frames before it. The decoder is failed after it.
+        """
+        frames = self.feed(b"")
+        if self._buf:
+            raise self._fail(IncompleteFrame(len(self._buf), frames=frames))
+        return frames
+
+
+class LineDecoder(_Decoder):
+    """Streaming decoder of delimited lines.
+
+    Args:
+        spec: the ``fastnet.Lines`` layout to decode.
+    """
+
+    __slots__ = ("_delimiter", "_max", "_strip", "_crlf", "_scanned", "_discarding")
+
+    def __init__(self, spec: Lines) -> None:
+        super().__init__()
+        self._delimiter = spec.delimiter
+        self._max = spec.max_length
+        self._strip = spec.strip
+        self._crlf = spec.strip and spec.delimiter == b"\n"
+        # Bytes at the front of the buffer known to hold no delimiter start.
+        self._scanned = 0
+        # True after an over-long line, until its delimiter has gone by.
+        self._discarding = False
+
+    def _decode(self, out: list[bytes]) -> FrameError | None:
+        buf = self._buf
+        delimiter = self._delimiter
+        keep = len(delimiter) - 1  # a delimiter may straddle two receives
+        n = len(buf)
+        pos = 0
+        exc: FrameError | None = None
+        with memoryview(buf) as view:
+            while True:
+                if self._discarding:
+                    end = buf.find(delimiter, pos)
+                    if end < 0:
+                        pos = max(pos, n - keep)
+                        break
+                    pos = end + len(delimiter)
+                    self._discarding = False
+                    continue
+                end = buf.find(delimiter, pos + self._scanned)
+                if end < 0:
+                    if n - pos - keep > self._max:
+                        exc = FrameTooLarge(n - pos, self._max, frames=out)
+                        self._discarding = True
+                        pos = n - keep
+                        self._scanned = 0
+                    else:
+                        self._scanned = max(0, n - pos - keep)
+                    break
+                self._scanned = 0
+                if end - pos > self._max:
+                    exc = FrameTooLarge(end - pos, self._max, frames=out)
+                    pos = end + len(delimiter)
+                    break
+                if not self._strip:
+                    out.append(view[pos : end + len(delimiter)].tobytes())
+                elif self._crlf and end > pos and buf[end - 1] == 13:
+                    out.append(view[pos : end - 1].tobytes())
+                else:
+                    out.append(view[pos:end].tobytes())
+                pos = end + len(delimiter)
+        del buf[:pos]
+        return exc
+
+    def eof(self) -> list[bytes]:
+        """Signal the end of the stream and return the last lines.
+
+        Returns:
+            The lines still buffered, then the unterminated tail, if any, as a
+            last frame (for ``b"\\n"`` without a trailing ``\\r``). The decoder
+            is empty afterwards and may be fed a new stream.
+
+        Raises:
+            FrameTooLarge: the tail is longer than ``max_length``; ``frames``
+                holds the lines before it.
+        """
+        frames = self.feed(b"")
+        buf = self._buf
+        tail = bytes(buf)
+        discarding = self._discarding
+        buf.clear()
+        self._scanned = 0
+        self._discarding = False
+        if discarding or not tail:
+            return frames
+        if len(tail) > self._max:
+            raise FrameTooLarge(len(tail), self._max, frames=frames)
+        if self._crlf and tail[-1] == 13:
+            tail = tail[:-1]
+        frames.append(tail)
+        return frames
+
+
+class LengthPrefixedEncoder:
+    """Encoder of length-prefixed frames.
+
+    Args:
+        spec: the ``fastnet.LengthPrefixed`` layout to encode.
+    """
+
+    __slots__ = ("_size", "_order", "_adjustment", "_max", "_field_max")
+
+    def __init__(self, spec: LengthPrefixed) -> None:
+        self._size = spec.length_size
+        self._order = spec.byteorder
+        self._adjustment = spec.adjustment
+        self._max = spec.max_frame
+        self._field_max = (1 << (8 * spec.length_size)) - 1
+
+    def header(self, size: int) -> bytes:
+        """Return the length field that precedes a payload of ``size`` bytes.
+
+        Raises:
+            FrameTooLarge: ``size`` exceeds ``max_frame`` or does not fit the field.
+            FrameError: ``size - adjustment`` is negative.
+        """
+        if size > self._max:
+            raise FrameTooLarge(size, self._max)
+        value = size - self._adjustment
+        if value < 0:
+            raise negative_length_field(size, self._adjustment)
+        if value > self._field_max:
+            raise FrameTooLarge(value, self._field_max)
+        return value.to_bytes(self._size, self._order)
+
+    def encode(self, payload: Buffer) -> bytes:
+        """Return one frame: the length field, then ``payload``.
+
+        Raises:
+            FrameTooLarge: the payload exceeds ``max_frame`` or its length
+                does not fit the field.
+            FrameError: ``len(payload) - adjustment`` is negative.
+        """
+        data = _as_bytes(payload)
+        return self.header(len(data)) + data
+
+    def encode_many(self, payloads: Iterable[Buffer]) -> bytes:
+        """Return the frames of all ``payloads`` as one bytes object.
+
+        Raises:
+            FrameTooLarge, FrameError: as ``encode``; nothing is returned
+                when any payload is rejected.
+        """
+        parts = []
+        for payload in payloads:
+            data = _as_bytes(payload)
+            parts.append(self.header(len(data)))
+            parts.append(data)
+        return b"".join(parts)
+
+
+class LineEncoder:
+    """Encoder of delimited lines.
+
+    Args:
+        spec: the ``fastnet.Lines`` layout to encode.
+    """
+
+    __slots__ = ("_delimiter", "_max")
+
+    def __init__(self, spec: Lines) -> None:
+        self._delimiter = spec.delimiter
+        self._max = spec.max_length
+
+    def _check(self, data: bytes) -> None:
+        if len(data) > self._max:
+            raise FrameTooLarge(len(data), self._max)
+        if self._delimiter in data:
+            raise delimiter_in_payload(self._delimiter)
+
+    def encode(self, payload: Buffer) -> bytes:
+        """Return ``payload`` followed by the delimiter.
+
+        Raises:
+            FrameTooLarge: the payload is longer than ``max_length``.
+            FrameError: the payload contains the delimiter.
+        """
+        data = _as_bytes(payload)
+        self._check(data)
+        return data + self._delimiter
+
+    def encode_many(self, payloads: Iterable[Buffer]) -> bytes:
+        """Return the lines of all ``payloads`` as one bytes object.
+
+        Raises:
+            FrameTooLarge, FrameError: as ``encode``; nothing is returned
+                when any payload is rejected.
+        """
+        parts = []
+        for payload in payloads:
+            data = _as_bytes(payload)
+            self._check(data)
+            parts.append(data)
+            parts.append(self._delimiter)
+        return b"".join(parts)

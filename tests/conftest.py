@@ -1,0 +1,65 @@
+"""Shared fixtures: every codec test runs against both backends.
+
+``frame_impl`` is the backend module, ``fastnet._frame`` (id ``c``) or
+``fastnet._frame_py`` (id ``py``). ``--no-c-extensions`` deselects the C leg;
+without that flag a missing extension is an error, not a skip, so a broken
+build cannot pass as a pure-Python run.
+
+``codec`` goes one step further for the asyncio layer: it makes
+``fastnet.framing`` hand out the chosen backend's decoders and encoders for
+the duration of a test, so a whole server runs on either backend in-process.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Iterator
+
+import pytest
+
+from fastnet import framing
+
+BACKEND_NAMES = ("LengthPrefixedDecoder", "LengthPrefixedEncoder", "LineDecoder", "LineEncoder")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--no-c-extensions",
+        action="store_true",
+        default=False,
+        help="run only the pure-Python backend (for FASTNET_NO_EXTENSIONS builds)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not config.getoption("--no-c-extensions"):
+        return
+    skip = pytest.mark.skip(reason="--no-c-extensions")
+    for item in items:
+        if "c_extension" in item.keywords:
+            item.add_marker(skip)
+
+
+def _load(name: str) -> ModuleType:
+    return importlib.import_module(f"fastnet.{name}")
+
+
+@pytest.fixture(
+    scope="session",
+    params=[
+        pytest.param("_frame", marks=pytest.mark.c_extension, id="c"),
+        pytest.param("_frame_py", id="py"),
+    ],
+)
+def frame_impl(request: pytest.FixtureRequest) -> ModuleType:
+    """The codec backend module under test."""
+    return _load(request.param)
+
+
+@pytest.fixture
+def codec(frame_impl: ModuleType, monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
+    """Route ``fastnet.framing`` (and so every spec made in the test) to ``frame_impl``."""
+    for name in BACKEND_NAMES:
+        monkeypatch.setattr(framing, name, getattr(frame_impl, name))
+    yield frame_impl

@@ -100,6 +100,7 @@ class _Decoder:
             resumes with what is buffered).
         """
         self._check()
+        self._recv = None
         self._buf += data
         out: list[bytes] = []
         exc = self._decode(out)
@@ -168,22 +169,28 @@ class LengthPrefixedDecoder(_Decoder):
         pos = 0
         header = self._header
         strip = self._strip
+        exc: FrameError | None = None
         with memoryview(buf) as view:
             while n - pos >= header:
                 field = pos + self._offset
                 length = int.from_bytes(view[field : field + self._size], self._order)
                 body = length + self._adjustment
                 if body < 0:
-                    return self._fail(negative_body(length, self._adjustment, frames=out))
+                    exc = negative_body(length, self._adjustment, frames=out)
+                    break
                 if body > self._max:
-                    return self._fail(FrameTooLarge(body, self._max, frames=out))
+                    exc = FrameTooLarge(body, self._max, frames=out)
+                    break
                 size = header + body
                 if strip > size:
-                    return self._fail(strip_past_end(strip, size, frames=out))
+                    exc = strip_past_end(strip, size, frames=out)
+                    break
                 if n - pos < size:
                     break
                 out.append(view[pos + strip : pos + size].tobytes())
                 pos += size
+        if exc is not None:
+            return self._fail(exc)
         del buf[:pos]
         return None
 

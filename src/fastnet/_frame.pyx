@@ -1,0 +1,728 @@
+# cython: language_level=3, embedsignature=True, freethreading_compatible=True
+"""Cython hot path of fastnet: streaming frame decoders and encoders.
+
+Strategy:
+
+- A decoder owns its receive memory. Buffered stream bytes live in one
+  contiguous block (the arena) between a read offset and a write offset.
+  ``get_buffer`` hands the kernel a window of the arena's free space, so the
+  kernel writes straight into it; ``buffer_updated`` cuts every complete frame
+  out of the arena, one ``bytes`` object per frame, and advances the read
+  offset. Nothing is sliced or joined in between.
+- When the arena runs out of room it is compacted (the unfinished frame moves
+  to the front) before it grows, and it grows by doubling, never past what
+  the largest allowed frame needs. Once a read leaves it empty the arena is
+  released, so an idle connection holds no receive memory at all, and a large
+  frame never leaves a large buffer behind.
+- A length-prefixed frame whose delivered size is ``DIRECT_THRESHOLD`` or more
+  is not assembled in the arena. As soon as its header is parsed, the
+  decoder allocates the frame's final ``bytes`` object, copies in the part
+  already received, and ``get_buffer`` hands out the rest of that object: the
+  kernel writes each remaining payload byte exactly once, where it stays.
+- ``feed(data)`` decodes in place from the caller's buffer when nothing is
+  buffered and copies only the unfinished tail.
+- Decoders never return ``None``: calls return the list of frames completed,
+  possibly empty. Work per call is linear in the bytes received; a line
+  decoder remembers how far it has searched for a delimiter.
+
+Windows are exported through small ``_Block`` objects: a memoryview keeps its
+block alive, so a view the caller still holds never points at freed memory,
+however the decoder has moved on.
+
+The pure-Python twin ``_frame_py.py`` is the reference for behaviour: the same
+frames, ``pending`` counts and errors for every input and every chunking.
+"""
+
+cimport cython
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_FillInfo, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport (
+    PyBytes_AS_STRING,
+    PyBytes_CheckExact,
+    PyBytes_FromStringAndSize,
+    PyBytes_GET_SIZE,
+)
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from libc.stdint cimport int64_t, uint64_t
+from libc.string cimport memchr, memcmp, memcpy, memmove
+
+from .errors import (
+    FrameError,
+    FrameTooLarge,
+    IncompleteFrame,
+    delimiter_in_payload,
+    negative_body,
+    negative_length_field,
+    strip_past_end,
+)
+
+cdef extern from "Python.h":
+    object PyMemoryView_FromObject(object obj)
+    object PySequence_Fast(object o, const char* m)
+    Py_ssize_t PySequence_Fast_GET_SIZE(object o)
+    void* PySequence_Fast_GET_ITEM(object o, Py_ssize_t i)
+
+
+# Tunables, in one place.
+cdef enum:
+    # Window get_buffer() opens when the caller gives no size hint (asyncio
+    # passes -1): 64 KiB is what uvloop asks for and about what one recv() on
+    # loopback returns under load.
+    READ_SIZE = 65536
+    # Delivered frame size from which a length-prefixed frame is received
+    # straight into its final bytes object. Below it, one memcpy out of the
+    # arena is cheaper than the extra recv() that ends exactly at the frame
+    # boundary; 32 KiB is a measured-by-eye guess, not a tuned optimum.
+    DIRECT_THRESHOLD = 32768
+    # Smallest arena allocated to hold an unfinished frame fed by feed():
+    # a whole small frame fits without regrowing.
+    MIN_ARENA = 256
+    # An arena larger than this, less than a quarter used after a decode, is
+    # moved into a smaller block (only long lines can make one this large).
+    SHRINK_ABOVE = 4 * 65536
+
+# Length field values at or above this are handled with Python ints: with
+# |adjustment| and max_frame bounded by 2**48 (framing.MAX_SIZE_PARAMETER),
+# every value below it gives a body that fits int64_t.
+cdef uint64_t LARGE_LENGTH = (<uint64_t>1) << 62
+
+
+@cython.final
+@cython.no_gc_clear
+cdef class _Block:
+    """Writable window of decoder memory, exported to a memoryview."""
+
+    def __getbuffer__(self, Py_buffer* view, int flags):
+        PyBuffer_FillInfo(view, self, self.data + self.start, self.length, 0, flags)
+
+    def __releasebuffer__(self, Py_buffer* view):
+        pass
+
+    def __dealloc__(self):
+        if self.owner is None and self.data != NULL:
+            PyMem_Free(self.data)
+            self.data = NULL
+
+
+cdef _Block _new_block(Py_ssize_t size):
+    cdef _Block block = _Block.__new__(_Block)
+    block.data = <char*>PyMem_Malloc(size)
+    if block.data == NULL:
+        raise MemoryError()
+    block.size = size
+    block.owner = None
+    return block
+
+
+cdef inline uint64_t _read_length(const unsigned char* p, int size, bint big) noexcept nogil:
+    cdef uint64_t value = 0
+    cdef int i
+    if big:
+        for i in range(size):
+            value = (value << 8) | p[i]
+    else:
+        for i in range(size - 1, -1, -1):
+            value = (value << 8) | p[i]
+    return value
+
+
+cdef inline void _write_length(unsigned char* p, uint64_t value, int size, bint big) noexcept nogil:
+    cdef int i
+    if big:
+        for i in range(size - 1, -1, -1):
+            p[i] = value & 0xFF
+            value >>= 8
+    else:
+        for i in range(size):
+            p[i] = value & 0xFF
+            value >>= 8
+
+
+cdef inline Py_ssize_t _find(const char* data, Py_ssize_t start, Py_ssize_t n,
+                             const char* needle, Py_ssize_t nlen) noexcept nogil:
+    """Index of needle in data[start:n], or -1."""
+    cdef const char* p
+    cdef const char* last
+    if nlen == 1:
+        if start >= n:
+            return -1
+        p = <const char*>memchr(data + start, needle[0], n - start)
+        return -1 if p == NULL else p - data
+    last = data + n - nlen  # last position where needle can start
+    p = data + start
+    while p <= last:
+        p = <const char*>memchr(p, needle[0], last - p + 1)
+        if p == NULL:
+            return -1
+        if memcmp(p + 1, needle + 1, nlen - 1) == 0:
+            return p - data
+        p += 1
+    return -1
+
+
+cdef class _Decoder:
+
+    def __cinit__(self):
+        self.window = -1
+
+    @property
+    def pending(self):
+        """The number of received bytes that belong to no delivered frame yet."""
+        if self.direct is not None:
+            return self.direct_base + self.direct_filled
+        return self.wpos - self.rpos
+
+    cdef Py_ssize_t _decode(self, const char* data, Py_ssize_t n, list out) except -1:
+        raise NotImplementedError
+
+    cdef int _raise_failed(self) except -1:
+        failed = self.failed
+        raise type(failed)(*failed.args)
+
+    cdef int _raise_error(self) except -1:
+        error = self.error
+        self.error = None
+        if self.failed is not None:
+            self._release()
+            self.direct = None
+            self.direct_block = None
+        raise error
+
+    cdef int _release(self) except -1:
+        self.arena = None
+        self.rpos = 0
+        self.wpos = 0
+        return 0
+
+    cdef int _reserve(self, Py_ssize_t want) except -1:
+        """Make room for at least ``want`` more bytes after wpos."""
+        cdef Py_ssize_t used, size
+        cdef _Block block
+        if self.arena is None:
+            self.arena = _new_block(max(want, MIN_ARENA))
+            return 0
+        if self.arena.size - self.wpos >= want:
+            return 0
+        used = self.wpos - self.rpos
+        if used + want <= self.arena.size:
+            # Compaction: slide the unfinished frame to the front.
+            memmove(self.arena.data, self.arena.data + self.rpos, used)
+        else:
+            size = max(used + want, min(2 * self.arena.size, self.arena_limit))
+            block = _new_block(size)
+            memcpy(block.data, self.arena.data + self.rpos, used)
+            self.arena = block
+        self.rpos = 0
+        self.wpos = used
+        return 0
+
+    cdef int _store(self, const char* data, Py_ssize_t n) except -1:
+        """Append data[:n] to the arena."""
+        if n == 0:
+            return 0
+        self._reserve(n)
+        memcpy(self.arena.data + self.wpos, data, n)
+        self.wpos += n
+        return 0
+
+    cdef int _decode_arena(self, list out) except -1:
+        cdef Py_ssize_t used
+        cdef _Block block
+        if self.wpos == self.rpos:
+            return 0
+        self.rpos += self._decode(self.arena.data + self.rpos, self.wpos - self.rpos, out)
+        used = self.wpos - self.rpos
+        if used == 0:
+            self._release()
+        elif self.arena.size > SHRINK_ABOVE and used < self.arena.size // 4:
+            block = _new_block(max(2 * used, READ_SIZE))
+            memcpy(block.data, self.arena.data + self.rpos, used)
+            self.arena = block
+            self.rpos = 0
+            self.wpos = used
+        return 0
+
+    cdef int _start_direct(self, const char* data, Py_ssize_t have, Py_ssize_t size,
+                           Py_ssize_t base) except -1:
+        """Allocate a frame of ``size`` bytes, its first ``have`` bytes from data."""
+        cdef bytes frame = PyBytes_FromStringAndSize(NULL, size)
+        cdef _Block block = _Block.__new__(_Block)
+        memcpy(PyBytes_AS_STRING(frame), data, have)
+        block.owner = frame
+        block.data = PyBytes_AS_STRING(frame)
+        block.size = size
+        self.direct = frame
+        self.direct_block = block
+        self.direct_base = base
+        self.direct_filled = have
+        return 0
+
+    cdef int _ingest(self, const char* data, Py_ssize_t n, list out) except -1:
+        cdef Py_ssize_t used
+        if self.direct is not None:
+            used = min(n, self.direct_block.size - self.direct_filled)
+            memcpy(self.direct_block.data + self.direct_filled, data, used)
+            self.direct_filled += used
+            if self.direct_filled < self.direct_block.size:
+                return 0
+            out.append(self.direct)
+            self.direct = None
+            self.direct_block = None
+            data += used
+            n -= used
+        if self.wpos == self.rpos:
+            # Nothing buffered: decode in place, keep only the unfinished tail.
+            used = self._decode(data, n, out)
+            self._store(data + used, n - used)
+        else:
+            self._store(data, n)
+            self._decode_arena(out)
+        return 0
+
+    def feed(self, data):
+        """Append ``data`` to the stream and return the frames it completes.
+
+        Args:
+            data: any bytes-like object; it is not kept after the call.
+
+        Returns:
+            The complete frames, oldest first; an empty list when ``data``
+            completes none. Bytes of an unfinished frame stay buffered.
+
+        Raises:
+            FrameTooLarge: a frame exceeds the limit.
+            FrameError: the input breaks the framing rules.
+
+        Error handling:
+            The error's ``frames`` attribute holds the frames completed before
+            the bad input in this call. A length-prefixed decoder is failed
+            afterwards and raises again on every call; a line decoder skips
+            the over-long line and continues on the next call (``feed(b"")``
+            resumes with what is buffered).
+        """
+        cdef Py_buffer view
+        cdef list out = []
+        if self.failed is not None:
+            self._raise_failed()
+        self.window = -1
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            self._ingest(<const char*>view.buf, view.len, out)
+        finally:
+            PyBuffer_Release(&view)
+        if self.error is not None:
+            self._raise_error()
+        return out
+
+    def get_buffer(self, Py_ssize_t sizehint=-1):
+        """Return a writable buffer for the next receive (asyncio.BufferedProtocol).
+
+        Args:
+            sizehint: the size the caller would like, or -1 for any size.
+
+        Returns:
+            A writable memoryview of at least one byte. Write into its start,
+            then call ``buffer_updated`` with the number of bytes written.
+
+        Raises:
+            FrameError: the decoder has failed (see ``feed``).
+        """
+        cdef _Block block
+        if self.failed is not None:
+            self._raise_failed()
+        if self.direct is not None:
+            block = self.direct_block
+            block.start = self.direct_filled
+        else:
+            self._reserve(sizehint if sizehint > 0 else READ_SIZE)
+            block = self.arena
+            block.start = self.wpos
+        block.length = block.size - block.start
+        self.window = block.length
+        return PyMemoryView_FromObject(block)
+
+    def buffer_updated(self, Py_ssize_t nbytes):
+        """Take ``nbytes`` written into the last ``get_buffer`` and return complete frames.
+
+        Returns, raises and handles errors as ``feed``.
+
+        Raises:
+            RuntimeError: no ``get_buffer`` call precedes this one.
+            ValueError: ``nbytes`` is negative or larger than that buffer.
+        """
+        cdef list out = []
+        if self.window < 0:
+            raise RuntimeError("buffer_updated() called without get_buffer()")
+        if nbytes < 0 or nbytes > self.window:
+            raise ValueError(f"nbytes {nbytes} outside the buffer of {self.window} bytes")
+        self.window = -1
+        if self.failed is not None:
+            self._raise_failed()
+        if self.direct is not None:
+            self.direct_filled += nbytes
+            if self.direct_filled == self.direct_block.size:
+                out.append(self.direct)
+                self.direct = None
+                self.direct_block = None
+            return out
+        self.wpos += nbytes
+        self._decode_arena(out)
+        if self.error is not None:
+            self._raise_error()
+        return out
+
+
+cdef class LengthPrefixedDecoder(_Decoder):
+    """Streaming decoder of length-prefixed frames.
+
+    Args:
+        spec: the ``fastnet.LengthPrefixed`` layout to decode.
+    """
+
+    def __init__(self, spec):
+        self.offset = spec.offset
+        self.length_size = spec.length_size
+        self.big = spec.byteorder == "big"
+        self.adjustment = spec.adjustment
+        self.strip = spec.strip_size
+        self.max_frame = spec.max_frame
+        self.header = spec.offset + spec.length_size
+        self.arena_limit = max(READ_SIZE, min(self.header + spec.max_frame, 2 * READ_SIZE))
+        self.arena_limit = max(self.arena_limit, self.strip + DIRECT_THRESHOLD)
+
+    cdef Py_ssize_t _decode(self, const char* data, Py_ssize_t n, list out) except -1:
+        cdef Py_ssize_t pos = 0
+        cdef Py_ssize_t avail, size
+        cdef int64_t body
+        cdef uint64_t length
+        while True:
+            avail = n - pos
+            if avail < self.header:
+                return pos
+            length = _read_length(<const unsigned char*>data + pos + self.offset,
+                                  self.length_size, self.big)
+            if length >= LARGE_LENGTH:
+                self.failed = self.error = FrameTooLarge(
+                    length + self.adjustment, self.max_frame, frames=out)
+                return pos
+            body = <int64_t>length + self.adjustment
+            if body < 0:
+                self.failed = self.error = negative_body(length, self.adjustment, frames=out)
+                return pos
+            if body > self.max_frame:
+                self.failed = self.error = FrameTooLarge(body, self.max_frame, frames=out)
+                return pos
+            size = self.header + <Py_ssize_t>body
+            if self.strip > size:
+                self.failed = self.error = strip_past_end(self.strip, size, frames=out)
+                return pos
+            if avail >= size:
+                out.append(PyBytes_FromStringAndSize(data + pos + self.strip, size - self.strip))
+                pos += size
+                continue
+            if size - self.strip >= DIRECT_THRESHOLD and avail >= self.strip:
+                self._start_direct(data + pos + self.strip, avail - self.strip,
+                                   size - self.strip, self.strip)
+                return n
+            return pos
+
+    def eof(self):
+        """Signal the end of the stream and return the last complete frames.
+
+        Returns:
+            The frames still buffered, oldest first (normally none: ``feed``
+            returns frames as soon as they are complete).
+
+        Raises:
+            IncompleteFrame: the stream ended inside a frame; ``frames`` holds
+                the complete frames before it. The decoder is failed after it.
+        """
+        frames = self.feed(b"")
+        pending = self.pending
+        if pending:
+            self.failed = self.error = IncompleteFrame(pending, frames=frames)
+            self._raise_error()
+        return frames
+
+
+cdef class LineDecoder(_Decoder):
+    """Streaming decoder of delimited lines.
+
+    Args:
+        spec: the ``fastnet.Lines`` layout to decode.
+    """
+
+    def __init__(self, spec):
+        self.delimiter = spec.delimiter
+        self.dlen = len(spec.delimiter)
+        self.max_length = spec.max_length
+        self.strip = spec.strip
+        self.crlf = spec.strip and spec.delimiter == b"\n"
+        self.arena_limit = max(READ_SIZE, spec.max_length + self.dlen)
+
+    cdef Py_ssize_t _decode(self, const char* data, Py_ssize_t n, list out) except -1:
+        cdef Py_ssize_t pos = 0
+        cdef Py_ssize_t end
+        cdef Py_ssize_t keep = self.dlen - 1  # a delimiter may straddle two receives
+        cdef const char* delimiter = PyBytes_AS_STRING(self.delimiter)
+        while True:
+            if self.discarding:
+                end = _find(data, pos, n, delimiter, self.dlen)
+                if end < 0:
+                    return max(pos, n - keep)
+                pos = end + self.dlen
+                self.discarding = False
+                continue
+            end = _find(data, pos + self.scanned, n, delimiter, self.dlen)
+            if end < 0:
+                if n - pos - keep > self.max_length:
+                    self.error = FrameTooLarge(n - pos, self.max_length, frames=out)
+                    self.discarding = True
+                    self.scanned = 0
+                    return n - keep
+                self.scanned = max(0, n - pos - keep)
+                return pos
+            self.scanned = 0
+            if end - pos > self.max_length:
+                self.error = FrameTooLarge(end - pos, self.max_length, frames=out)
+                return end + self.dlen
+            if not self.strip:
+                out.append(PyBytes_FromStringAndSize(data + pos, end + self.dlen - pos))
+            elif self.crlf and end > pos and data[end - 1] == b'\r':
+                out.append(PyBytes_FromStringAndSize(data + pos, end - 1 - pos))
+            else:
+                out.append(PyBytes_FromStringAndSize(data + pos, end - pos))
+            pos = end + self.dlen
+
+    def eof(self):
+        """Signal the end of the stream and return the last lines.
+
+        Returns:
+            The lines still buffered, then the unterminated tail, if any, as a
+            last frame (for ``b"\\n"`` without a trailing ``\\r``). The decoder
+            is empty afterwards and may be fed a new stream.
+
+        Raises:
+            FrameTooLarge: the tail is longer than ``max_length``; ``frames``
+                holds the lines before it.
+        """
+        cdef Py_ssize_t size
+        frames = self.feed(b"")
+        size = self.wpos - self.rpos
+        tail = b"" if size == 0 else PyBytes_FromStringAndSize(self.arena.data + self.rpos, size)
+        discarding = self.discarding
+        self._release()
+        self.scanned = 0
+        self.discarding = False
+        if discarding or not tail:
+            return frames
+        if size > self.max_length:
+            raise FrameTooLarge(size, self.max_length, frames=frames)
+        if self.crlf and tail[size - 1] == 13:
+            tail = tail[:size - 1]
+        frames.append(tail)
+        return frames
+
+
+cdef struct _Payload:
+    const char* buf
+    Py_ssize_t len
+    bint viewed        # view holds a buffer to release
+    Py_buffer view
+
+
+cdef inline int _get_payload(object obj, _Payload* payload) except -1:
+    """View obj's bytes: bytes objects directly, anything else by the buffer protocol."""
+    if PyBytes_CheckExact(obj):
+        payload.buf = PyBytes_AS_STRING(obj)
+        payload.len = PyBytes_GET_SIZE(obj)
+        payload.viewed = False
+        return 0
+    PyObject_GetBuffer(obj, &payload.view, PyBUF_SIMPLE)
+    payload.buf = <const char*>payload.view.buf
+    payload.len = payload.view.len
+    payload.viewed = True
+    return 0
+
+
+cdef inline void _release_payload(_Payload* payload) noexcept:
+    if payload.viewed:
+        payload.viewed = False
+        PyBuffer_Release(&payload.view)
+
+
+cdef class LengthPrefixedEncoder:
+    """Encoder of length-prefixed frames.
+
+    Args:
+        spec: the ``fastnet.LengthPrefixed`` layout to encode.
+    """
+
+    def __init__(self, spec):
+        self.length_size = spec.length_size
+        self.big = spec.byteorder == "big"
+        self.adjustment = spec.adjustment
+        self.max_frame = spec.max_frame
+        self.field_max = <uint64_t>((1 << (8 * spec.length_size)) - 1)
+
+    cdef int _check(self, Py_ssize_t size) except -1:
+        cdef int64_t value
+        if size > self.max_frame:
+            raise FrameTooLarge(size, self.max_frame)
+        value = size - self.adjustment
+        if value < 0:
+            raise negative_length_field(size, self.adjustment)
+        if <uint64_t>value > self.field_max:
+            raise FrameTooLarge(value, self.field_max)
+        return 0
+
+    def header(self, size):
+        """Return the length field that precedes a payload of ``size`` bytes.
+
+        Raises:
+            FrameTooLarge: ``size`` exceeds ``max_frame`` or does not fit the field.
+            FrameError: ``size - adjustment`` is negative.
+        """
+        if size > self.max_frame:
+            raise FrameTooLarge(size, self.max_frame)
+        self._check(size)
+        cdef bytes out = PyBytes_FromStringAndSize(NULL, self.length_size)
+        _write_length(<unsigned char*>PyBytes_AS_STRING(out), <uint64_t>(size - self.adjustment),
+                      self.length_size, self.big)
+        return out
+
+    def encode(self, payload):
+        """Return one frame: the length field, then ``payload``.
+
+        Raises:
+            FrameTooLarge: the payload exceeds ``max_frame`` or its length
+                does not fit the field.
+            FrameError: ``len(payload) - adjustment`` is negative.
+        """
+        cdef _Payload view
+        cdef bytes out
+        cdef char* p
+        _get_payload(payload, &view)
+        try:
+            self._check(view.len)
+            out = PyBytes_FromStringAndSize(NULL, self.length_size + view.len)
+            p = PyBytes_AS_STRING(out)
+            _write_length(<unsigned char*>p, <uint64_t>(view.len - self.adjustment),
+                          self.length_size, self.big)
+            memcpy(p + self.length_size, view.buf, view.len)
+        finally:
+            _release_payload(&view)
+        return out
+
+    def encode_many(self, payloads):
+        """Return the frames of all ``payloads`` as one bytes object.
+
+        Raises:
+            FrameTooLarge, FrameError: as ``encode``; nothing is returned
+                when any payload is rejected.
+        """
+        cdef _Payload view
+        cdef Py_ssize_t i, count, total = 0, pos = 0
+        cdef bytes out
+        cdef char* p
+        seq = PySequence_Fast(payloads, "encode_many() takes an iterable of bytes-like objects")
+        count = PySequence_Fast_GET_SIZE(seq)
+        for i in range(count):
+            _get_payload(<object>PySequence_Fast_GET_ITEM(seq, i), &view)
+            try:
+                self._check(view.len)
+                total += self.length_size + view.len
+            finally:
+                _release_payload(&view)
+        out = PyBytes_FromStringAndSize(NULL, total)
+        p = PyBytes_AS_STRING(out)
+        for i in range(count):
+            _get_payload(<object>PySequence_Fast_GET_ITEM(seq, i), &view)
+            try:
+                if pos + self.length_size + view.len > total:
+                    raise RuntimeError("a payload changed size during encode_many()")
+                _write_length(<unsigned char*>p + pos, <uint64_t>(view.len - self.adjustment),
+                              self.length_size, self.big)
+                memcpy(p + pos + self.length_size, view.buf, view.len)
+                pos += self.length_size + view.len
+            finally:
+                _release_payload(&view)
+        if pos != total:
+            raise RuntimeError("a payload changed size during encode_many()")
+        return out
+
+
+cdef class LineEncoder:
+    """Encoder of delimited lines.
+
+    Args:
+        spec: the ``fastnet.Lines`` layout to encode.
+    """
+
+    def __init__(self, spec):
+        self.delimiter = spec.delimiter
+        self.max_length = spec.max_length
+
+    cdef int _check(self, const char* data, Py_ssize_t size) except -1:
+        if size > self.max_length:
+            raise FrameTooLarge(size, self.max_length)
+        if _find(data, 0, size, PyBytes_AS_STRING(self.delimiter),
+                 PyBytes_GET_SIZE(self.delimiter)) >= 0:
+            raise delimiter_in_payload(self.delimiter)
+        return 0
+
+    def encode(self, payload):
+        """Return ``payload`` followed by the delimiter.
+
+        Raises:
+            FrameTooLarge: the payload is longer than ``max_length``.
+            FrameError: the payload contains the delimiter.
+        """
+        cdef _Payload view
+        cdef bytes out
+        cdef Py_ssize_t dlen = PyBytes_GET_SIZE(self.delimiter)
+        _get_payload(payload, &view)
+        try:
+            self._check(view.buf, view.len)
+            out = PyBytes_FromStringAndSize(NULL, view.len + dlen)
+            memcpy(PyBytes_AS_STRING(out), view.buf, view.len)
+            memcpy(PyBytes_AS_STRING(out) + view.len, PyBytes_AS_STRING(self.delimiter), dlen)
+        finally:
+            _release_payload(&view)
+        return out
+
+    def encode_many(self, payloads):
+        """Return the lines of all ``payloads`` as one bytes object.
+
+        Raises:
+            FrameTooLarge, FrameError: as ``encode``; nothing is returned
+                when any payload is rejected.
+        """
+        cdef _Payload view
+        cdef Py_ssize_t i, count, total = 0, pos = 0
+        cdef Py_ssize_t dlen = PyBytes_GET_SIZE(self.delimiter)
+        cdef bytes out
+        cdef char* p
+        seq = PySequence_Fast(payloads, "encode_many() takes an iterable of bytes-like objects")
+        count = PySequence_Fast_GET_SIZE(seq)
+        for i in range(count):
+            _get_payload(<object>PySequence_Fast_GET_ITEM(seq, i), &view)
+            try:
+                self._check(view.buf, view.len)
+                total += view.len + dlen
+            finally:
+                _release_payload(&view)
+        out = PyBytes_FromStringAndSize(NULL, total)
+        p = PyBytes_AS_STRING(out)
+        for i in range(count):
+            _get_payload(<object>PySequence_Fast_GET_ITEM(seq, i), &view)
+            try:
+                if pos + view.len + dlen > total:
+                    raise RuntimeError("a payload changed size during encode_many()")
+                memcpy(p + pos, view.buf, view.len)
+                memcpy(p + pos + view.len, PyBytes_AS_STRING(self.delimiter), dlen)
+                pos += view.len + dlen
+            finally:
+                _release_payload(&view)
+        if pos != total:
+            raise RuntimeError("a payload changed size during encode_many()")
+        return out

@@ -502,8 +502,12 @@ cdef class LineDecoder(_Decoder):
             is empty afterwards and may be fed a new stream.
 
         Raises:
-            FrameTooLarge: the tail is longer than ``max_length``; ``frames``
-                holds the lines before it.
+            FrameTooLarge: a buffered line or the tail is longer than
+                ``max_length``; ``frames`` holds the lines before it.
+
+        Error handling:
+            After an over-long buffered line, call ``eof()`` again to decode
+            what followed it.
         """
         cdef Py_ssize_t size
         frames = self.feed(b"")

@@ -45,6 +45,11 @@ Buffer = Union[bytes, bytearray, memoryview]
 # recv() on loopback typically returns under load.
 READ_SIZE = 65536
 
+# While a length-prefixed frame whose delivered size is at least this is
+# unfinished, get_buffer() hands out exactly its missing bytes (the extension
+# receives such frames straight into their final object; see _frame.pyx).
+DIRECT_THRESHOLD = 32768
+
 
 def _as_bytes(data: Buffer) -> bytes:
     if isinstance(data, bytes):
@@ -122,8 +127,15 @@ class _Decoder:
             FrameError: the decoder has failed (see ``feed``).
         """
         self._check()
-        self._recv = bytearray(sizehint if sizehint > 0 else READ_SIZE)
+        missing = self._direct_missing()
+        if missing == 0:
+            missing = sizehint if sizehint > 0 else READ_SIZE
+        self._recv = bytearray(missing)
         return memoryview(self._recv)
+
+    def _direct_missing(self) -> int:
+        """Bytes still missing from a large unfinished frame, or 0."""
+        return 0
 
     def buffer_updated(self, nbytes: int) -> list[bytes]:
         """Take ``nbytes`` written into the last ``get_buffer`` and return complete frames.
@@ -193,6 +205,17 @@ class LengthPrefixedDecoder(_Decoder):
             return self._fail(exc)
         del buf[:pos]
         return None
+
+    def _direct_missing(self) -> int:
+        buf = self._buf
+        if len(buf) < self._header:
+            return 0
+        field = self._offset
+        body = int.from_bytes(buf[field : field + self._size], self._order) + self._adjustment
+        size = self._header + body
+        if size - self._strip < DIRECT_THRESHOLD or len(buf) < self._strip:
+            return 0
+        return size - len(buf)
 
     def eof(self) -> list[bytes]:
         """Signal the end of the stream and return the last complete frames.
@@ -282,8 +305,12 @@ class LineDecoder(_Decoder):
             is empty afterwards and may be fed a new stream.
 
         Raises:
-            FrameTooLarge: the tail is longer than ``max_length``; ``frames``
-                holds the lines before it.
+            FrameTooLarge: a buffered line or the tail is longer than
+                ``max_length``; ``frames`` holds the lines before it.
+
+        Error handling:
+            After an over-long buffered line, call ``eof()`` again to decode
+            what followed it.
         """
         frames = self.feed(b"")
         buf = self._buf

@@ -12,8 +12,9 @@ Strategy:
 - When the arena runs out of room it is compacted (the unfinished frame moves
   to the front) before it grows, and it grows by doubling, never past what
   the largest allowed frame needs. Once a read leaves it empty the arena is
-  released, so an idle connection holds no receive memory at all, and a large
-  frame never leaves a large buffer behind.
+  released, and a small unfinished tail moves into a small block, so an idle
+  connection holds no receive memory (or a few hundred bytes mid-frame), and
+  a large frame never leaves a large buffer behind.
 - A length-prefixed frame whose delivered size is ``DIRECT_THRESHOLD`` or more
   is not assembled in the arena. As soon as its header is parsed, the
   decoder allocates the frame's final ``bytes`` object, copies in the part
@@ -76,9 +77,11 @@ cdef enum:
     # Smallest arena allocated to hold an unfinished frame fed by feed():
     # a whole small frame fits without regrowing.
     MIN_ARENA = 256
-    # An arena larger than this, less than a quarter used after a decode, is
-    # moved into a smaller block (only long lines can make one this large).
-    SHRINK_ABOVE = 4 * 65536
+    # After a read, an arena whose unfinished tail fills at most 1/SHRINK_RATIO
+    # of it moves the tail into a block of twice the tail's size. A peer that
+    # stops mid-header then pins a few hundred bytes, not a 64 KiB read
+    # window; the copy is of a few bytes and happens once per read, not per frame.
+    SHRINK_RATIO = 8
 
 # Length field values at or above this are handled with Python ints: with
 # |adjustment| and max_frame bounded by 2**48 (framing.MAX_SIZE_PARAMETER),
@@ -233,8 +236,8 @@ cdef class _Decoder:
         used = self.wpos - self.rpos
         if used == 0:
             self._release()
-        elif self.arena.size > SHRINK_ABOVE and used < self.arena.size // 4:
-            block = _new_block(max(2 * used, READ_SIZE))
+        elif used <= self.arena.size // SHRINK_RATIO and self.arena.size > MIN_ARENA:
+            block = _new_block(max(2 * used, MIN_ARENA))
             memcpy(block.data, self.arena.data + self.rpos, used)
             self.arena = block
             self.rpos = 0

@@ -2,8 +2,8 @@
 
 Strategy: a decoder keeps the bytes that belong to no delivered frame in one
 ``bytearray``. Each ``feed`` appends, cuts every complete frame from the front,
-and deletes the consumed prefix once (CPython deletes from the front of a
-bytearray in O(1) by moving its start). ``get_buffer`` hands out a fresh
+and keeps a copy of the unfinished tail only, so no large buffer outlives a
+large frame. ``get_buffer`` hands out a fresh
 receive buffer and ``buffer_updated`` feeds what arrived in it. Decoders never
 return ``None``: an incomplete frame stays buffered and the call returns the
 frames completed so far, possibly none. Work per call is linear in the bytes
@@ -203,7 +203,8 @@ class LengthPrefixedDecoder(_Decoder):
                 pos += size
         if exc is not None:
             return self._fail(exc)
-        del buf[:pos]
+        if pos:
+            self._buf = buf[pos:]
         return None
 
     def _direct_missing(self) -> int:
@@ -293,7 +294,8 @@ class LineDecoder(_Decoder):
                 else:
                     out.append(view[pos:end].tobytes())
                 pos = end + len(delimiter)
-        del buf[:pos]
+        if pos:
+            self._buf = buf[pos:]
         return exc
 
     def eof(self) -> list[bytes]:

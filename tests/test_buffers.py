@@ -1,0 +1,127 @@
+"""Buffer management seen from outside: direct receive of large frames, bounded and released memory.
+
+These run on both backends: the window a decoder hands out for a large
+unfinished frame, and the memory a decoder keeps between reads, are part of
+the shared contract.
+"""
+
+from __future__ import annotations
+
+import gc
+import tracemalloc
+from types import ModuleType
+from typing import Any
+
+from fastnet import LengthPrefixed, Lines
+
+LARGE = 1 << 20
+
+
+def push(decoder: Any, data: bytes, hint: int = -1) -> list[bytes]:
+    """Receive ``data`` through get_buffer/buffer_updated, as asyncio would."""
+    frames: list[bytes] = []
+    pos = 0
+    while pos < len(data):
+        view = decoder.get_buffer(hint)
+        n = min(len(view), len(data) - pos)
+        view[:n] = data[pos : pos + n]
+        view.release()
+        pos += n
+        frames += decoder.buffer_updated(n)
+    return frames
+
+
+def test_large_frame_window_is_exactly_the_missing_payload(frame_impl: ModuleType) -> None:
+    spec = LengthPrefixed()
+    decoder = frame_impl.LengthPrefixedDecoder(spec)
+    payload = bytes(range(256)) * (LARGE // 256)
+    stream = spec.encode(payload) + spec.encode(b"next")
+    assert push(decoder, stream[:1000]) == []
+    # The rest of the frame goes straight into its final object: the window
+    # is the missing payload, so the kernel cannot write past the frame.
+    for _ in range(3):
+        view = decoder.get_buffer(-1)
+        assert len(view) == 4 + LARGE - decoder.pending
+        view.release()
+    assert push(decoder, stream[1000:]) == [payload, b"next"]
+    assert decoder.pending == 0
+
+
+def test_large_frame_window_shrinks_as_it_fills(frame_impl: ModuleType) -> None:
+    spec = LengthPrefixed(length_size=2, max_frame=65535)
+    decoder = frame_impl.LengthPrefixedDecoder(spec)
+    payload = b"\xab" * 60000
+    stream = spec.encode(payload)
+    push(decoder, stream[:30])
+    received = 30
+    while received < len(stream):
+        view = decoder.get_buffer(-1)
+        assert len(view) == len(stream) - received
+        n = min(7000, len(view))
+        view[:n] = stream[received : received + n]
+        view.release()
+        received += n
+        frames = decoder.buffer_updated(n)
+        assert decoder.pending == (0 if frames else received)
+    assert frames == [payload]
+
+
+def retained(make: Any, run: Any) -> int:
+    """Bytes of traced memory a decoder keeps after ``run`` and after its frames are dropped."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        decoder = make()
+        before = tracemalloc.get_traced_memory()[0]
+        frames = run(decoder)
+        del frames
+        gc.collect()
+        return tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+
+
+def test_no_large_buffer_outlives_a_large_frame(frame_impl: ModuleType) -> None:
+    spec = LengthPrefixed(max_frame=4 * LARGE)
+    stream = spec.encode(b"z" * (2 * LARGE)) + spec.encode(b"small")
+    kept = retained(lambda: frame_impl.LengthPrefixedDecoder(spec), lambda d: push(d, stream))
+    assert kept < 4096
+
+
+def test_idle_decoder_mid_header_keeps_little(frame_impl: ModuleType) -> None:
+    """A peer that stops after half a header pins a few hundred bytes, not a read window."""
+    spec = LengthPrefixed()
+    stream = spec.encode_many([b"q" * 100] * 50) + b"\x00\x00"
+    kept = retained(lambda: frame_impl.LengthPrefixedDecoder(spec), lambda d: push(d, stream))
+    assert kept < 2048
+
+
+def test_long_line_buffer_is_released(frame_impl: ModuleType) -> None:
+    spec = Lines(max_length=4 * LARGE)
+    stream = b"L" * (2 * LARGE) + b"\nshort\npart"
+    kept = retained(lambda: frame_impl.LineDecoder(spec), lambda d: push(d, stream))
+    assert kept < 4096
+
+
+def test_stale_view_cannot_corrupt_later_frames(frame_impl: ModuleType) -> None:
+    """A view kept past buffer_updated stays valid memory and never aliases a later frame."""
+    spec = LengthPrefixed(length_size=1)
+    decoder = frame_impl.LengthPrefixedDecoder(spec)
+    stale = decoder.get_buffer(-1)
+    stale[:2] = b"\x01a"
+    assert decoder.buffer_updated(2) == [b"a"]
+    frames = push(decoder, spec.encode_many([b"x" * 200] * 1000) + b"\x05ab")
+    stale[: len(stale)] = b"\xee" * len(stale)  # scribble over the old window
+    assert frames == [b"x" * 200] * 1000
+    assert push(decoder, b"cde") == [b"abcde"]
+
+
+def test_arena_growth_is_bounded_by_frame_limit(frame_impl: ModuleType) -> None:
+    """With a small max_frame, asking for a huge window does not allocate past what frames need."""
+    decoder = frame_impl.LengthPrefixedDecoder(LengthPrefixed(max_frame=100))
+    for _ in range(20):
+        push(decoder, b"\x00\x00\x00\x05ab")  # unfinished frame stays buffered, window regrows
+        view = decoder.get_buffer(-1)
+        assert len(view) <= 1 << 17
+        view.release()
+        push(decoder, b"cde")

@@ -48,7 +48,9 @@ def test_decode_small_frames(benchmark: Any, record: Any, frame_impl: ModuleType
     assert run() == 2 * count
     benchmark.group = "decode 64 B frames"
     benchmark(run)
-    record("decode 64 B frames, 64 KiB chunks", impl_id(frame_impl), 2 * count, "frames/s", benchmark)
+    record(
+        "decode 64 B frames, 64 KiB chunks", impl_id(frame_impl), 2 * count, "frames/s", benchmark
+    )
 
 
 def receive(decoder: Any, stream: memoryview) -> int:
@@ -71,7 +73,13 @@ def test_decode_large_frames(benchmark: Any, record: Any, frame_impl: ModuleType
     assert receive(decoder, stream) == LARGE_FRAMES
     benchmark.group = "decode 1 MiB frames"
     benchmark(receive, decoder, stream)
-    record("decode 1 MiB frames via get_buffer", impl_id(frame_impl), LARGE_FRAMES * LARGE, "B/s", benchmark)
+    record(
+        "decode 1 MiB frames via get_buffer",
+        impl_id(frame_impl),
+        LARGE_FRAMES * LARGE,
+        "B/s",
+        benchmark,
+    )
 
 
 def test_memcpy_baseline(benchmark: Any, record: Any) -> None:

@@ -55,13 +55,16 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         for impl in ("c", "py", "memcpy"):
             if impl in by_impl:
                 rate, unit = by_impl[impl]
-                cells.append(f"{rate / 1e9:.2f} G{unit}" if rate >= 1e9 else f"{rate / 1e6:.2f} M{unit}")
+                cells.append(
+                    f"{rate / 1e9:.2f} G{unit}" if rate >= 1e9 else f"{rate / 1e6:.2f} M{unit}"
+                )
             else:
                 cells.append("")
         num, den, minimum = TARGETS.get(case, ("c", "py", 0.0))
         if num in by_impl and den in by_impl:
             ratio = by_impl[num][0] / by_impl[den][0]
             verdict = "yes" if ratio >= minimum else "NO"
-            write(f"| {case} | {' | '.join(cells)} | {ratio:.2f}x {num}/{den} | {minimum:g}x | {verdict} |")
+            ratio_cell = f"{ratio:.2f}x {num}/{den}"
+            write(f"| {case} | {' | '.join(cells)} | {ratio_cell} | {minimum:g}x | {verdict} |")
         else:
             write(f"| {case} | {' | '.join(cells)} | | | |")

@@ -3,22 +3,27 @@
 ``collect`` pushes chunks through ``feed`` or through the BufferedProtocol
 pair ``get_buffer``/``buffer_updated``, gathers every frame (including those an
 error carries in ``.frames``) and the types of the errors raised, and ends with
-``eof()``, repeated after a recoverable error until it returns. A length-prefixed decoder stops at its first error (it is failed
-afterwards); a line decoder goes on, as a server would.
+``eof()``, repeated after a recoverable error until it returns. A
+length-prefixed decoder stops at its first error (it is failed afterwards); a
+line decoder goes on, as a server would.
 """
 
 from __future__ import annotations
 
+import itertools
 import random
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from fastnet import FrameError
 
 HOWS = ("feed", "buffer", "small-buffer")
 
 
-def chunkings(data: bytes, *, seed: int = 0, bytewise_limit: int = 4096) -> Iterator[tuple[str, list[bytes]]]:
-    """Yield (name, chunks): whole, one byte at a time (small streams), random cuts, with an empty chunk."""
+def chunkings(
+    data: bytes, *, seed: int = 0, bytewise_limit: int = 4096
+) -> Iterator[tuple[str, list[bytes]]]:
+    """Yield (name, chunks): whole, bytewise (small streams), random cuts, an empty chunk."""
     yield "whole", [data]
     if len(data) <= bytewise_limit:
         yield "bytewise", [data[i : i + 1] for i in range(len(data))]
@@ -26,7 +31,7 @@ def chunkings(data: bytes, *, seed: int = 0, bytewise_limit: int = 4096) -> Iter
     for k in range(3):
         cuts = sorted(rnd.sample(range(len(data) + 1), min(len(data) + 1, rnd.randint(1, 12))))
         bounds = [0, *cuts, len(data)]
-        yield f"random{k}", [data[a:b] for a, b in zip(bounds, bounds[1:])]
+        yield f"random{k}", [data[a:b] for a, b in itertools.pairwise(bounds)]
     half = len(data) // 2
     yield "with-empty", [data[:half], b"", data[half:]]
 
@@ -48,7 +53,7 @@ def collect(decoder: Any, chunks: list[bytes], how: str) -> tuple[list[bytes], l
 
     for chunk in chunks:
         if how == "feed":
-            if not run(lambda: decoder.feed(chunk)):
+            if not run(lambda chunk=chunk: decoder.feed(chunk)):
                 return frames, errors
             continue
         pos = 0
@@ -59,7 +64,7 @@ def collect(decoder: Any, chunks: list[bytes], how: str) -> tuple[list[bytes], l
             view[:n] = chunk[pos : pos + n]
             view.release()
             pos += n
-            if not run(lambda: decoder.buffer_updated(n)):
+            if not run(lambda n=n: decoder.buffer_updated(n)):
                 return frames, errors
     # A line decoder recovers from an over-long line inside eof() too: call again to go on.
     for _ in range(sum(map(len, chunks)) + 1):

@@ -13,8 +13,8 @@ the duration of a test, so a whole server runs on either backend in-process.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterator
 from types import ModuleType
-from typing import Iterator
 
 import pytest
 

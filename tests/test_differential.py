@@ -9,6 +9,7 @@ every error path, including large frames that take the direct-receive path.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest
@@ -17,7 +18,6 @@ from hypothesis import strategies as st
 
 from fastnet import FrameError, LengthPrefixed, Lines
 from fastnet import _frame_py as py_impl
-
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -47,7 +47,11 @@ def length_streams(draw: st.DrawFn, spec: LengthPrefixed) -> bytes:
         body = draw(st.integers(0, 60)) if kind == "frame" else draw(st.integers(32_000, 70_000))
         field = max(0, body - spec.adjustment) % (1 << (8 * spec.length_size))
         real = max(0, field + spec.adjustment)
-        parts.append(b"\x5a" * spec.offset + field.to_bytes(spec.length_size, spec.byteorder) + bytes([body & 0xFF]) * real)
+        parts.append(
+            b"\x5a" * spec.offset
+            + field.to_bytes(spec.length_size, spec.byteorder)
+            + bytes([body & 0xFF]) * real
+        )
     return b"".join(parts)
 
 
@@ -61,13 +65,16 @@ def line_specs(draw: st.DrawFn) -> Lines:
 
 
 def line_streams() -> st.SearchStrategy[bytes]:
-    return st.lists(st.sampled_from([b"a", b"b", b"\r", b"\n", b"E", b"N", b"D", b"\x00", b"xyzw" * 3]), max_size=80).map(b"".join)
+    return st.lists(
+        st.sampled_from([b"a", b"b", b"\r", b"\n", b"E", b"N", b"D", b"\x00", b"xyzw" * 3]),
+        max_size=80,
+    ).map(b"".join)
 
 
 def cut(data: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({c % (len(data) + 1) for c in cuts})
     bounds = [0, *points, len(data)]
-    return [data[a:b] for a, b in zip(bounds, bounds[1:])]
+    return [data[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 def transcript(decoder: Any, chunks: list[bytes], how: str, hint: int) -> list[tuple]:
@@ -82,7 +89,7 @@ def transcript(decoder: Any, chunks: list[bytes], how: str, hint: int) -> list[t
 
     for chunk in chunks:
         if how == "feed":
-            record(lambda: decoder.feed(chunk))
+            record(lambda chunk=chunk: decoder.feed(chunk))
             continue
         pos = 0
         while pos < len(chunk):
@@ -95,7 +102,7 @@ def transcript(decoder: Any, chunks: list[bytes], how: str, hint: int) -> list[t
             view[:n] = chunk[pos : pos + n]
             view.release()
             pos += n
-            record(lambda: decoder.buffer_updated(n))
+            record(lambda n=n: decoder.buffer_updated(n))
     record(decoder.eof)
     record(decoder.eof)
     return out
@@ -109,7 +116,9 @@ def c_backend() -> Any:
 
 @pytest.mark.c_extension
 @SETTINGS
-@given(data=st.data(), how=st.sampled_from(["feed", "buffer"]), hint=st.sampled_from([-1, 1, 3, 4096]))
+@given(
+    data=st.data(), how=st.sampled_from(["feed", "buffer"]), hint=st.sampled_from([-1, 1, 3, 4096])
+)
 def test_length_prefixed_backends_agree(data: st.DataObject, how: str, hint: int) -> None:
     spec = data.draw(length_specs())
     stream = data.draw(length_streams(spec))
@@ -160,7 +169,11 @@ def test_round_trip_any_chunking(frame_impl: Any, data: st.DataObject) -> None:
     spec = data.draw(length_specs().filter(lambda s: s.strip is None and s.offset == 0))
     field_max = (1 << (8 * spec.length_size)) - 1
     low, high = max(0, spec.adjustment), min(spec.max_frame, field_max + spec.adjustment, 2000)
-    payloads = data.draw(st.lists(st.binary(min_size=low, max_size=high), max_size=6)) if low <= high else []
+    payloads = (
+        data.draw(st.lists(st.binary(min_size=low, max_size=high), max_size=6))
+        if low <= high
+        else []
+    )
     stream = frame_impl.LengthPrefixedEncoder(spec).encode_many(payloads)
     chunks = cut(stream, data.draw(st.lists(st.integers(0, 1 << 16), max_size=12)))
     decoder = frame_impl.LengthPrefixedDecoder(spec)

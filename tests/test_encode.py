@@ -84,7 +84,14 @@ def test_encode_many_is_all_or_nothing(frame_impl: ModuleType) -> None:
 
 
 @pytest.mark.parametrize(
-    "spec", [Lines(), Lines(delimiter=b"\r\n"), Lines(delimiter=b"END", strip=True), Lines(delimiter=b"\x00")], ids=repr
+    "spec",
+    [
+        Lines(),
+        Lines(delimiter=b"\r\n"),
+        Lines(delimiter=b"END", strip=True),
+        Lines(delimiter=b"\x00"),
+    ],
+    ids=repr,
 )
 def test_lines_round_trip(frame_impl: ModuleType, spec: Lines) -> None:
     encoder = frame_impl.LineEncoder(spec)
@@ -140,7 +147,12 @@ def test_length_prefixed_spec_validation(kwargs: dict, exc: type) -> None:
 
 @pytest.mark.parametrize(
     "kwargs, exc",
-    [({"delimiter": b""}, ValueError), ({"delimiter": "\n"}, ValueError), ({"max_length": -1}, ValueError), ({"strip": 1}, TypeError)],
+    [
+        ({"delimiter": b""}, ValueError),
+        ({"delimiter": "\n"}, ValueError),
+        ({"max_length": -1}, ValueError),
+        ({"strip": 1}, TypeError),
+    ],
 )
 def test_lines_spec_validation(kwargs: dict, exc: type) -> None:
     with pytest.raises(exc):

@@ -10,7 +10,9 @@ from codec_driver import HOWS, chunkings, collect
 from fastnet import FrameError, FrameTooLarge, IncompleteFrame, LengthPrefixed
 
 
-def wire(spec: LengthPrefixed, body: bytes, *, prefix: bytes | None = None, length: int | None = None) -> bytes:
+def wire(
+    spec: LengthPrefixed, body: bytes, *, prefix: bytes | None = None, length: int | None = None
+) -> bytes:
     """One wire frame: ``offset`` prefix bytes, the length field, the body."""
     if prefix is None:
         prefix = bytes(range(0xA0, 0xA0 + spec.offset))
@@ -19,7 +21,9 @@ def wire(spec: LengthPrefixed, body: bytes, *, prefix: bytes | None = None, leng
     return prefix + length.to_bytes(spec.length_size, spec.byteorder) + body
 
 
-def case(spec: LengthPrefixed, stream: bytes, frames: list[bytes], errors: list[type] = ()) -> pytest.param:  # type: ignore[assignment]
+def case(
+    spec: LengthPrefixed, stream: bytes, frames: list[bytes], errors: list[type] = ()
+) -> pytest.param:  # type: ignore[assignment]
     return (spec, stream, frames, list(errors))
 
 
@@ -28,7 +32,11 @@ BODIES = [b"", b"a", b"hello", bytes(range(256)) * 3]
 CASES = {}
 for size in (1, 2, 3, 4, 8):
     for order in ("big", "little"):
-        spec = LengthPrefixed(length_size=size, byteorder=order, max_frame=(1 << (8 * size)) - 1 if size < 3 else 8 << 20)
+        spec = LengthPrefixed(
+            length_size=size,
+            byteorder=order,
+            max_frame=(1 << (8 * size)) - 1 if size < 3 else 8 << 20,
+        )
         bodies = [b for b in BODIES if len(b) <= spec.max_frame]
         CASES[f"field{size}-{order}"] = case(spec, b"".join(wire(spec, b) for b in bodies), bodies)
 
@@ -39,7 +47,9 @@ CASES["strip-0-keeps-header"] = case(_s0, wire(_s0, b"xy", prefix=b"\x07"), [b"\
 _sh = LengthPrefixed(length_size=2, offset=1, strip=3)
 CASES["strip-header"] = case(_sh, wire(_sh, b"xy", prefix=b"\x07"), [b"xy"])
 _sp = LengthPrefixed(length_size=2, offset=1, strip=5)
-CASES["strip-past-header"] = case(_sp, wire(_sp, b"xyz", prefix=b"\x07") + wire(_sp, b"AB"), [b"z", b""])
+CASES["strip-past-header"] = case(
+    _sp, wire(_sp, b"xyz", prefix=b"\x07") + wire(_sp, b"AB"), [b"z", b""]
+)
 _sf = LengthPrefixed(length_size=2, strip=1)
 CASES["strip-inside-field"] = case(_sf, wire(_sf, b"q"), [b"\x01q"])
 # Positive adjustment: the field counts the body minus 2 (e.g. a trailing checksum it leaves out).
@@ -55,30 +65,54 @@ CASES["only-empty-bodies"] = case(LengthPrefixed(), b"\x00\x00\x00\x00" * 5, [b"
 
 _mx = LengthPrefixed(length_size=2, max_frame=10)
 CASES["body-at-max"] = case(_mx, wire(_mx, b"x" * 10), [b"x" * 10])
-CASES["body-over-max"] = case(_mx, wire(_mx, b"ok") + wire(_mx, b"x" * 11) + wire(_mx, b"lost"), [b"ok"], [FrameTooLarge])
+CASES["body-over-max"] = case(
+    _mx, wire(_mx, b"ok") + wire(_mx, b"x" * 11) + wire(_mx, b"lost"), [b"ok"], [FrameTooLarge]
+)
 CASES["over-max-header-only"] = case(_mx, wire(_mx, b"ok") + b"\xff\xff", [b"ok"], [FrameTooLarge])
 CASES["over-max-by-adjustment"] = case(
-    LengthPrefixed(length_size=1, adjustment=5, max_frame=10), b"\x05" + b"z" * 10 + b"\x06", [b"z" * 10], [FrameTooLarge]
+    LengthPrefixed(length_size=1, adjustment=5, max_frame=10),
+    b"\x05" + b"z" * 10 + b"\x06",
+    [b"z" * 10],
+    [FrameTooLarge],
 )
-CASES["max-frame-zero"] = case(LengthPrefixed(length_size=1, max_frame=0), b"\x00\x00\x01x", [b"", b""], [FrameTooLarge])
+CASES["max-frame-zero"] = case(
+    LengthPrefixed(length_size=1, max_frame=0), b"\x00\x00\x01x", [b"", b""], [FrameTooLarge]
+)
 CASES["huge-8-byte-length"] = case(LengthPrefixed(length_size=8), b"\xff" * 8, [], [FrameTooLarge])
 
 _neg = LengthPrefixed(length_size=1, adjustment=-4)
 CASES["negative-body"] = case(_neg, wire(_neg, b"fine") + b"\x02", [b"fine"], [FrameError])
 _past = LengthPrefixed(length_size=1, strip=6)
-CASES["strip-past-frame-end"] = case(_past, wire(_past, b"123456") + wire(_past, b"12345") + wire(_past, b"1234"), [b"6", b""], [FrameError])
+CASES["strip-past-frame-end"] = case(
+    _past,
+    wire(_past, b"123456") + wire(_past, b"12345") + wire(_past, b"1234"),
+    [b"6", b""],
+    [FrameError],
+)
 
 _eof = LengthPrefixed(length_size=4, offset=1)
 CASES["eof-mid-offset"] = case(_eof, wire(_eof, b"done") + b"\x00", [b"done"], [IncompleteFrame])
-CASES["eof-mid-header"] = case(_eof, wire(_eof, b"done") + b"\x00\x00\x00", [b"done"], [IncompleteFrame])
-CASES["eof-mid-body"] = case(_eof, wire(_eof, b"done") + wire(_eof, b"body")[:-1], [b"done"], [IncompleteFrame])
+CASES["eof-mid-header"] = case(
+    _eof, wire(_eof, b"done") + b"\x00\x00\x00", [b"done"], [IncompleteFrame]
+)
+CASES["eof-mid-body"] = case(
+    _eof, wire(_eof, b"done") + wire(_eof, b"body")[:-1], [b"done"], [IncompleteFrame]
+)
 CASES["eof-after-header"] = case(_eof, wire(_eof, b"body")[:5], [], [IncompleteFrame])
 
 _big = LengthPrefixed()
 _large = bytes(range(256)) * 400  # 100 KiB: received directly into its final object
-CASES["large-frames"] = case(_big, wire(_big, b"a") + wire(_big, _large) + wire(_big, b"b") + wire(_big, _large[:40000]), [b"a", _large, b"b", _large[:40000]])
+CASES["large-frames"] = case(
+    _big,
+    wire(_big, b"a") + wire(_big, _large) + wire(_big, b"b") + wire(_big, _large[:40000]),
+    [b"a", _large, b"b", _large[:40000]],
+)
 _stripbig = LengthPrefixed(length_size=2, offset=2, max_frame=65535, strip=1)
-CASES["large-frame-strip-0-offset"] = case(_stripbig, wire(_stripbig, _large[:60000], prefix=b"PQ"), [b"Q" + (60000).to_bytes(2, "big") + _large[:60000]])
+CASES["large-frame-strip-0-offset"] = case(
+    _stripbig,
+    wire(_stripbig, _large[:60000], prefix=b"PQ"),
+    [b"Q" + (60000).to_bytes(2, "big") + _large[:60000]],
+)
 CASES["large-frame-eof-inside"] = case(_big, wire(_big, _large)[:-1], [], [IncompleteFrame])
 
 

@@ -1,4 +1,4 @@
-"""Line decoding: CRLF, split delimiters, over-long lines and recovery, end of stream, both backends."""
+"""Line decoding: CRLF, split delimiters, over-long lines, recovery, end of stream; both backends."""
 
 from __future__ import annotations
 
@@ -22,7 +22,12 @@ CASES = {
     "crlf-delimiter": (Lines(delimiter=b"\r\n"), b"a\nb\r\nc\r\r\n", [b"a\nb", b"c\r"], []),
     "nul-delimiter": (Lines(delimiter=b"\x00"), b"k=v\x00\x00x", [b"k=v", b"", b"x"], []),
     "word-delimiter": (Lines(delimiter=b"END"), b"aENbENDENDcEN", [b"aENb", b"", b"cEN"], []),
-    "word-delimiter-no-strip": (Lines(delimiter=b"END", strip=False), b"aENDbEND", [b"aEND", b"bEND"], []),
+    "word-delimiter-no-strip": (
+        Lines(delimiter=b"END", strip=False),
+        b"aENDbEND",
+        [b"aEND", b"bEND"],
+        [],
+    ),
     "at-max-length": (Lines(max_length=3), b"abc\nab\r\n", [b"abc", b"ab"], []),
     # The stripped \r counts towards max_length.
     "cr-counts-towards-max": (Lines(max_length=3), b"abc\r\nok\n", [b"ok"], [FrameTooLarge]),
@@ -38,8 +43,18 @@ CASES = {
         [b"abcd", b"xy"],
         [FrameTooLarge],
     ),
-    "over-long-unterminated-dropped": (Lines(max_length=4), b"a\n" + b"z" * 30, [b"a"], [FrameTooLarge]),
-    "over-long-tail-at-eof": (Lines(delimiter=b"\r\n", max_length=4), b"a\r\nzzzzz", [b"a"], [FrameTooLarge]),
+    "over-long-unterminated-dropped": (
+        Lines(max_length=4),
+        b"a\n" + b"z" * 30,
+        [b"a"],
+        [FrameTooLarge],
+    ),
+    "over-long-tail-at-eof": (
+        Lines(delimiter=b"\r\n", max_length=4),
+        b"a\r\nzzzzz",
+        [b"a"],
+        [FrameTooLarge],
+    ),
     "max-length-zero": (Lines(max_length=0), b"\n\nx\n\n", [b"", b"", b""], [FrameTooLarge]),
     "long-line": (Lines(max_length=1 << 20), b"q" * 300_000 + b"\nz\n", [b"q" * 300_000, b"z"], []),
 }
@@ -100,7 +115,10 @@ def test_eof_resets_for_a_new_stream(frame_impl: ModuleType) -> None:
 
 
 def test_long_line_search_is_linear(frame_impl: ModuleType) -> None:
-    """A 4 MiB line in 4 KiB chunks is searched once, not rescanned per chunk (quadratic would be ~2e9 byte reads)."""
+    """A 4 MiB line fed in 4 KiB chunks is searched once, not rescanned per chunk.
+
+    Rescanning would read about 2e9 bytes and take minutes, not milliseconds.
+    """
     decoder = frame_impl.LineDecoder(Lines(max_length=8 << 20))
     chunk = b"x" * 4096
     for _ in range(1024):

@@ -1,10 +1,10 @@
 # Typed surface of the compiled fastnet._frame; the signatures are those of
 # fastnet._frame_py, its pure-Python twin (types for C accelerators are the same).
-from typing import Iterable, Union
+from collections.abc import Iterable
 
 from .framing import LengthPrefixed, Lines
 
-Buffer = Union[bytes, bytearray, memoryview]
+Buffer = bytes | bytearray | memoryview
 
 class LengthPrefixedDecoder:
     def __init__(self, spec: LengthPrefixed) -> None: ...

@@ -16,7 +16,8 @@ input and every chunking; the test suite runs against both.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable, Union
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from .errors import (
     FrameError,
@@ -38,7 +39,7 @@ __all__ = [
     "LineEncoder",
 ]
 
-Buffer = Union[bytes, bytearray, memoryview]
+Buffer = bytes | bytearray | memoryview
 
 # Size of the receive buffer get_buffer() hands out when the caller gives no
 # size hint (asyncio passes -1); 64 KiB is what uvloop asks for and what one
@@ -58,7 +59,7 @@ def _as_bytes(data: Buffer) -> bytes:
 
 
 class _Decoder:
-    __slots__ = ("_buf", "_recv", "_failed")
+    __slots__ = ("_buf", "_failed", "_recv")
 
     def __init__(self) -> None:
         self._buf = bytearray()
@@ -163,7 +164,7 @@ class LengthPrefixedDecoder(_Decoder):
         spec: the ``fastnet.LengthPrefixed`` layout to decode.
     """
 
-    __slots__ = ("_offset", "_size", "_order", "_adjustment", "_strip", "_max", "_header")
+    __slots__ = ("_adjustment", "_header", "_max", "_offset", "_order", "_size", "_strip")
 
     def __init__(self, spec: LengthPrefixed) -> None:
         super().__init__()
@@ -242,7 +243,7 @@ class LineDecoder(_Decoder):
         spec: the ``fastnet.Lines`` layout to decode.
     """
 
-    __slots__ = ("_delimiter", "_max", "_strip", "_crlf", "_scanned", "_discarding")
+    __slots__ = ("_crlf", "_delimiter", "_discarding", "_max", "_scanned", "_strip")
 
     def __init__(self, spec: Lines) -> None:
         super().__init__()
@@ -338,7 +339,7 @@ class LengthPrefixedEncoder:
         spec: the ``fastnet.LengthPrefixed`` layout to encode.
     """
 
-    __slots__ = ("_size", "_order", "_adjustment", "_max", "_field_max")
+    __slots__ = ("_adjustment", "_field_max", "_max", "_order", "_size")
 
     def __init__(self, spec: LengthPrefixed) -> None:
         self._size = spec.length_size

@@ -12,8 +12,9 @@ that imports either backend.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Literal, Union
+from typing import TYPE_CHECKING, Literal
 
 from . import _frame_py
 from ._compat import USE_EXTENSIONS
@@ -58,7 +59,7 @@ if ACCELERATED:
     LineDecoderC = LineDecoder
     LineEncoderC = LineEncoder
 
-Buffer = Union[bytes, bytearray, memoryview]
+Buffer = bytes | bytearray | memoryview
 
 # 8 MiB: large enough for any RPC message or file chunk a framed protocol
 # normally carries, small enough that a hostile header cannot make a server
@@ -125,7 +126,7 @@ class LengthPrefixed:
     adjustment: int = 0
     strip: int | None = None
     max_frame: int = DEFAULT_MAX_FRAME_SIZE
-    encoder: Any = field(init=False, repr=False, compare=False)
+    encoder: LengthPrefixedEncoder = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.length_size not in LENGTH_SIZES or isinstance(self.length_size, bool):
@@ -198,7 +199,7 @@ class Lines:
     delimiter: bytes = b"\n"
     max_length: int = DEFAULT_MAX_LINE_LENGTH
     strip: bool = True
-    encoder: Any = field(init=False, repr=False, compare=False)
+    encoder: LineEncoder = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.delimiter, bytes) or not self.delimiter:
@@ -231,4 +232,4 @@ class Lines:
         return self.encoder.encode_many(payloads)
 
 
-Framing = Union[LengthPrefixed, Lines]
+Framing = LengthPrefixed | Lines

@@ -1,4 +1,4 @@
-"""Line decoding: CRLF, split delimiters, over-long lines, recovery, end of stream; both backends."""
+"""Line decoding: CRLF, split delimiters, over-long lines, recovery, end of stream."""
 
 from __future__ import annotations
 

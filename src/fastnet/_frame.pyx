@@ -90,15 +90,12 @@ cdef uint64_t LARGE_LENGTH = (<uint64_t>1) << 62
 
 
 @cython.final
-@cython.no_gc_clear
+@cython.no_gc  # refers only to a bytes object or None: it cannot be part of a cycle
 cdef class _Block:
     """Writable window of decoder memory, exported to a memoryview."""
 
     def __getbuffer__(self, Py_buffer* view, int flags):
         PyBuffer_FillInfo(view, self, self.data + self.start, self.length, 0, flags)
-
-    def __releasebuffer__(self, Py_buffer* view):
-        pass
 
     def __dealloc__(self):
         if self.owner is None and self.data != NULL:
@@ -230,13 +227,12 @@ cdef class _Decoder:
     cdef int _decode_arena(self, list out) except -1:
         cdef Py_ssize_t used
         cdef _Block block
-        if self.wpos == self.rpos:
-            return 0
-        self.rpos += self._decode(self.arena.data + self.rpos, self.wpos - self.rpos, out)
+        if self.wpos > self.rpos:
+            self.rpos += self._decode(self.arena.data + self.rpos, self.wpos - self.rpos, out)
         used = self.wpos - self.rpos
         if used == 0:
             self._release()
-        elif used <= self.arena.size // SHRINK_RATIO and self.arena.size > MIN_ARENA:
+        elif self.arena.size > MIN_ARENA and used <= self.arena.size // SHRINK_RATIO:
             block = _new_block(max(2 * used, MIN_ARENA))
             memcpy(block.data, self.arena.data + self.rpos, used)
             self.arena = block

@@ -1,0 +1,113 @@
+# fastnet developer tasks (GNU make and a POSIX shell; on Windows, run the pip
+# and pytest commands from the README by hand).
+#
+#   make test        .venv with fastnet (extension built) and its test extra; the whole suite
+#   make test-pure   the pure-Python package (FASTNET_NO_EXTENSIONS=1) in .venv/pure, C leg skipped
+#   make serve       the example echo server in the foreground (SERVE_ARGS, default port 8080)
+#   make bench       codec micro-benchmarks (pytest-benchmark), then benchmarks/compare.py
+#   make build       sdist, then a wheel built from it, into dist/
+#   make lint        ruff and mypy, each if installed (make lint-deps installs the pinned ones)
+#   make clean       build products; make distclean removes the virtual environments too
+#
+# Re-runs are cheap: fastnet is installed in editable mode, so a changed .py
+# file needs nothing, and the extension is rebuilt only when its sources,
+# setup.py or pyproject.toml change, or when the compiled module is missing.
+
+PYTHON ?= python3
+VENV ?= .venv
+PURE_VENV ?= $(VENV)/pure
+PYTEST_ARGS ?=
+SERVE_ARGS ?= echo --port 8080
+BENCH_ARGS ?=
+COMPARE_ARGS ?=
+
+PY := $(VENV)/bin/python
+PURE_PY := $(PURE_VENV)/bin/python
+
+# The compiled module an editable install leaves next to _frame.pyx, e.g.
+# src/fastnet/_frame.cpython-311-x86_64-linux-gnu.so. Its presence and age
+# tell make whether the extension needs building.
+EXT_SUFFIX := $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+EXTENSION := src/fastnet/_frame$(EXT_SUFFIX)
+EXT_SOURCES := $(wildcard src/fastnet/*.pyx src/fastnet/*.pxd src/fastnet/*.pxi)
+# Everything a non-editable install copies: the pure venv reinstalls when any changes.
+PACKAGE_FILES := $(shell find src/fastnet -type f \( -name '*.py' -o -name '*.pyi' -o -name py.typed \) 2>/dev/null)
+
+NO_EXT_GUARD = $(if $(FASTNET_NO_EXTENSIONS),$(error FASTNET_NO_EXTENSIONS is set: `make $@` \
+	builds and tests the extension; use `make test-pure` for the pure-Python package))
+
+.PHONY: all test test-pure serve bench build lint lint-deps clean distclean
+
+all: test
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(EXTENSION): pyproject.toml setup.py $(EXT_SOURCES) | $(PY)
+	$(NO_EXT_GUARD)
+	$(PY) -m pip install -e '.[test]'
+	@test -f $@ || { echo "error: the install built no $@ (see the pip output above)" >&2; exit 1; }
+	@touch $@
+
+test: $(EXTENSION)
+	$(NO_EXT_GUARD)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+$(PURE_PY):
+	$(PYTHON) -m venv $(PURE_VENV)
+
+# A normal install, not an editable one: an editable install would import
+# from src/, where the extension built for .venv lies.
+$(PURE_VENV)/.installed: pyproject.toml setup.py $(PACKAGE_FILES) | $(PURE_PY)
+	FASTNET_NO_EXTENSIONS=1 $(PURE_PY) -m pip install '.[test]'
+	@touch $@
+
+test-pure: $(PURE_VENV)/.installed
+	FASTNET_NO_EXTENSIONS=1 $(PURE_PY) -m pytest --no-c-extensions $(PYTEST_ARGS)
+
+serve: $(EXTENSION)
+	$(NO_EXT_GUARD)
+	$(PY) -m fastnet serve $(SERVE_ARGS)
+
+# The bench extra (pytest-benchmark, matplotlib) on top of the test venv.
+$(VENV)/.bench-installed: pyproject.toml $(EXTENSION)
+	$(PY) -m pip install -e '.[test,bench]'
+	@touch $@
+
+bench: $(VENV)/.bench-installed
+	$(NO_EXT_GUARD)
+	$(PY) -m pytest benchmarks -o python_files='bench_*.py' --benchmark-only $(BENCH_ARGS)
+	$(PY) benchmarks/compare.py $(COMPARE_ARGS)
+
+# `python -m build` makes the sdist first and builds the wheel from it, as a
+# user's pip does from PyPI. FASTNET_NO_EXTENSIONS=1 make build gives a pure wheel.
+build: | $(PY)
+	$(PY) -m pip install -q 'build>=1.2'
+	$(PY) -m build --outdir dist .
+
+RUFF := $(firstword $(wildcard $(VENV)/bin/ruff) $(shell command -v ruff 2>/dev/null))
+MYPY := $(firstword $(wildcard $(VENV)/bin/mypy) $(shell command -v mypy 2>/dev/null))
+
+lint:
+ifneq ($(RUFF),)
+	$(RUFF) check .
+	$(RUFF) format --check --diff .
+else
+	@echo "ruff is not installed: skipped (make lint-deps installs it)"
+endif
+ifneq ($(MYPY),)
+	$(MYPY)
+else
+	@echo "mypy is not installed: skipped (make lint-deps installs it)"
+endif
+
+lint-deps: | $(PY)
+	$(PY) -m pip install -r requirements/lint.txt
+
+clean:
+	rm -rf build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -f src/fastnet/*.so src/fastnet/*.pyd src/fastnet/_frame.c src/fastnet/_frame.html
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV) $(PURE_VENV)

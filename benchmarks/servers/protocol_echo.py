@@ -62,7 +62,7 @@ class EchoProtocol(asyncio.Protocol):
         pack = HEADER.pack
         end = len(source)
         pos = 0
-        replies: list[bytes] = []
+        replies: list[bytes | bytearray] = []
         while end - pos >= 4:
             (size,) = unpack_from(source, pos)
             if size > MAX_FRAME:
@@ -112,14 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     args = parser.parse_args(argv)
-    if args.loop == "uvloop":
-        import uvloop
-
-        runner = uvloop.run
-    else:
-        runner = asyncio.run
     try:
-        runner(serve(args.host, args.port))
+        if args.loop == "uvloop":
+            import uvloop
+
+            uvloop.run(serve(args.host, args.port))
+        else:
+            asyncio.run(serve(args.host, args.port))
     except OSError as exc:
         print(f"protocol_echo: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1

@@ -67,14 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     args = parser.parse_args(argv)
-    if args.loop == "uvloop":
-        import uvloop
-
-        runner = uvloop.run
-    else:
-        runner = asyncio.run
     try:
-        runner(serve(args.host, args.port))
+        if args.loop == "uvloop":
+            import uvloop
+
+            uvloop.run(serve(args.host, args.port))
+        else:
+            asyncio.run(serve(args.host, args.port))
     except OSError as exc:
         print(f"streams_echo: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1

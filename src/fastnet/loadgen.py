@@ -59,12 +59,13 @@ import os
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from math import log
 from multiprocessing.connection import Connection as Pipe
 from multiprocessing.connection import wait as wait_pipes
-from math import log
 from time import perf_counter_ns
-from typing import Any, Callable, cast
+from typing import Any, cast
 
 from .framing import LengthPrefixed, Lines
 
@@ -174,9 +175,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``fastnet bench`` options to ``parser`` (for the CLI's subcommand)."""
     parser.add_argument("--host", default="127.0.0.1", help="server address (127.0.0.1)")
     parser.add_argument("--port", type=int, required=True, help="server port")
-    parser.add_argument(
-        "--connections", type=int, default=64, metavar="N", help="connections (64)"
-    )
+    parser.add_argument("--connections", type=int, default=64, metavar="N", help="connections (64)")
     parser.add_argument(
         "--depth", type=int, default=16, metavar="D", help="frames in flight per connection (16)"
     )
@@ -306,7 +305,7 @@ class Ring:
     def first_difference(self, offset: int, data: bytes) -> int:
         """Index of the first byte of ``data`` that differs from the ring at ``offset``."""
         expected = self.data[offset : offset + len(data)]
-        for i, (a, b) in enumerate(zip(expected, data)):
+        for i, (a, b) in enumerate(zip(expected, data, strict=False)):
             if a != b:
                 return i
         return min(len(expected), len(data))
@@ -792,10 +791,11 @@ def _drive(params: BenchParams, pipes: list[Pipe]) -> list[dict[str, Any]]:
     last_total = 0
     open_pipes = dict(enumerate(pipes))
     while open_pipes:
-        for pipe in wait_pipes(list(open_pipes.values())):
-            index = pipes.index(pipe)  # type: ignore[arg-type]
+        for ready_pipe in wait_pipes(list(open_pipes.values())):
+            pipe = cast(Pipe, ready_pipe)
+            index = pipes.index(pipe)
             try:
-                message = pipe.recv()  # type: ignore[union-attr]
+                message: tuple[Any, ...] = pipe.recv()
             except EOFError:
                 failures.append(f"generator process {index} exited without a result")
                 del open_pipes[index]

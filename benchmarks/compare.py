@@ -1,0 +1,824 @@
+"""End-to-end comparison: fastnet's echo server against plain asyncio servers.
+
+Usage::
+
+    python benchmarks/compare.py            # the full run: results in benchmarks/results/
+    python benchmarks/compare.py --quick    # one short run of each case; prints, writes nothing
+    python benchmarks/compare.py --help
+
+For every workload, every server and both event loops, the harness starts the
+server pinned to CPU 0 (``taskset``), runs ``python -m fastnet.loadgen``
+pinned to CPU 1 against it, and stops the server. Without ``taskset`` or a
+second CPU it warns and runs unpinned.
+
+Workloads (connections x frames in flight per connection x payload):
+small pipelined 64 x 16 x 64 B, rpc 64 x 1 x 64 B, large 8 x 4 x 64 KiB,
+many connections 1,000 x 1 x 128 B.
+
+Servers: fastnet's ``echo`` with the extension, fastnet's ``echo`` with
+``FASTNET_NO_EXTENSIONS=1``, the idiomatic asyncio-streams echo
+(``servers/streams_echo.py``) and the hand-written asyncio.Protocol echo
+(``servers/protocol_echo.py``), each on asyncio and on uvloop.
+
+Each case runs ``--runs`` times (3), each time with a fresh server process;
+rounds are interleaved (all cases once, then all again) so that a burst of
+noise on the machine spreads over the cases instead of hitting one. A figure
+is the median of the runs, with the min-max spread. The server's CPU seconds
+per frame come from its own CPU time (``/proc/PID/stat``, read by the load
+generator at the edges of its measured window), which stays a fair measure
+when the generator is the limit. The generator's CPU use is recorded too: a
+case where it used most of its core is marked, since there the frames/s of
+the server may be understated.
+
+Outputs (unless ``--quick``): ``results/compare.json``, ``results/compare.md``
+(the tables, the targets of the server issue judged met or not met, and the
+memory figures of ``memory.py``), and ``results/compare.png`` (matplotlib).
+
+At the default settings (3 runs of 2 s after 0.5 s of warmup) the whole run
+takes about 6 to 7 minutes on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import select
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+SERVERS_DIR = HERE / "servers"
+RESULTS_DIR = HERE / "results"
+
+SERVER_CPU = "0"
+LOAD_CPU = "1"
+
+# Seconds to wait for a server's "listening on" line. Python start-up plus
+# importing uvloop takes well under a second; 20 s leaves room for a machine
+# that is busy with other work.
+START_TIMEOUT = 20.0
+
+# Seconds a server gets to exit after SIGTERM before it is killed. fastnet
+# drains gracefully, but the generator has closed every connection by then.
+STOP_TIMEOUT = 15.0
+
+# A generator process that used more of its core than this during the
+# measured window may have been the limit; such cases are marked in the table.
+GENERATOR_SATURATED = 0.90
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    title: str
+    connections: int
+    depth: int
+    size: int
+
+
+@dataclass(frozen=True)
+class ServerKind:
+    name: str
+    title: str
+    no_extensions: bool = False
+
+
+WORKLOADS = (
+    Workload("small", "small pipelined: 64 conns x 16 in flight x 64 B", 64, 16, 64),
+    Workload("rpc", "rpc: 64 conns x 1 in flight x 64 B", 64, 1, 64),
+    Workload("large", "large: 8 conns x 4 in flight x 64 KiB", 8, 4, 64 * 1024),
+    Workload("many", "many connections: 1,000 conns x 1 in flight x 128 B", 1000, 1, 128),
+)
+
+SERVERS = (
+    ServerKind("fastnet", "fastnet echo (extension)"),
+    ServerKind("fastnet-py", "fastnet echo (pure Python)", no_extensions=True),
+    ServerKind("streams", "asyncio streams baseline"),
+    ServerKind("protocol", "asyncio.Protocol baseline"),
+)
+
+LOOPS = ("asyncio", "uvloop")
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def pinning_available() -> bool:
+    """True when ``taskset`` exists and CPUs 0 and 1 can both be used."""
+    if shutil.which("taskset") is None:
+        return False
+    try:
+        available = os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        return False
+    return {0, 1} <= available
+
+
+def pinned(cpu: str, command: list[str], pin: bool) -> list[str]:
+    return ["taskset", "-c", cpu, *command] if pin else command
+
+
+def server_command(kind: ServerKind, loop: str) -> list[str]:
+    if kind.name.startswith("fastnet"):
+        return [sys.executable, "-m", "fastnet", "serve", "echo", "--port", "0", "--loop", loop]
+    script = SERVERS_DIR / f"{kind.name}_echo.py"
+    return [sys.executable, str(script), "--port", "0", "--loop", loop]
+
+
+def server_env(kind: ServerKind) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("FASTNET_NO_EXTENSIONS", None)
+    if kind.no_extensions:
+        env["FASTNET_NO_EXTENSIONS"] = "1"
+    return env
+
+
+class ServerProcess:
+    """A server subprocess, started and waited for until it listens."""
+
+    def __init__(self, kind: ServerKind, loop: str, pin: bool) -> None:
+        self.kind = kind
+        # Closed in stop(); it outlives this method, so no `with` block.
+        self.stderr = tempfile.TemporaryFile()  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            pinned(SERVER_CPU, server_command(kind, loop), pin),
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            env=server_env(kind),
+        )
+        self.host, self.port = self._wait_listening()
+
+    def _wait_listening(self) -> tuple[str, int]:
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + START_TIMEOUT
+        # The server prints exactly one line when ready; read it with a
+        # deadline so that a server which hangs cannot hang the harness.
+        data = b""
+        while b"\n" not in data:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            if poller.poll(min(remaining, 0.2) * 1000):
+                chunk = os.read(fd, 4096)
+                if not chunk:
+                    break  # the server exited
+                data += chunk
+        line = data.decode(errors="replace").split("\n", 1)[0].strip()
+        if not line.startswith("listening on "):
+            reason = self.error_output() or line or "no output"
+            self.stop()
+            command = " ".join(server_command(self.kind, "LOOP"))
+            raise RuntimeError(f"{self.kind.title} did not start ({command}): {reason}")
+        host, _, port = line[len("listening on ") :].rpartition(":")
+        return host.strip("[]"), int(port)
+
+    def error_output(self) -> str:
+        if self.stderr.closed:
+            return ""
+        self.stderr.seek(0)
+        text = self.stderr.read().decode(errors="replace").strip()
+        return text.splitlines()[-1] if text else ""
+
+    def stop(self) -> str | None:
+        """Stop the server (SIGTERM, then SIGKILL); return a problem, or None if it exited 0."""
+        problem = None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                problem = f"did not exit within {STOP_TIMEOUT:g} s of SIGTERM"
+        if problem is None and self.proc.returncode != 0:
+            problem = f"exited with status {self.proc.returncode}: {self.error_output()}"
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self.stderr.close()
+        return problem
+
+
+def run_load(
+    server: ServerProcess, workload: Workload, args: argparse.Namespace, pin: bool
+) -> dict[str, Any]:
+    command = [
+        sys.executable,
+        "-m",
+        "fastnet.loadgen",
+        "--host",
+        server.host,
+        "--port",
+        str(server.port),
+        "--connections",
+        str(workload.connections),
+        "--depth",
+        str(workload.depth),
+        "--size",
+        str(workload.size),
+        "--duration",
+        str(args.duration),
+        "--warmup",
+        str(args.warmup),
+        "--loop",
+        "uvloop" if args.generator_loop == "uvloop" else args.generator_loop,
+        "--server-pid",
+        str(server.proc.pid),
+        "--json",
+    ]
+    timeout = args.duration + args.warmup + 60.0
+    done = subprocess.run(
+        pinned(LOAD_CPU, command, pin), capture_output=True, text=True, timeout=timeout
+    )
+    if not done.stdout.strip():
+        raise RuntimeError(f"load generator failed: {done.stderr.strip()}")
+    report: dict[str, Any] = json.loads(done.stdout)
+    return report
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+METRICS = (
+    "frames_per_s",
+    "mib_per_s",
+    "p50_ms",
+    "p99_ms",
+    "server_cpu_us_per_frame",
+    "server_cpu_util",
+    "loadgen_cpu_util",
+    "loadgen_cpu_us_per_frame",
+)
+
+
+def flatten(report: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "frames_per_s": report["frames_per_s"],
+        "mib_per_s": report["mib_per_s"],
+        "p50_ms": report["latency_ms"]["p50"],
+        "p99_ms": report["latency_ms"]["p99"],
+        "server_cpu_us_per_frame": report["server_cpu_us_per_frame"],
+        "server_cpu_util": report["server_cpu_util"],
+        "loadgen_cpu_util": report["loadgen_cpu_util"],
+        "loadgen_cpu_us_per_frame": report["loadgen_cpu_us_per_frame"],
+        "errors": report["errors"],
+        "error_messages": report["error_messages"],
+    }
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median, min and max of each metric over the successful runs."""
+    summary: dict[str, Any] = {"runs": len(runs)}
+    for metric in METRICS:
+        values = [r[metric] for r in runs if r.get(metric) is not None]
+        if values:
+            summary[metric] = {
+                "median": statistics.median(values),
+                "min": min(values),
+                "max": max(values),
+            }
+        else:
+            summary[metric] = None
+    summary["errors"] = sum(r["errors"] for r in runs)
+    return summary
+
+
+def median(summary: dict[str, Any] | None, metric: str) -> float | None:
+    if not summary or not summary.get(metric):
+        return None
+    value: float = summary[metric]["median"]
+    return value
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def run_all(args: argparse.Namespace, pin: bool) -> dict[str, Any]:
+    workloads = [w for w in WORKLOADS if w.name in args.workloads]
+    servers = [s for s in SERVERS if s.name in args.servers]
+    loops = [loop for loop in LOOPS if loop in args.loops]
+    cases = [(w, s, loop) for w in workloads for s in servers for loop in loops]
+    runs: dict[tuple[str, str, str], list[dict[str, Any]]] = {
+        (w.name, s.name, loop): [] for w, s, loop in cases
+    }
+    failures: dict[tuple[str, str, str], str] = {}
+    total = len(cases) * args.runs
+    started = time.monotonic()
+    step = 0
+    for round_number in range(args.runs):
+        for workload, kind, loop in cases:
+            key = (workload.name, kind.name, loop)
+            step += 1
+            if key in failures:
+                continue
+            label = f"[{step}/{total}] {workload.name:<5} {kind.name:<10} {loop:<7}"
+            try:
+                server = ServerProcess(kind, loop, pin)
+            except RuntimeError as exc:
+                failures[key] = str(exc)
+                print(f"{label} FAILED: {exc}", file=sys.stderr, flush=True)
+                continue
+            try:
+                report = run_load(server, workload, args, pin)
+            except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
+                failures[key] = str(exc)
+                print(f"{label} FAILED: {exc}", file=sys.stderr, flush=True)
+                continue
+            finally:
+                problem = server.stop()
+                if problem:
+                    print(f"{label} warning: the server {problem}", file=sys.stderr, flush=True)
+            result = flatten(report)
+            result["round"] = round_number
+            runs[key].append(result)
+            gen = result["loadgen_cpu_util"] or 0.0
+            srv = result["server_cpu_util"] or 0.0
+            print(
+                f"{label} {result['frames_per_s']:>12,.0f} frames/s  "
+                f"server {srv:4.2f} cpu  generator {gen:4.2f} cpu  "
+                f"errors {result['errors']}  ({time.monotonic() - started:5.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
+    cases_out = []
+    for workload, kind, loop in cases:
+        key = (workload.name, kind.name, loop)
+        cases_out.append(
+            {
+                "workload": workload.name,
+                "server": kind.name,
+                "loop": loop,
+                "runs": runs[key],
+                "summary": summarise(runs[key]) if runs[key] else None,
+                "failure": failures.get(key),
+            }
+        )
+    return {
+        "cases": cases_out,
+        "elapsed_s": round(time.monotonic() - started, 1),
+    }
+
+
+# --------------------------------------------------------------------------- machine
+
+
+def machine_description() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    versions: dict[str, str] = {}
+    for module in ("fastnet", "uvloop"):
+        probe = subprocess.run(
+            [sys.executable, "-c", f"import {module}; print({module}.__version__)"],
+            capture_output=True,
+            text=True,
+        )
+        versions[module] = probe.stdout.strip() or "not installed"
+    accelerated = subprocess.run(
+        [sys.executable, "-c", "import fastnet; print(fastnet.ACCELERATED)"],
+        capture_output=True,
+        text=True,
+        env=server_env(SERVERS[0]),
+    ).stdout.strip()
+    return {
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "system": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "fastnet": versions["fastnet"],
+        "uvloop": versions["uvloop"],
+        "extension_built": accelerated == "True",
+    }
+
+
+# --------------------------------------------------------------------------- output
+
+
+def fmt_rate(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value >= 1e6:
+        return f"{value / 1e6:.2f} M"
+    if value >= 1e3:
+        return f"{value / 1e3:.1f} k"
+    return f"{value:.0f}"
+
+
+def fmt_num(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def fmt_ratio(numerator: float | None, denominator: float | None) -> str:
+    if numerator is None or denominator is None or denominator == 0:
+        return "-"
+    return f"{numerator / denominator:.2f}x"
+
+
+def find(cases: list[dict[str, Any]], workload: str, server: str, loop: str) -> dict[str, Any]:
+    for case in cases:
+        if (case["workload"], case["server"], case["loop"]) == (workload, server, loop):
+            return case
+    return {"summary": None}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    cases = result["cases"]
+    meta = result["meta"]
+    lines = [
+        "# fastnet end-to-end comparison",
+        "",
+        f"- date: {meta['date']}",
+        f"- machine: {meta['machine']['cpu']}, {meta['machine']['cpus']} CPUs, "
+        f"{meta['machine']['system']}; Python {meta['machine']['python']}, "
+        f"uvloop {meta['machine']['uvloop']}, fastnet {meta['machine']['fastnet']} "
+        f"(extension built: {meta['machine']['extension_built']})",
+        f"- command: `{meta['command']}`",
+        f"- pinning: {meta['pinning']}",
+        f"- each figure: median of {meta['runs']} runs of {meta['duration_s']:g} s "
+        f"after {meta['warmup_s']:g} s warmup; spread = min-max over the runs",
+        f"- whole run: {result['elapsed_s']:.0f} s",
+        "",
+        "Columns: frames/s echoed; payload MiB/s each way; round-trip latency; the server's",
+        "own CPU time per frame (user + system, all threads, over the measured window);",
+        "ratios of frames/s and of CPU efficiency (streams CPU per frame ÷ this one's)",
+        "against the streams baseline on the same loop, and frames/s against the",
+        "Protocol baseline; the generator's CPU use (cores). † marks cases where the",
+        f"generator used more than {GENERATOR_SATURATED:.0%} of its core: there the generator may",
+        "have been the limit, and the CPU-per-frame column is the fairer comparison.",
+        "",
+    ]
+    for workload in WORKLOADS:
+        rows = [c for c in cases if c["workload"] == workload.name]
+        if not rows:
+            continue
+        lines += [
+            f"## {workload.title}",
+            "",
+            "| server | loop | frames/s | spread | MiB/s | p50 ms | p99 ms | server µs/frame "
+            "| x streams | CPU x streams | x protocol | generator CPU |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for case in rows:
+            kind = next(s for s in SERVERS if s.name == case["server"])
+            s = case["summary"]
+            if s is None:
+                lines.append(
+                    f"| {kind.title} | {case['loop']} | failed: {case['failure']} "
+                    "| | | | | | | | | |"
+                )
+                continue
+            streams = find(cases, workload.name, "streams", case["loop"])["summary"]
+            protocol = find(cases, workload.name, "protocol", case["loop"])["summary"]
+            fps = median(s, "frames_per_s")
+            spread = s["frames_per_s"]
+            cpu = median(s, "server_cpu_us_per_frame")
+            gen = s["loadgen_cpu_util"]
+            gen_max = gen["max"] if gen else None
+            mark = " †" if gen_max is not None and gen_max > GENERATOR_SATURATED else ""
+            errors = f" ({s['errors']} errors)" if s["errors"] else ""
+            lines.append(
+                f"| {kind.title}{errors} | {case['loop']} | {fmt_rate(fps)} "
+                f"| {fmt_rate(spread['min'])}-{fmt_rate(spread['max'])} "
+                f"| {fmt_num(median(s, 'mib_per_s'), 1)} "
+                f"| {fmt_num(median(s, 'p50_ms'), 3)} | {fmt_num(median(s, 'p99_ms'), 3)} "
+                f"| {fmt_num(cpu, 3)} "
+                f"| {fmt_ratio(fps, median(streams, 'frames_per_s'))} "
+                f"| {fmt_ratio(median(streams, 'server_cpu_us_per_frame'), cpu)} "
+                f"| {fmt_ratio(fps, median(protocol, 'frames_per_s'))} "
+                f"| {fmt_num(median(s, 'loadgen_cpu_util'))}{mark} |"
+            )
+        lines.append("")
+    lines += targets_section(cases)
+    lines += generator_section(cases)
+    if result.get("memory"):
+        lines += memory_section(result["memory"])
+    return "\n".join(lines) + "\n"
+
+
+# The server issue's throughput targets: (workload, baseline, minimum ratio).
+TARGETS = (
+    ("small", "streams", 10.0),
+    ("small", "protocol", 1.0),
+    ("rpc", "protocol", 0.9),
+    ("large", "protocol", 2.0),
+)
+
+
+def targets_section(cases: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "## Targets (server issue, section 6)",
+        "",
+        "fastnet echo with the extension, against the baseline on the same loop; judged on",
+        "frames/s and, because frames/s is capped when the generator is the limit, also on",
+        "server CPU per frame (baseline µs/frame ÷ fastnet µs/frame).",
+        "",
+        "| workload | loop | target | frames/s ratio | CPU ratio | verdict |",
+        "|---|---|---|---:|---:|---|",
+    ]
+    for workload, baseline, minimum in TARGETS:
+        for loop in LOOPS:
+            ours = find(cases, workload, "fastnet", loop)["summary"]
+            base = find(cases, workload, baseline, loop)["summary"]
+            if ours is None or base is None:
+                continue
+            rate = _ratio(median(ours, "frames_per_s"), median(base, "frames_per_s"))
+            cpu = _ratio(
+                median(base, "server_cpu_us_per_frame"), median(ours, "server_cpu_us_per_frame")
+            )
+            if rate is None:
+                verdict = "no data"
+            elif rate >= minimum:
+                verdict = "met"
+            elif cpu is not None and cpu >= minimum:
+                verdict = "met on CPU per frame only"
+            else:
+                verdict = "not met"
+            lines.append(
+                f"| {workload} | {loop} | ≥ {minimum:g}x {baseline} "
+                f"| {fmt_num(rate)}x | {fmt_num(cpu)}x | {verdict} |"
+            )
+    lines.append("")
+    return lines
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def generator_section(cases: list[dict[str, Any]]) -> list[str]:
+    """Was the generator the bottleneck? Its CPU per frame against the servers'."""
+    lines = [
+        "## Load generator headroom",
+        "",
+        "For the fastest server of each workload: the server's CPU time per frame, and the",
+        "generator's in the same runs. The generator's ceiling is 1 / its CPU per frame: what",
+        "it could drive with its whole core at that batching. Where the generator's CPU per",
+        "frame is lower than the server's, the generator is not what limits frames/s. The",
+        f"last column counts cases where the generator used more than {GENERATOR_SATURATED:.0%}",
+        "of its core.",
+        "",
+        "| workload | fastest server | frames/s | server us/frame | generator us/frame "
+        "| generator ceiling | generator-bound cases |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for workload in WORKLOADS:
+        rows = [c for c in cases if c["workload"] == workload.name and c["summary"]]
+        if not rows:
+            continue
+        best = max(rows, key=lambda c: median(c["summary"], "frames_per_s") or 0.0)
+        kind = next(s for s in SERVERS if s.name == best["server"])
+        gen_us = median(best["summary"], "loadgen_cpu_us_per_frame")
+        bound = sum(
+            1
+            for c in rows
+            if (c["summary"]["loadgen_cpu_util"] or {}).get("max", 0.0) > GENERATOR_SATURATED
+        )
+        lines.append(
+            f"| {workload.name} | {kind.title}, {best['loop']} "
+            f"| {fmt_rate(median(best['summary'], 'frames_per_s'))} "
+            f"| {fmt_num(median(best['summary'], 'server_cpu_us_per_frame'), 3)} "
+            f"| {fmt_num(gen_us, 3)} "
+            f"| {fmt_rate(1e6 / gen_us) if gen_us else '-'} "
+            f"| {bound} of {len(rows)} |"
+        )
+    lines.append("")
+    return lines
+
+
+def memory_section(memory: dict[str, Any]) -> list[str]:
+    lines = [
+        "## Memory: server RSS with idle connections",
+        "",
+        f"{memory['connections']:,} idle connections (`benchmarks/memory.py`); "
+        "RSS growth divided by the number of connections.",
+        "",
+        "| server | loop | RSS before | RSS with connections | per connection "
+        "| after one 128 B echo each | per connection |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in memory["servers"]:
+        if row.get("failure"):
+            lines.append(f"| {row['title']} | {row['loop']} | failed: {row['failure']} | | | | |")
+            continue
+        lines.append(
+            f"| {row['title']} | {row['loop']} | {row['rss_before_kib'] / 1024:.1f} MiB "
+            f"| {row['rss_connected_kib'] / 1024:.1f} MiB "
+            f"| {row['per_connection_kib']:.1f} KiB "
+            f"| {row['rss_after_echo_kib'] / 1024:.1f} MiB "
+            f"| {row['per_connection_after_echo_kib']:.1f} KiB |"
+        )
+    lines.append("")
+    return lines
+
+
+def chart(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = result["cases"]
+    workloads = [w for w in WORKLOADS if any(c["workload"] == w.name for c in cases)]
+    columns = 2 if len(workloads) > 1 else 1
+    rows = (len(workloads) + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(6.5 * columns, 4.2 * rows), squeeze=False)
+    colours = {"asyncio": "#7f9fbf", "uvloop": "#2f5f8f"}
+    width = 0.38
+    for ax, workload in zip(axes.flat, workloads, strict=False):
+        servers = [s for s in SERVERS if any(c["server"] == s.name for c in cases)]
+        for offset, loop in enumerate(LOOPS):
+            heights, low, high, xs = [], [], [], []
+            for index, kind in enumerate(servers):
+                s = find(cases, workload.name, kind.name, loop)["summary"]
+                if s is None:
+                    continue
+                value = s["frames_per_s"]
+                xs.append(index + (offset - 0.5) * width)
+                heights.append(value["median"] / 1e3)
+                low.append((value["median"] - value["min"]) / 1e3)
+                high.append((value["max"] - value["median"]) / 1e3)
+            if xs:
+                ax.bar(
+                    xs,
+                    heights,
+                    width,
+                    yerr=[low, high],
+                    capsize=3,
+                    label=loop,
+                    color=colours[loop],
+                )
+        ax.set_xticks(range(len(servers)))
+        ax.set_xticklabels(
+            [s.title.replace(" (", "\n(").replace(" baseline", "\nbaseline") for s in servers],
+            fontsize=8,
+        )
+        ax.set_ylabel("thousand frames/s")
+        ax.set_title(workload.title, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(workloads) :]:
+        ax.axis("off")
+    meta = result["meta"]
+    fig.suptitle(
+        f"fastnet echo vs asyncio baselines - median of {meta['runs']} runs, min-max bars "
+        f"({meta['date']}, {meta['machine']['cpu']})",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_memory(args: argparse.Namespace) -> dict[str, Any] | None:
+    command = [sys.executable, str(HERE / "memory.py"), "--json"]
+    if args.memory_connections:
+        command += ["--connections", str(args.memory_connections)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0 or not done.stdout.strip():
+        print(f"memory.py failed: {done.stderr.strip()}", file=sys.stderr)
+        return None
+    memory: dict[str, Any] = json.loads(done.stdout)
+    return memory
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--runs", type=int, default=3, help="runs per case (3)")
+    parser.add_argument("--duration", type=float, default=2.0, help="measured seconds (2)")
+    parser.add_argument("--warmup", type=float, default=0.5, help="warmup seconds (0.5)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="1 run of 1 s after 0.25 s per case; prints the table, writes no file",
+    )
+    parser.add_argument(
+        "--workloads",
+        default=",".join(w.name for w in WORKLOADS),
+        help="comma-separated subset of: " + ", ".join(w.name for w in WORKLOADS),
+    )
+    parser.add_argument(
+        "--servers",
+        default=",".join(s.name for s in SERVERS),
+        help="comma-separated subset of: " + ", ".join(s.name for s in SERVERS),
+    )
+    parser.add_argument(
+        "--loops", default=",".join(LOOPS), help="comma-separated subset of: asyncio, uvloop"
+    )
+    parser.add_argument(
+        "--generator-loop",
+        choices=("auto", "asyncio", "uvloop"),
+        default="auto",
+        help="event loop of the load generator (auto: uvloop if installed)",
+    )
+    parser.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
+    parser.add_argument("--no-memory", action="store_true", help="skip benchmarks/memory.py")
+    parser.add_argument(
+        "--memory-connections", type=int, default=None, help="idle connections for memory.py"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="directory for compare.{json,md,png} (default benchmarks/results; "
+        "with --quick, nothing is written unless --out is given)",
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.runs, args.duration, args.warmup = 1, 1.0, 0.25
+        args.no_memory = True
+    if args.out is None and not args.quick:
+        args.out = RESULTS_DIR
+    for name, known in (
+        ("workloads", [w.name for w in WORKLOADS]),
+        ("servers", [s.name for s in SERVERS]),
+        ("loops", list(LOOPS)),
+    ):
+        chosen = [x.strip() for x in getattr(args, name).split(",") if x.strip()]
+        unknown = sorted(set(chosen) - set(known))
+        if unknown:
+            parser.error(f"unknown {name}: {', '.join(unknown)} (known: {', '.join(known)})")
+        setattr(args, name, chosen)
+    if args.runs < 1 or args.duration <= 0 or args.warmup < 0:
+        parser.error("--runs must be at least 1, --duration positive, --warmup not negative")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    pin = not args.no_pin and pinning_available()
+    if not args.no_pin and not pin:
+        print(
+            "warning: taskset or a second CPU is not available; running unpinned, so server "
+            "and generator share CPUs and the figures are less repeatable",
+            file=sys.stderr,
+        )
+    machine = machine_description()
+    if "fastnet" in args.servers and not machine["extension_built"]:
+        print(
+            "warning: fastnet's extension is not built; the 'fastnet echo (extension)' rows "
+            "would measure the pure-Python twin, so they are left out "
+            "(build it: python setup.py build_ext --inplace)",
+            file=sys.stderr,
+        )
+        args.servers = [s for s in args.servers if s != "fastnet"]
+    result = run_all(args, pin)
+    command = "python benchmarks/compare.py" + (
+        " " + " ".join(argv if argv is not None else sys.argv[1:])
+        if (argv if argv is not None else sys.argv[1:])
+        else ""
+    )
+    result["meta"] = {
+        "date": datetime.date.today().isoformat(),
+        "machine": machine,
+        "command": command,
+        "pinning": f"server on CPU {SERVER_CPU}, generator on CPU {LOAD_CPU} (taskset)"
+        if pin
+        else "none (server and generator unpinned)",
+        "runs": args.runs,
+        "duration_s": args.duration,
+        "warmup_s": args.warmup,
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+    if not args.no_memory:
+        result["memory"] = run_memory(args)
+    text = markdown(result)
+    print(text)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "compare.json").write_text(json.dumps(result, indent=1) + "\n")
+        (args.out / "compare.md").write_text(text)
+        chart(result, args.out / "compare.png")
+        print(f"wrote {args.out}/compare.{{json,md,png}}", file=sys.stderr)
+    failed = any(c["failure"] for c in result["cases"])
+    errors = any(c["summary"] and c["summary"]["errors"] for c in result["cases"])
+    return 1 if failed or errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,595 @@
+"""The load generator: its verification logic, and short runs against real servers.
+
+The unit tests drive ``EchoClient`` with a fake transport, so every byte the
+"server" returns is under the test's control: a correct echo in any chunking
+must verify, and a corrupted, reordered, dropped, duplicated or extra frame
+must be reported as an error. The smoke tests run the generator for about a
+second against real echo servers on 127.0.0.1 (port 0) and check that it
+reports frames and no errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import os
+import random
+import struct
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fastnet import LengthPrefixed, Lines, loadgen
+from fastnet.loadgen import (
+    BenchParams,
+    BufferedEchoClient,
+    EchoClient,
+    Histogram,
+    Ring,
+    Stats,
+    bench,
+    parse_framing,
+    parse_size,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+PROTOCOL_ECHO = ROOT / "benchmarks" / "servers" / "protocol_echo.py"
+STREAMS_ECHO = ROOT / "benchmarks" / "servers" / "streams_echo.py"
+
+
+# --------------------------------------------------------------------------- options
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("64", 64), ("0", 0), ("16K", 16384), ("64KiB", 65536), ("1m", 1 << 20), ("2MiB", 2 << 20)],
+)
+def test_parse_size(text: str, expected: int) -> None:
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "K", "-1", "1.5K", "12Q", "1 G"])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_size(text)
+
+
+def test_parse_framing() -> None:
+    assert parse_framing("length") == LengthPrefixed()
+    assert parse_framing("length:2") == LengthPrefixed(length_size=2)
+    assert parse_framing("length:8:little") == LengthPrefixed(length_size=8, byteorder="little")
+    assert parse_framing("lines") == Lines()
+    assert loadgen.framing_name(parse_framing("length:2")) == "length:2:big"
+
+
+@pytest.mark.parametrize("text", ["length:5", "length:4:middle", "lines:2", "json", "length:x"])
+def test_parse_framing_rejects(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_framing(text)
+
+
+# --------------------------------------------------------------------------- ring
+
+
+@pytest.mark.parametrize(
+    ("spec", "size", "depth"),
+    [
+        (LengthPrefixed(), 64, 16),
+        (LengthPrefixed(length_size=2, byteorder="little"), 300, 4),
+        (LengthPrefixed(length_size=1), 3, 40),
+        (Lines(), 64, 16),
+        (LengthPrefixed(), 65536, 4),
+    ],
+)
+def test_ring_layout(spec: LengthPrefixed | Lines, size: int, depth: int) -> None:
+    ring = Ring(spec, size, depth, read_size=4096)
+    frame_size = ring.frame_size
+    frames = [ring.data[i * frame_size : (i + 1) * frame_size] for i in range(ring.frames)]
+    # Every frame decodes, with fastnet's own decoder, to a payload of `size` bytes.
+    decoded = spec.decoder().feed(ring.data[: ring.period])
+    assert len(decoded) == ring.frames
+    assert all(len(p) == size for p in decoded)
+    # The stream repeats: the tail is the start again, long enough for any read or write.
+    assert len(ring.data) == ring.period + ring.tail
+    assert ring.data[ring.period :] == ring.data[: ring.tail]
+    assert ring.tail >= max(4096, depth * frame_size)
+    # Frames closer than 2 x depth + 1 apart differ, so reordering in flight shows.
+    assert ring.frames > 2 * depth
+    window = 2 * depth + 1
+    if size >= 3:  # a 3-byte payload holds the two low hex digits of the index
+        for i in range(ring.frames):
+            others = {frames[(i + j) % ring.frames] for j in range(1, min(window, 256))}
+            assert frames[i] not in others
+    if isinstance(spec, Lines):
+        assert all(b"\n" not in p and b"\r" not in p for p in decoded)
+
+
+def test_ring_rejects_sizes_the_framing_cannot_carry() -> None:
+    with pytest.raises(ValueError, match="does not fit"):
+        Ring(LengthPrefixed(length_size=1), 256, 1, 1024)
+    with pytest.raises(ValueError, match="exceeds"):
+        Ring(Lines(max_length=100), 101, 1, 1024)
+    with pytest.raises(ValueError, match="at least 1 byte"):
+        Ring(LengthPrefixed(), 0, 1, 1024)
+
+
+# --------------------------------------------------------------------------- histogram
+
+
+def test_histogram_percentiles_are_within_one_percent() -> None:
+    histogram = Histogram()
+    values = [1000 * (i + 1) for i in range(10000)]  # 1 us .. 10 ms, uniform
+    for value in values:
+        histogram.record(value)
+    assert histogram.total == 10000
+    for q in (50, 99, 99.9):
+        exact = values[int(q / 100 * len(values)) - 1]
+        measured = histogram.percentile(q)
+        assert measured is not None
+        assert abs(measured - exact) / exact < 0.01, (q, measured, exact)
+    assert Histogram().percentile(50) is None
+
+
+def test_histogram_weights_and_merge() -> None:
+    a, b = Histogram(), Histogram()
+    a.record(1_000, weight=99)
+    b.record(1_000_000, weight=1)
+    a.merge(b)
+    assert a.total == 100
+    p50, p100 = a.percentile(50), a.percentile(100)
+    assert p50 is not None and abs(p50 - 1_000) < 10
+    assert p100 is not None and abs(p100 - 1_000_000) < 10_000
+
+
+# --------------------------------------------------------------------------- EchoClient
+
+
+class FakeTransport:
+    """Records what the client writes; the test plays the server."""
+
+    def __init__(self) -> None:
+        self.written = bytearray()
+        self.closed = False
+        self.aborted = False
+
+    def write(self, data: memoryview) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.aborted = self.closed = True
+
+
+Mutation = Callable[[list[bytes]], list[bytes]]
+
+
+def drive(
+    client_class: type[EchoClient],
+    frames: int,
+    mutate: Mutation | None = None,
+    *,
+    spec: LengthPrefixed | Lines | None = None,
+    size: int = 64,
+    depth: int = 8,
+    seed: int = 0,
+) -> tuple[EchoClient, FakeTransport, Stats]:
+    """Play an echo server for ``frames`` frames, feeding replies in random chunks.
+
+    ``mutate`` may change the list of frames echoed at each step (each step
+    echoes every frame currently in flight).
+    """
+
+    async def main() -> tuple[EchoClient, FakeTransport, Stats]:
+        the_spec = spec or LengthPrefixed()
+        ring = Ring(the_spec, size, depth, loadgen.MAX_READ)
+        stats = Stats(recording=True)
+        client = client_class(7, ring, depth, stats)
+        transport = FakeTransport()
+        client.connection_made(transport)  # type: ignore[arg-type]
+        client.start()
+        rng = random.Random(seed)
+        echoed = 0
+        fs = ring.frame_size
+        while client.done < frames and not client.failed:
+            # In flight: everything written and not yet echoed.
+            assert len(transport.written) - echoed == depth * fs or client.done == 0
+            pending = bytes(transport.written[echoed:])
+            echoed = len(transport.written)
+            replies = [pending[i : i + fs] for i in range(0, len(pending), fs)]
+            if mutate is not None:
+                replies = mutate(replies)
+            stream = b"".join(replies)
+            while stream and not client.failed:
+                cut = rng.randint(1, max(1, min(len(stream), 3 * fs)))
+                chunk, stream = stream[:cut], stream[cut:]
+                if isinstance(client, BufferedEchoClient):
+                    buf = client.get_buffer(-1)
+                    buf[: len(chunk)] = chunk
+                    client.buffer_updated(len(chunk))
+                else:
+                    client.data_received(chunk)
+        return client, transport, stats
+
+    return asyncio.run(main())
+
+
+CLIENTS = [pytest.param(EchoClient, id="plain"), pytest.param(BufferedEchoClient, id="buffered")]
+
+
+@pytest.mark.parametrize("client_class", CLIENTS)
+@pytest.mark.parametrize(
+    ("spec", "size"), [(LengthPrefixed(), 64), (Lines(), 10), (LengthPrefixed(), 5000)]
+)
+def test_correct_echo_verifies_in_any_chunking(
+    client_class: type[EchoClient], spec: LengthPrefixed | Lines, size: int
+) -> None:
+    for seed in range(3):
+        client, transport, stats = drive(client_class, 500, spec=spec, size=size, seed=seed)
+        assert stats.errors == 0, stats.messages
+        assert not client.failed and not transport.aborted
+        assert stats.frames == client.done >= 500
+        # Each frame's latency was recorded once, and depth stayed exact.
+        assert stats.histogram.total == stats.frames
+        assert client.sent - client.received == 8 * client.ring.frame_size
+
+
+def _corrupt_one(replies: list[bytes]) -> list[bytes]:
+    if len(replies) > 3:
+        frame = bytearray(replies[3])
+        frame[-1] ^= 0x01
+        replies[3] = bytes(frame)
+    return replies
+
+
+def _swap(replies: list[bytes]) -> list[bytes]:
+    if len(replies) > 2:
+        replies[1], replies[2] = replies[2], replies[1]
+    return replies
+
+
+def _drop(replies: list[bytes]) -> list[bytes]:
+    return replies[:2] + replies[3:] if len(replies) > 3 else replies
+
+
+def _duplicate(replies: list[bytes]) -> list[bytes]:
+    return [*replies[:2], replies[1], *replies[2:-1]] if len(replies) > 3 else replies
+
+
+def _extra(replies: list[bytes]) -> list[bytes]:
+    return [*replies, replies[0]]
+
+
+@pytest.mark.parametrize("client_class", CLIENTS)
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (_corrupt_one, "differs"),
+        (_swap, "differs"),
+        (_drop, "differs"),
+        (_duplicate, "differs"),
+        (_extra, "differs"),
+    ],
+    ids=["corrupt", "reorder", "drop", "duplicate", "extra"],
+)
+def test_wrong_echo_is_an_error(
+    client_class: type[EchoClient], mutate: Mutation, message: str
+) -> None:
+    client, transport, stats = drive(client_class, 100, mutate)
+    assert stats.errors == 1
+    assert message in stats.messages[0]
+    assert "connection 7" in stats.messages[0]
+    assert client.failed and transport.aborted
+
+
+def test_corruption_is_located() -> None:
+    _, _, stats = drive(EchoClient, 100, _corrupt_one, size=64, depth=8)
+    # Frame 3 of the first batch, last byte: 3 * 68 + 67.
+    assert "at byte 271 (frame 3, byte 67 of the frame)" in stats.messages[0]
+
+
+def test_swapping_identical_frames_is_impossible() -> None:
+    """Reordering is detectable because frames in flight are never identical."""
+    ring = Ring(LengthPrefixed(), 64, 16, 1024)
+    fs = ring.frame_size
+    stream = ring.data[: 33 * fs]
+    frames = [stream[i : i + fs] for i in range(0, len(stream), fs)]
+    assert len(set(frames)) == len(frames)
+
+
+def test_bytes_beyond_what_was_sent_are_an_error() -> None:
+    async def main() -> tuple[Stats, FakeTransport]:
+        ring = Ring(LengthPrefixed(), 64, 4, 1024)
+        stats = Stats()
+        client = EchoClient(2, ring, 4, stats)
+        transport = FakeTransport()
+        client.connection_made(transport)  # type: ignore[arg-type]
+        client.start()
+        stats.stopping = True  # no new frames: all 4 are in flight
+        client.data_received(bytes(transport.written) + b"\x00")
+        return stats, transport
+
+    stats, transport = asyncio.run(main())
+    assert stats.errors == 1
+    assert "connection 2: received 1 bytes more than it sent" in stats.messages[0]
+    assert transport.aborted
+
+
+def test_lost_connection_is_an_error() -> None:
+    async def main() -> Stats:
+        ring = Ring(LengthPrefixed(), 64, 4, 1024)
+        stats = Stats()
+        client = EchoClient(3, ring, 4, stats)
+        client.connection_made(FakeTransport())  # type: ignore[arg-type]
+        client.start()
+        client.connection_lost(ConnectionResetError("reset by peer"))
+        return stats
+
+    stats = asyncio.run(main())
+    assert stats.errors == 1
+    assert "connection 3 closed by the server after 0 frames: reset by peer" in stats.messages[0]
+
+
+def test_orderly_close_after_drain_is_not_an_error() -> None:
+    async def main() -> tuple[Stats, bool]:
+        ring = Ring(LengthPrefixed(), 64, 4, 1024)
+        stats = Stats()
+        client = EchoClient(0, ring, 4, stats)
+        transport = FakeTransport()
+        client.connection_made(transport)  # type: ignore[arg-type]
+        client.start()
+        stats.stopping = True
+        drained = client.begin_drain()
+        client.data_received(bytes(transport.written))  # every frame comes back
+        client.close()
+        client.connection_lost(None)
+        return stats, drained.done()
+
+    stats, drained = asyncio.run(main())
+    assert drained
+    assert stats.errors == 0
+
+
+# --------------------------------------------------------------------------- real servers
+
+
+class ThreadServer:
+    """An asyncio echo server in a background thread; ``mangle`` may corrupt replies."""
+
+    def __init__(self, mangle: Callable[[int, bytes], bytes] | None = None) -> None:
+        self.mangle = mangle
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.port = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        assert self.ready.wait(10)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        mangle = self.mangle
+
+        class Echo(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                self.transport: Any = transport
+                self.seen = 0
+
+            def data_received(self, data: bytes) -> None:
+                if mangle is not None:
+                    data = mangle(self.seen, data)
+                self.seen += len(data)
+                self.transport.write(data)
+
+        async def start() -> asyncio.Server:
+            return await self.loop.create_server(Echo, "127.0.0.1", 0)
+
+        self.server = self.loop.run_until_complete(start())
+        self.port = self.server.sockets[0].getsockname()[1]
+        self.ready.set()
+        self.loop.run_forever()
+
+    def close(self) -> None:
+        async def stop() -> None:
+            self.server.close()
+            await self.server.wait_closed()
+
+        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture
+def reflector() -> Iterator[ThreadServer]:
+    server = ThreadServer()
+    yield server
+    server.close()
+
+
+def params(port: int, **overrides: Any) -> BenchParams:
+    values: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": port,
+        "connections": 8,
+        "depth": 4,
+        "size": 64,
+        "duration": 0.5,
+        "warmup": 0.1,
+        "framing": "length:4:big",
+        "loop": "asyncio",
+    }
+    values.update(overrides)
+    return BenchParams(**values)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("framing", ["length:4:big", "length:2:little", "lines"])
+def test_bench_against_a_correct_echo(reflector: ThreadServer, loop: str, framing: str) -> None:
+    if loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        pytest.skip("uvloop is not installed")
+    report = bench(params(reflector.port, loop=loop, framing=framing))
+    assert report["errors"] == 0, report["error_messages"]
+    assert report["frames"] > 0
+    assert report["connected"] == 8
+    assert report["latency_ms"]["p50"] > 0
+    assert report["latency_ms"]["p50"] <= report["latency_ms"]["p99"]
+    assert report["latency_ms"]["p99"] <= report["latency_ms"]["p99.9"]
+    assert report["loadgen_cpu_s"] > 0
+
+
+def test_bench_reports_a_corrupting_server() -> None:
+    def flip_one_byte(seen: int, data: bytes) -> bytes:
+        # Flip the byte at stream offset 1000 on every connection.
+        if seen <= 1000 < seen + len(data):
+            at = 1000 - seen
+            return data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1 :]
+        return data
+
+    server = ThreadServer(flip_one_byte)
+    try:
+        report = bench(params(server.port, connections=3))
+    finally:
+        server.close()
+    assert report["errors"] == 3
+    assert all("differs from what was sent at byte 1000" in m for m in report["error_messages"])
+
+
+def test_bench_counts_unreachable_connections() -> None:
+    server = ThreadServer()
+    port = server.port
+    server.close()  # nothing listens there any more
+    report = bench(params(port, connections=2, duration=0.2, warmup=0))
+    assert report["errors"] == 2
+    assert report["frames"] == 0
+    assert all("cannot connect" in m for m in report["error_messages"])
+
+
+def test_processes_split_the_connections(reflector: ThreadServer) -> None:
+    report = bench(params(reflector.port, connections=5, processes=2, duration=0.5))
+    assert report["errors"] == 0, report["error_messages"]
+    assert report["processes"] == 2
+    assert report["connected"] == 5
+    assert report["frames"] > 0
+
+
+def test_split() -> None:
+    assert loadgen._split(5, 2) == [3, 2]
+    assert loadgen._split(64, 3) == [22, 21, 21]
+
+
+def _start(
+    command: list[str], env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[str], int]:
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.startswith("listening on "), line
+    return proc, int(line.rsplit(":", 1)[1])
+
+
+def _stop(proc: subprocess.Popen[str]) -> int:
+    proc.terminate()
+    code = proc.wait(15)
+    assert proc.stdout is not None
+    proc.stdout.close()
+    return code
+
+
+def _cli(port: int, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fastnet.loadgen", "--port", str(port), "--duration", "1",
+         "--warmup", "0.2", "--connections", "16", "--depth", "8", "--json", *extra],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("script", [PROTOCOL_ECHO, STREAMS_ECHO], ids=["protocol", "streams"])
+def test_smoke_cli_against_baseline_servers(script: Path) -> None:
+    """``python -m fastnet.loadgen --json`` for a second: exit 0, no errors, no progress line."""
+    proc, port = _start([sys.executable, str(script), "--port", "0"])
+    try:
+        done = _cli(port, "--server-pid", str(proc.pid))
+    finally:
+        assert _stop(proc) == 0
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["errors"] == 0
+    assert report["frames"] > 0
+    assert report["frames_per_s"] > 0
+    assert "\r" not in done.stderr  # stderr is a pipe: no progress line
+    if sys.platform == "linux":
+        assert report["server_cpu_s"] > 0
+
+
+def _fastnet_server_available() -> bool:
+    return importlib.util.find_spec("fastnet.cli") is not None
+
+
+@pytest.mark.skipif(
+    not _fastnet_server_available(), reason="fastnet's server CLI (issue 3) is not on main yet"
+)
+@pytest.mark.parametrize("no_extensions", ["", "1"], ids=["c", "py"])
+def test_smoke_against_fastnet_echo(no_extensions: str) -> None:
+    """The issue's smoke test: the generator against ``fastnet serve echo`` for a second."""
+    env = dict(os.environ)
+    env.pop("FASTNET_NO_EXTENSIONS", None)
+    if no_extensions:
+        env["FASTNET_NO_EXTENSIONS"] = no_extensions
+    proc, port = _start([sys.executable, "-m", "fastnet", "serve", "echo", "--port", "0"], env)
+    try:
+        done = _cli(port)
+    finally:
+        assert _stop(proc) == 0
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["errors"] == 0, report["error_messages"]
+    assert report["frames"] > 0
+
+
+def test_cli_exit_status_on_errors() -> None:
+    server = ThreadServer()
+    port = server.port
+    server.close()
+    done = _cli(port)
+    assert done.returncode == 1
+    assert json.loads(done.stdout)["errors"] == 16
+
+
+def test_cli_rejects_bad_parameters() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "fastnet.loadgen", "--port", "1", "--framing", "length:1",
+         "--size", "300"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "does not fit" in done.stderr
+
+
+def test_add_arguments_and_run_for_the_cli(reflector: ThreadServer) -> None:
+    parser = argparse.ArgumentParser()
+    loadgen.add_arguments(parser)
+    args = parser.parse_args(
+        ["--port", str(reflector.port), "--duration", "0.3", "--warmup", "0", "--loop", "asyncio"]
+    )
+    assert loadgen.run(args) == 0
+
+
+def test_struct_layout_matches_baselines() -> None:
+    """The baselines speak fastnet's default framing: 4-byte big-endian length."""
+    ring = Ring(LengthPrefixed(), 64, 1, 64)
+    assert struct.unpack_from(">I", ring.data)[0] == 64

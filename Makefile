@@ -4,7 +4,8 @@
 #   make test        .venv with fastnet (extension built) and its test extra; the whole suite
 #   make test-pure   the pure-Python package (FASTNET_NO_EXTENSIONS=1) in .venv/pure, C leg skipped
 #   make serve       the example echo server in the foreground (SERVE_ARGS, default port 8080)
-#   make bench       codec micro-benchmarks (pytest-benchmark), then benchmarks/compare.py
+#   make bench       codec micro-benchmarks (pytest-benchmark, make bench-micro), then the
+#                    end-to-end comparison benchmarks/compare.py (make bench-compare)
 #   make build       sdist, then a wheel built from it, into dist/
 #   make lint        ruff and mypy, each if installed (make lint-deps installs the pinned ones)
 #   make clean       build products; make distclean removes the virtual environments too
@@ -36,7 +37,7 @@ PACKAGE_FILES := $(shell find src/fastnet -type f \( -name '*.py' -o -name '*.py
 NO_EXT_GUARD = $(if $(FASTNET_NO_EXTENSIONS),$(error FASTNET_NO_EXTENSIONS is set: `make $@` \
 	builds and tests the extension; use `make test-pure` for the pure-Python package))
 
-.PHONY: all test test-pure serve bench build lint lint-deps clean distclean
+.PHONY: all test test-pure serve bench bench-micro bench-compare build lint lint-deps clean distclean
 
 all: test
 
@@ -74,9 +75,14 @@ $(VENV)/.bench-installed: pyproject.toml $(EXTENSION)
 	$(PY) -m pip install -e '.[test,bench]'
 	@touch $@
 
-bench: $(VENV)/.bench-installed
+bench: bench-micro bench-compare
+
+bench-micro: $(VENV)/.bench-installed
 	$(NO_EXT_GUARD)
-	$(PY) -m pytest benchmarks -o python_files='bench_*.py' --benchmark-only $(BENCH_ARGS)
+	$(PY) -m pytest benchmarks/bench_frame.py $(BENCH_ARGS)
+
+bench-compare: $(VENV)/.bench-installed
+	$(NO_EXT_GUARD)
 	$(PY) benchmarks/compare.py $(COMPARE_ARGS)
 
 # `python -m build` makes the sdist first and builds the wheel from it, as a

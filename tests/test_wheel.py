@@ -125,8 +125,16 @@ def _pip_into(python: Path, *args: str | Path, env: dict[str, str], cwd: Path) -
     _run([sys.executable, "-m", "pip", "--python", python, "install", *args], cwd, env)
 
 
+# Imports every module of the installed package too (the CLI's __main__
+# aside, which runs when imported): in a bare environment, without the test
+# extra's packages (uvloop, ...), and, for the pure install, without
+# fastnet._frame, any unguarded import of either fails here.
 PROBE = (
-    "import importlib.util, sys, fastnet\n"
+    "import importlib, importlib.util, pkgutil, fastnet\n"
+    "names = [m.name for m in pkgutil.walk_packages(fastnet.__path__, 'fastnet.')]\n"
+    "for name in names:\n"
+    "    if name != 'fastnet.__main__':\n"
+    "        importlib.import_module(name)\n"
     "print(fastnet.ACCELERATED)\n"
     "print(importlib.util.find_spec('fastnet._frame') is not None)\n"
     "print(importlib.util.find_spec('pytest') is not None)\n"

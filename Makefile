@@ -34,8 +34,9 @@ EXT_SOURCES := $(wildcard src/fastnet/*.pyx src/fastnet/*.pxd src/fastnet/*.pxi)
 # Everything a non-editable install copies: the pure venv reinstalls when any changes.
 PACKAGE_FILES := $(shell find src/fastnet -type f \( -name '*.py' -o -name '*.pyi' -o -name py.typed \) 2>/dev/null)
 
-NO_EXT_GUARD = $(if $(FASTNET_NO_EXTENSIONS),$(error FASTNET_NO_EXTENSIONS is set: `make $@` \
-	builds and tests the extension; use `make test-pure` for the pure-Python package))
+NO_EXT_GUARD = $(if $(FASTNET_NO_EXTENSIONS),$(error FASTNET_NO_EXTENSIONS is set: \
+	`make $(or $(MAKECMDGOALS),all)` builds and uses the extension; unset it \
+	(`make test-pure` tests the pure-Python package)))
 
 .PHONY: all test test-pure serve bench bench-micro bench-compare build lint lint-deps clean distclean
 
@@ -72,6 +73,7 @@ serve: $(EXTENSION)
 
 # The bench extra (pytest-benchmark, matplotlib) on top of the test venv.
 $(VENV)/.bench-installed: pyproject.toml $(EXTENSION)
+	$(NO_EXT_GUARD)
 	$(PY) -m pip install -e '.[test,bench]'
 	@touch $@
 

@@ -23,6 +23,7 @@ cdef class _Decoder:
     cdef Py_ssize_t window       # length of the window get_buffer handed out; -1 when none is open
     cdef object failed           # the FrameError that failed this decoder, or None
     cdef object error            # error found by _decode, raised once the buffer is settled
+    cdef bint busy               # inside a public call: a re-entrant call (GC callback, __del__) raises
 
     cdef Py_ssize_t _decode(self, const char* data, Py_ssize_t n, list out) except -1
     cdef int _ingest(self, const char* data, Py_ssize_t n, list out) except -1
@@ -34,6 +35,8 @@ cdef class _Decoder:
                            Py_ssize_t base) except -1
     cdef int _raise_error(self) except -1
     cdef int _raise_failed(self) except -1
+    cdef int _enter(self) except -1
+    cdef list _pull(self, const char* data, Py_ssize_t n)
 
 
 cdef class LengthPrefixedDecoder(_Decoder):

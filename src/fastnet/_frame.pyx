@@ -69,6 +69,9 @@ cdef enum:
     # passes -1): 64 KiB is what uvloop asks for and about what one recv() on
     # loopback returns under load.
     READ_SIZE = 65536
+    # Largest window get_buffer() opens for a size hint: a bigger recv() gains
+    # nothing, and the bound keeps size arithmetic far from overflow.
+    MAX_READ = 1 << 20
     # Delivered frame size from which a length-prefixed frame is received
     # straight into its final bytes object. Below it, one memcpy out of the
     # arena is cheaper than the extra recv() that ends exactly at the frame
@@ -87,6 +90,8 @@ cdef enum:
 # |adjustment| and max_frame bounded by 2**48 (framing.MAX_SIZE_PARAMETER),
 # every value below it gives a body that fits int64_t.
 cdef uint64_t LARGE_LENGTH = (<uint64_t>1) << 62
+
+REENTRANT = "decoder called re-entrantly, from a callback inside one of its own calls"
 
 
 @cython.final
@@ -142,9 +147,9 @@ cdef inline Py_ssize_t _find(const char* data, Py_ssize_t start, Py_ssize_t n,
     """Index of needle in data[start:n], or -1."""
     cdef const char* p
     cdef const char* last
+    if n - start < nlen:  # also keeps the pointer arithmetic below in bounds
+        return -1
     if nlen == 1:
-        if start >= n:
-            return -1
         p = <const char*>memchr(data + start, needle[0], n - start)
         return -1 if p == NULL else p - data
     last = data + n - nlen  # last position where needle can start
@@ -177,6 +182,26 @@ cdef class _Decoder:
     cdef int _raise_failed(self) except -1:
         failed = self.failed
         raise type(failed)(*failed.args)
+
+    cdef int _enter(self) except -1:
+        # Building an error object can run the garbage collector, and so any
+        # __del__ or gc callback; one that calls this decoder would find its
+        # offsets half-updated. Refuse instead (msgpack's Unpacker does too).
+        if self.busy:
+            raise RuntimeError(REENTRANT)
+        self.busy = True
+        return 0
+
+    cdef list _pull(self, const char* data, Py_ssize_t n):
+        """feed() without the guard: take data[:n], return the frames it completes."""
+        cdef list out = []
+        if self.failed is not None:
+            self._raise_failed()
+        self.window = -1
+        self._ingest(data, n, out)
+        if self.error is not None:
+            self._raise_error()
+        return out
 
     cdef int _raise_error(self) except -1:
         error = self.error
@@ -259,7 +284,8 @@ cdef class _Decoder:
         cdef Py_ssize_t used
         if self.direct is not None:
             used = min(n, self.direct_block.size - self.direct_filled)
-            memcpy(self.direct_block.data + self.direct_filled, data, used)
+            if used:
+                memcpy(self.direct_block.data + self.direct_filled, data, used)
             self.direct_filled += used
             if self.direct_filled < self.direct_block.size:
                 return 0
@@ -299,47 +325,55 @@ cdef class _Decoder:
             resumes with what is buffered).
         """
         cdef Py_buffer view
-        cdef list out = []
-        if self.failed is not None:
-            self._raise_failed()
-        self.window = -1
-        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        self._enter()
         try:
-            self._ingest(<const char*>view.buf, view.len, out)
+            PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+            try:
+                return self._pull(<const char*>view.buf, view.len)
+            finally:
+                PyBuffer_Release(&view)
         finally:
-            PyBuffer_Release(&view)
-        if self.error is not None:
-            self._raise_error()
-        return out
+            self.busy = False
 
-    def get_buffer(self, Py_ssize_t sizehint=-1):
+    def get_buffer(self, sizehint=-1):
         """Return a writable buffer for the next receive (asyncio.BufferedProtocol).
 
         Args:
             sizehint: the size the caller would like, or -1 for any size.
 
         Returns:
-            A writable memoryview of at least one byte. Write into its start,
-            then call ``buffer_updated`` with the number of bytes written.
+            A writable memoryview of at least one byte: ``sizehint`` bytes
+            (64 KiB for -1, at most 1 MiB), or exactly the missing bytes of a
+            large unfinished frame. Write into its start, then call
+            ``buffer_updated`` with the number of bytes written. The view is
+            not to be used after that call: it may be part of a delivered frame.
 
         Raises:
             FrameError: the decoder has failed (see ``feed``).
         """
         cdef _Block block
-        if self.failed is not None:
-            self._raise_failed()
-        if self.direct is not None:
-            block = self.direct_block
-            block.start = self.direct_filled
-        else:
-            self._reserve(sizehint if sizehint > 0 else READ_SIZE)
-            block = self.arena
-            block.start = self.wpos
-        block.length = block.size - block.start
-        self.window = block.length
-        return PyMemoryView_FromObject(block)
+        cdef Py_ssize_t want = READ_SIZE
+        if sizehint > 0:
+            want = MAX_READ if sizehint >= MAX_READ else sizehint
+        self._enter()
+        try:
+            if self.failed is not None:
+                self._raise_failed()
+            if self.direct is not None:
+                block = self.direct_block
+                block.start = self.direct_filled
+                block.length = block.size - block.start
+            else:
+                self._reserve(want)
+                block = self.arena
+                block.start = self.wpos
+                block.length = want
+            self.window = block.length
+            return PyMemoryView_FromObject(block)
+        finally:
+            self.busy = False
 
-    def buffer_updated(self, Py_ssize_t nbytes):
+    def buffer_updated(self, nbytes):
         """Take ``nbytes`` written into the last ``get_buffer`` and return complete frames.
 
         Returns, raises and handles errors as ``feed``.
@@ -349,25 +383,31 @@ cdef class _Decoder:
             ValueError: ``nbytes`` is negative or larger than that buffer.
         """
         cdef list out = []
-        if self.window < 0:
-            raise RuntimeError("buffer_updated() called without get_buffer()")
-        if nbytes < 0 or nbytes > self.window:
-            raise ValueError(f"nbytes {nbytes} outside the buffer of {self.window} bytes")
-        self.window = -1
-        if self.failed is not None:
-            self._raise_failed()
-        if self.direct is not None:
-            self.direct_filled += nbytes
-            if self.direct_filled == self.direct_block.size:
-                out.append(self.direct)
-                self.direct = None
-                self.direct_block = None
+        cdef Py_ssize_t n
+        self._enter()
+        try:
+            if self.window < 0:
+                raise RuntimeError("buffer_updated() called without get_buffer()")
+            if not 0 <= nbytes <= self.window:
+                raise ValueError(f"nbytes {nbytes} outside the buffer of {self.window} bytes")
+            n = nbytes
+            self.window = -1
+            if self.failed is not None:
+                self._raise_failed()
+            if self.direct is not None:
+                self.direct_filled += n
+                if self.direct_filled == self.direct_block.size:
+                    out.append(self.direct)
+                    self.direct = None
+                    self.direct_block = None
+                return out
+            self.wpos += n
+            self._decode_arena(out)
+            if self.error is not None:
+                self._raise_error()
             return out
-        self.wpos += nbytes
-        self._decode_arena(out)
-        if self.error is not None:
-            self._raise_error()
-        return out
+        finally:
+            self.busy = False
 
 
 cdef class LengthPrefixedDecoder(_Decoder):
@@ -385,8 +425,7 @@ cdef class LengthPrefixedDecoder(_Decoder):
         self.strip = spec.strip_size
         self.max_frame = spec.max_frame
         self.header = spec.offset + spec.length_size
-        self.arena_limit = max(READ_SIZE, min(self.header + spec.max_frame, 2 * READ_SIZE))
-        self.arena_limit = max(self.arena_limit, self.strip + DIRECT_THRESHOLD)
+        self.arena_limit = max(READ_SIZE, self.header + spec.max_frame)
 
     cdef Py_ssize_t _decode(self, const char* data, Py_ssize_t n, list out) except -1:
         cdef Py_ssize_t pos = 0
@@ -401,7 +440,7 @@ cdef class LengthPrefixedDecoder(_Decoder):
                                   self.length_size, self.big)
             if length >= LARGE_LENGTH:
                 self.failed = self.error = FrameTooLarge(
-                    length + self.adjustment, self.max_frame, frames=out)
+                    <object>length + self.adjustment, self.max_frame, frames=out)
                 return pos
             body = <int64_t>length + self.adjustment
             if body < 0:
@@ -419,8 +458,13 @@ cdef class LengthPrefixedDecoder(_Decoder):
                 pos += size
                 continue
             if size - self.strip >= DIRECT_THRESHOLD and avail >= self.strip:
-                self._start_direct(data + pos + self.strip, avail - self.strip,
-                                   size - self.strip, self.strip)
+                try:
+                    self._start_direct(data + pos + self.strip, avail - self.strip,
+                                       size - self.strip, self.strip)
+                except MemoryError:
+                    # Not fatal: the frame stays in the arena, and a later
+                    # read tries again (or fails to grow the arena, loudly).
+                    return pos
                 return n
             return pos
 
@@ -435,12 +479,16 @@ cdef class LengthPrefixedDecoder(_Decoder):
             IncompleteFrame: the stream ended inside a frame; ``frames`` holds
                 the complete frames before it. The decoder is failed after it.
         """
-        frames = self.feed(b"")
-        pending = self.pending
-        if pending:
-            self.failed = self.error = IncompleteFrame(pending, frames=frames)
-            self._raise_error()
-        return frames
+        self._enter()
+        try:
+            frames = self._pull(NULL, 0)
+            pending = self.pending
+            if pending:
+                self.failed = self.error = IncompleteFrame(pending, frames=frames)
+                self._raise_error()
+            return frames
+        finally:
+            self.busy = False
 
 
 cdef class LineDecoder(_Decoder):
@@ -460,7 +508,7 @@ cdef class LineDecoder(_Decoder):
 
     cdef Py_ssize_t _decode(self, const char* data, Py_ssize_t n, list out) except -1:
         cdef Py_ssize_t pos = 0
-        cdef Py_ssize_t end
+        cdef Py_ssize_t end, partial
         cdef Py_ssize_t keep = self.dlen - 1  # a delimiter may straddle two receives
         cdef const char* delimiter = PyBytes_AS_STRING(self.delimiter)
         while True:
@@ -473,11 +521,15 @@ cdef class LineDecoder(_Decoder):
                 continue
             end = _find(data, pos + self.scanned, n, delimiter, self.dlen)
             if end < 0:
-                if n - pos - keep > self.max_length:
-                    self.error = FrameTooLarge(n - pos, self.max_length, frames=out)
+                # Bytes at the end that may begin a delimiter are not line bytes (yet).
+                partial = min(keep, n - pos)
+                while partial > 0 and memcmp(data + n - partial, delimiter, partial) != 0:
+                    partial -= 1
+                if n - pos - partial > self.max_length:
+                    self.error = FrameTooLarge(n - pos - partial, self.max_length, frames=out)
                     self.discarding = True
                     self.scanned = 0
-                    return n - keep
+                    return max(pos, n - keep)
                 self.scanned = max(0, n - pos - keep)
                 return pos
             self.scanned = 0
@@ -509,21 +561,25 @@ cdef class LineDecoder(_Decoder):
             what followed it.
         """
         cdef Py_ssize_t size
-        frames = self.feed(b"")
-        size = self.wpos - self.rpos
-        tail = b"" if size == 0 else PyBytes_FromStringAndSize(self.arena.data + self.rpos, size)
-        discarding = self.discarding
-        self._release()
-        self.scanned = 0
-        self.discarding = False
-        if discarding or not tail:
+        self._enter()
+        try:
+            frames = self._pull(NULL, 0)
+            size = self.wpos - self.rpos
+            tail = b"" if size == 0 else PyBytes_FromStringAndSize(self.arena.data + self.rpos, size)
+            discarding = self.discarding
+            self._release()
+            self.scanned = 0
+            self.discarding = False
+            if discarding or not tail:
+                return frames
+            if size > self.max_length:
+                raise FrameTooLarge(size, self.max_length, frames=frames)
+            if self.crlf and tail[size - 1] == 13:
+                tail = tail[:size - 1]
+            frames.append(tail)
             return frames
-        if size > self.max_length:
-            raise FrameTooLarge(size, self.max_length, frames=frames)
-        if self.crlf and tail[size - 1] == 13:
-            tail = tail[:size - 1]
-        frames.append(tail)
-        return frames
+        finally:
+            self.busy = False
 
 
 cdef struct _Payload:
@@ -585,11 +641,16 @@ cdef class LengthPrefixedEncoder:
             FrameTooLarge: ``size`` exceeds ``max_frame`` or does not fit the field.
             FrameError: ``size - adjustment`` is negative.
         """
+        # Python ints here: any int is checked exactly, as in the twin.
         if size > self.max_frame:
             raise FrameTooLarge(size, self.max_frame)
-        self._check(size)
+        value = size - self.adjustment
+        if value < 0:
+            raise negative_length_field(size, self.adjustment)
+        if value > self.field_max:
+            raise FrameTooLarge(value, self.field_max)
         cdef bytes out = PyBytes_FromStringAndSize(NULL, self.length_size)
-        _write_length(<unsigned char*>PyBytes_AS_STRING(out), <uint64_t>(size - self.adjustment),
+        _write_length(<unsigned char*>PyBytes_AS_STRING(out), <uint64_t>value,
                       self.length_size, self.big)
         return out
 

@@ -51,20 +51,39 @@ READ_SIZE = 65536
 # receives such frames straight into their final object; see _frame.pyx).
 DIRECT_THRESHOLD = 32768
 
+# Largest window get_buffer() opens for a size hint: a bigger recv() gains nothing.
+MAX_READ = 1 << 20
 
-def _as_bytes(data: Buffer) -> bytes:
+REENTRANT = "decoder called re-entrantly, from a callback inside one of its own calls"
+
+
+def _contiguous(data: Buffer) -> bytes | memoryview:
+    """The bytes of a bytes-like object, refusing non-contiguous buffers as C does."""
     if isinstance(data, bytes):
         return data
-    return memoryview(data).tobytes()
+    view = memoryview(data)
+    if not view.c_contiguous:
+        raise BufferError("memoryview: underlying buffer is not C-contiguous")
+    return view
+
+
+def _as_bytes(data: Buffer) -> bytes:
+    view = _contiguous(data)
+    return view if isinstance(view, bytes) else view.tobytes()
 
 
 class _Decoder:
-    __slots__ = ("_buf", "_failed", "_recv")
+    __slots__ = ("_buf", "_busy", "_failed", "_scratch", "_window")
 
     def __init__(self) -> None:
         self._buf = bytearray()
-        self._recv: bytearray | None = None
+        # Receive buffer behind the open window; kept between reads only
+        # while a large frame is unfinished, so a slow sender costs no
+        # reallocation per read.
+        self._scratch: bytearray | None = None
+        self._window = -1  # size of the open get_buffer() window; -1: none
         self._failed: FrameError | None = None
+        self._busy = False  # inside a public call (a re-entrant call raises)
 
     @property
     def pending(self) -> int:
@@ -83,6 +102,22 @@ class _Decoder:
 
     def _decode(self, out: list[bytes]) -> FrameError | None:
         raise NotImplementedError
+
+    def _enter(self) -> None:
+        if self._busy:
+            raise RuntimeError(REENTRANT)
+        self._busy = True
+
+    def _pull(self, data: Buffer) -> list[bytes]:
+        """feed() without the guard."""
+        self._check()
+        self._window = -1
+        self._buf += _contiguous(data)
+        out: list[bytes] = []
+        exc = self._decode(out)
+        if exc is not None:
+            raise exc
+        return out
 
     def feed(self, data: Buffer) -> list[bytes]:
         """Append ``data`` to the stream and return the frames it completes.
@@ -105,14 +140,11 @@ class _Decoder:
             the over-long line and continues on the next call (``feed(b"")``
             resumes with what is buffered).
         """
-        self._check()
-        self._recv = None
-        self._buf += data
-        out: list[bytes] = []
-        exc = self._decode(out)
-        if exc is not None:
-            raise exc
-        return out
+        self._enter()
+        try:
+            return self._pull(data)
+        finally:
+            self._busy = False
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         """Return a writable buffer for the next receive (asyncio.BufferedProtocol).
@@ -121,18 +153,29 @@ class _Decoder:
             sizehint: the size the caller would like, or -1 for any size.
 
         Returns:
-            A writable memoryview of at least one byte. Write into its start,
-            then call ``buffer_updated`` with the number of bytes written.
+            A writable memoryview of at least one byte: ``sizehint`` bytes
+            (64 KiB for -1, at most 1 MiB), or exactly the missing bytes of a
+            large unfinished frame. Write into its start, then call
+            ``buffer_updated`` with the number of bytes written. The view is
+            not to be used after that call: it may be part of a delivered frame.
 
         Raises:
             FrameError: the decoder has failed (see ``feed``).
         """
-        self._check()
-        missing = self._direct_missing()
-        if missing == 0:
-            missing = sizehint if sizehint > 0 else READ_SIZE
-        self._recv = bytearray(missing)
-        return memoryview(self._recv)
+        want = READ_SIZE
+        if sizehint > 0:
+            want = MAX_READ if sizehint >= MAX_READ else sizehint
+        self._enter()
+        try:
+            self._check()
+            want = self._direct_missing() or want
+            scratch = self._scratch
+            if scratch is None or len(scratch) < want:
+                scratch = self._scratch = bytearray(want)
+            self._window = want
+            return memoryview(scratch)[:want]
+        finally:
+            self._busy = False
 
     def _direct_missing(self) -> int:
         """Bytes still missing from a large unfinished frame, or 0."""
@@ -147,14 +190,20 @@ class _Decoder:
             RuntimeError: no ``get_buffer`` call precedes this one.
             ValueError: ``nbytes`` is negative or larger than that buffer.
         """
-        recv = self._recv
-        if recv is None:
-            raise RuntimeError("buffer_updated() called without get_buffer()")
-        if not 0 <= nbytes <= len(recv):
-            raise ValueError(f"nbytes {nbytes} outside the buffer of {len(recv)} bytes")
-        self._recv = None
-        with memoryview(recv) as view:
-            return self.feed(view[:nbytes])
+        self._enter()
+        try:
+            if self._window < 0:
+                raise RuntimeError("buffer_updated() called without get_buffer()")
+            if not 0 <= nbytes <= self._window:
+                raise ValueError(f"nbytes {nbytes} outside the buffer of {self._window} bytes")
+            scratch = self._scratch
+            assert scratch is not None
+            with memoryview(scratch) as view:
+                return self._pull(view[:nbytes])
+        finally:
+            if not self._direct_missing():
+                self._scratch = None
+            self._busy = False
 
 
 class LengthPrefixedDecoder(_Decoder):
@@ -230,10 +279,14 @@ class LengthPrefixedDecoder(_Decoder):
             IncompleteFrame: the stream ended inside a frame; ``frames`` holds
                 the complete frames before it. The decoder is failed after it.
         """
-        frames = self.feed(b"")
-        if self._buf:
-            raise self._fail(IncompleteFrame(len(self._buf), frames=frames))
-        return frames
+        self._enter()
+        try:
+            frames = self._pull(b"")
+            if self._buf:
+                raise self._fail(IncompleteFrame(len(self._buf), frames=frames))
+            return frames
+        finally:
+            self._busy = False
 
 
 class LineDecoder(_Decoder):
@@ -275,10 +328,14 @@ class LineDecoder(_Decoder):
                     continue
                 end = buf.find(delimiter, pos + self._scanned)
                 if end < 0:
-                    if n - pos - keep > self._max:
-                        exc = FrameTooLarge(n - pos, self._max, frames=out)
+                    # Bytes at the end that may begin a delimiter are not line bytes (yet).
+                    partial = min(keep, n - pos)
+                    while partial > 0 and buf[n - partial : n] != delimiter[:partial]:
+                        partial -= 1
+                    if n - pos - partial > self._max:
+                        exc = FrameTooLarge(n - pos - partial, self._max, frames=out)
                         self._discarding = True
-                        pos = n - keep
+                        pos = max(pos, n - keep)
                         self._scanned = 0
                     else:
                         self._scanned = max(0, n - pos - keep)
@@ -315,21 +372,24 @@ class LineDecoder(_Decoder):
             After an over-long buffered line, call ``eof()`` again to decode
             what followed it.
         """
-        frames = self.feed(b"")
-        buf = self._buf
-        tail = bytes(buf)
-        discarding = self._discarding
-        buf.clear()
-        self._scanned = 0
-        self._discarding = False
-        if discarding or not tail:
+        self._enter()
+        try:
+            frames = self._pull(b"")
+            tail = bytes(self._buf)
+            discarding = self._discarding
+            self._buf = bytearray()
+            self._scanned = 0
+            self._discarding = False
+            if discarding or not tail:
+                return frames
+            if len(tail) > self._max:
+                raise FrameTooLarge(len(tail), self._max, frames=frames)
+            if self._crlf and tail[-1] == 13:
+                tail = tail[:-1]
+            frames.append(tail)
             return frames
-        if len(tail) > self._max:
-            raise FrameTooLarge(len(tail), self._max, frames=frames)
-        if self._crlf and tail[-1] == 13:
-            tail = tail[:-1]
-        frames.append(tail)
-        return frames
+        finally:
+            self._busy = False
 
 
 class LengthPrefixedEncoder:

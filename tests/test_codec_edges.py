@@ -1,0 +1,120 @@
+"""Edge cases found by review and fuzzing: each pinned on both backends."""
+
+from __future__ import annotations
+
+import gc
+from types import ModuleType
+
+import pytest
+
+from fastnet import FrameError, FrameTooLarge, LengthPrefixed, Lines
+
+
+def test_no_frame_lost_when_a_huge_frame_is_announced(frame_impl: ModuleType) -> None:
+    """Frames before a (maybe unallocatable) 512 GiB frame are delivered; the position is kept."""
+    spec = LengthPrefixed(length_size=8, max_frame=2**40)
+    decoder = frame_impl.LengthPrefixedDecoder(spec)
+    stream = (2).to_bytes(8, "big") + b"hi" + (2**39).to_bytes(8, "big") + b"x"
+    assert decoder.feed(stream) == [b"hi"]
+    assert decoder.pending == 9
+    assert decoder.feed((3).to_bytes(8, "big") + b"abc") == []
+    assert decoder.pending == 20
+
+
+def test_wrapping_8_byte_length_reports_the_true_size(frame_impl: ModuleType) -> None:
+    decoder = frame_impl.LengthPrefixedDecoder(LengthPrefixed(length_size=8, adjustment=5))
+    with pytest.raises(FrameTooLarge) as info:
+        decoder.feed(b"\xff" * 8)
+    assert info.value.args == (2**64 - 1 + 5, 8 * 1024 * 1024)
+
+
+@pytest.mark.parametrize(
+    "spec, size",
+    [
+        (LengthPrefixed(length_size=4, adjustment=10), -(2**63) + 5),
+        (LengthPrefixed(length_size=8, adjustment=1), -(2**63)),
+        (LengthPrefixed(), -1),
+    ],
+)
+def test_header_of_negative_size_is_a_frame_error(
+    frame_impl: ModuleType, spec: LengthPrefixed, size: int
+) -> None:
+    with pytest.raises(FrameError) as info:
+        frame_impl.LengthPrefixedEncoder(spec).header(size)
+    assert type(info.value) is FrameError
+
+
+def test_header_of_huge_size_is_too_large(frame_impl: ModuleType) -> None:
+    with pytest.raises(FrameTooLarge):
+        frame_impl.LengthPrefixedEncoder(LengthPrefixed(max_frame=2**48)).header(2**70)
+
+
+@pytest.mark.parametrize(
+    "hint, size", [(10, 10), (1, 1), (-1, 65536), (0, 65536), (2**63 - 1, 1 << 20)]
+)
+def test_window_size_follows_the_hint(frame_impl: ModuleType, hint: int, size: int) -> None:
+    decoder = frame_impl.LengthPrefixedDecoder(LengthPrefixed())
+    decoder.feed(b"\x00\x00")  # something buffered: the window follows it
+    view = decoder.get_buffer(hint)
+    assert len(view) == size
+    view.release()
+    with pytest.raises(ValueError):
+        decoder.buffer_updated(size + 1)
+
+
+def test_buffer_updated_rejects_absurd_counts(frame_impl: ModuleType) -> None:
+    decoder = frame_impl.LineDecoder(Lines())
+    decoder.get_buffer(-1).release()
+    with pytest.raises(ValueError):
+        decoder.buffer_updated(2**64)
+
+
+def test_non_contiguous_input_is_refused(frame_impl: ModuleType) -> None:
+    strided = memoryview(b"abcdef")[::2]
+    with pytest.raises(BufferError):
+        frame_impl.LengthPrefixedDecoder(LengthPrefixed()).feed(strided)
+    with pytest.raises(BufferError):
+        frame_impl.LengthPrefixedEncoder(LengthPrefixed()).encode(strided)
+    with pytest.raises(BufferError):
+        frame_impl.LineEncoder(Lines()).encode_many([b"ok", strided])
+
+
+def test_multibyte_delimiter_too_long_detected_early(frame_impl: ModuleType) -> None:
+    """A trailing partial delimiter does not hide line bytes from the limit."""
+    decoder = frame_impl.LineDecoder(Lines(delimiter=b"END", max_length=3))
+    with pytest.raises(FrameTooLarge) as info:
+        decoder.feed(b"abcdE")
+    assert info.value.args == (4, 3)
+    assert decoder.feed(b"ND") == []  # the over-long line ends here
+    assert decoder.feed(b"okEND") == [b"ok"]
+    fine = frame_impl.LineDecoder(Lines(delimiter=b"END", max_length=3))
+    assert fine.feed(b"abcEN") == []  # 3 line bytes and a partial delimiter: within the limit
+    assert fine.feed(b"D") == [b"abc"]
+
+
+def test_reentrant_call_from_gc_callback_is_refused(frame_impl: ModuleType) -> None:
+    """A gc callback using the decoder mid-call gets RuntimeError; the outer call is unharmed."""
+    spec = LengthPrefixed(length_size=1, max_frame=3)
+    decoder = frame_impl.LengthPrefixedDecoder(spec)
+    seen: list[type] = []
+
+    def callback(phase: str, info: dict) -> None:
+        if phase == "start" and len(seen) < 50:
+            try:
+                decoder.feed(b"\x01z")
+            except Exception as exc:
+                seen.append(type(exc))
+
+    threshold = gc.get_threshold()
+    gc.callbacks.append(callback)
+    gc.set_threshold(1)
+    try:
+        with pytest.raises(FrameTooLarge) as info:
+            decoder.feed(spec.encode_many([b"a", b"bc"] * 20) + b"\x09")
+    finally:
+        gc.set_threshold(*threshold)
+        gc.callbacks.remove(callback)
+    # Callbacks during the call are refused; later ones (after the error) see the failed decoder.
+    assert RuntimeError in seen
+    assert set(seen) <= {RuntimeError, FrameTooLarge}
+    assert info.value.frames == [b"a", b"bc"] * 20

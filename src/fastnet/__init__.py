@@ -6,6 +6,11 @@ Layout (data flows top to bottom on receive):
     _frame.pyx      Cython hot path: streaming decoders over self-managed buffers, encoders
     _frame_py.py    pure-Python twin of _frame, identical behaviour
     errors.py       exception hierarchy shared by both backends
+    protocol.py     FrameProtocol: the asyncio.BufferedProtocol mechanics (receive, wake, write)
+    connection.py   Connection, what a handler sees (recv, send, drain, close); connect()
+    server.py       Server: bind, accept loop, task per connection, limits, shutdown; run()
+    apps.py         built-in apps for `fastnet serve`: echo, kv
+    cli.py          the `fastnet` command (serve, info, bench); __main__.py runs it
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from .framing import (
     LengthPrefixed,
     Lines,
 )
+from .connection import Connection, WriteBufferFull, connect
+from .server import CallbackHandler, Server, callback_handler, run, serve
 
 __version__ = "0.1.0"
 
@@ -33,6 +40,8 @@ __all__ = [
     "ACCELERATED",
     "DEFAULT_MAX_FRAME_SIZE",
     "DEFAULT_MAX_LINE_LENGTH",
+    "CallbackHandler",
+    "Connection",
     "ConnectionBrokenError",
     "ConnectionBusyError",
     "ConnectionClosedError",
@@ -42,5 +51,11 @@ __all__ = [
     "IncompleteFrame",
     "LengthPrefixed",
     "Lines",
+    "Server",
+    "WriteBufferFull",
     "__version__",
+    "callback_handler",
+    "connect",
+    "run",
+    "serve",
 ]

@@ -407,7 +407,7 @@ class Server:
                 # Step 2: accept one connection; errors never end the loop.
                 while True:
                     try:
-                        sock, _ = await loop.sock_accept(listener)
+                        sock = await self._accept(loop, listener)
                     except OSError as exc:
                         counters.accept_errors += 1
                         if exc.errno in ACCEPT_IGNORABLE_ERRNOS:
@@ -432,6 +432,34 @@ class Server:
             task = loop.create_task(self._serve_connection(sock))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _accept(loop: asyncio.AbstractEventLoop, listener: socket.socket) -> socket.socket:
+        # accept(2) is called here, synchronously, after waiting for the
+        # listening socket to be readable; not through loop.sock_accept,
+        # whose future may hold an accepted socket when the accept loop is
+        # cancelled at shutdown, and then lose it (a descriptor leak in both
+        # asyncio and uvloop). Cancellation can only strike while no
+        # socket exists.
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                pass
+            else:
+                sock.setblocking(False)
+                return sock
+            waiter = loop.create_future()
+            fd = listener.fileno()
+            try:
+                loop.add_reader(fd, _set_result, waiter)
+            except NotImplementedError:  # Windows' proactor loop has no add_reader
+                sock, _ = await loop.sock_accept(listener)
+                return sock
+            try:
+                await waiter
+            finally:
+                loop.remove_reader(fd)
 
     async def _serve_connection(self, sock: socket.socket) -> None:
         # Supervises one connection: sets it up, runs the handler in a task
@@ -609,16 +637,18 @@ class Server:
         self._stopping = True
         # Step 1: stop accepting at once; the kernel refuses new connections
         # (and resets those waiting in the backlog) when the socket closes.
+        # The accept loop must be gone first: it watches the socket's
+        # descriptor, and closing a watched descriptor upsets uvloop.
         for task in (self._accept_task, self._idle_task):
             if task is not None:
                 task.cancel()
-        self._close_listener()
         for task in (self._accept_task, self._idle_task):
             if task is not None:
                 try:
                     await task
                 except asyncio.CancelledError:
                     pass
+        self._close_listener()
         # Step 2: no more input; handlers finish the frames they have.
         for conn in list(self._connections):
             conn._begin_shutdown()
@@ -662,6 +692,11 @@ class Server:
                     os.unlink(path)
             except OSError:
                 pass
+
+
+def _set_result(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 def _unix_socket_in_use(path: str) -> bool:

@@ -1,0 +1,584 @@
+"""Connection behaviour over real sockets on 127.0.0.1: receive, send, flow control, close.
+
+Each test runs on both codec backends and both event loops (``arun``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import struct
+from typing import Any
+
+import pytest
+from test_server_support import (  # noqa: F401 - fixtures
+    Runner,
+    arun,
+    frame_bytes,
+    loop_name,
+    roundtrip,
+    serving,
+    wait_until,
+)
+
+import fastnet
+from fastnet import (
+    ConnectionBrokenError,
+    ConnectionBusyError,
+    ConnectionClosedError,
+    FrameTooLarge,
+    WriteBufferFull,
+)
+from fastnet.apps import echo, echo_task
+from fastnet.protocol import _PAUSE_INBOX, LARGE_FRAME, READ_HIGH_FRAMES
+
+
+async def echo_recv(conn: fastnet.Connection) -> None:
+    while True:
+        conn.send(await conn.recv())
+
+
+async def echo_for(conn: fastnet.Connection) -> None:
+    async for frame in conn:
+        conn.send(frame)
+
+
+HANDLERS = {
+    "callback": echo,
+    "recv_batch": echo_task,
+    "recv": echo_recv,
+    "async-for": echo_for,
+}
+
+
+@pytest.mark.parametrize("kind", list(HANDLERS))
+def test_every_receive_form_echoes_in_order(arun: Runner[Any], kind: str) -> None:
+    frames = [b"", b"a", b"hello world", bytes(range(256)) * 20, b"x" * 40000]
+
+    async def scenario() -> None:
+        async with serving(HANDLERS[kind]) as server:
+            async with await fastnet.connect("127.0.0.1", server.port) as conn:
+                assert await roundtrip(conn, frames) == frames
+                # one at a time as well, with recv() and async for on the client side
+                for frame in frames:
+                    conn.send(frame)
+                    assert await conn.recv() == frame
+                conn.send_many(frames)
+                received = []
+                async for frame in conn:
+                    received.append(frame)
+                    if len(received) == len(frames):
+                        break
+                assert received == frames
+
+    arun(scenario())
+
+
+def test_sends_while_handling_one_batch_leave_in_one_write(arun: Runner[Any]) -> None:
+    batches = 0
+
+    async def handler(conn: fastnet.Connection) -> None:
+        nonlocal batches
+        while True:
+            batch = await conn.recv_batch()
+            batches += 1
+            for frame in batch:  # one send per frame...
+                conn.send(frame)
+
+    async def scenario() -> None:
+        async with serving(handler) as server:
+            async with await fastnet.connect("127.0.0.1", server.port) as conn:
+                frames = [b"%d" % i for i in range(200)]
+                assert await roundtrip(conn, frames) == frames
+                stats = server.stats()
+                # ...and one write per batch: 200 frames in as many writes as batches.
+                assert stats["frames_out"] == 200
+                assert stats["writes"] == batches < 200
+
+    arun(scenario())
+
+
+def test_sender_that_never_receives_is_flushed(arun: Runner[Any]) -> None:
+    async def greeter(conn: fastnet.Connection) -> None:
+        conn.send(b"hello")
+        conn.send(b"world")
+        await asyncio.sleep(10)  # never waits for input: the call_soon flush sends it
+
+    async def scenario() -> None:
+        async with serving(greeter, drain_timeout=0.1) as server:
+            async with await fastnet.connect("127.0.0.1", server.port) as conn:
+                assert await conn.recv() == b"hello"
+                assert await conn.recv() == b"world"
+                assert server.stats()["writes"] == 1
+
+    arun(scenario())
+
+
+def test_connection_attributes_and_repr(arun: Runner[Any]) -> None:
+    seen: dict[str, Any] = {}
+
+    async def handler(conn: fastnet.Connection) -> None:
+        seen["peer"] = conn.peer
+        seen["local"] = conn.local
+        seen["shutting_down"] = conn.shutting_down
+        seen["repr"] = repr(conn)
+        conn.send(b"ok")
+        await conn.recv()
+
+    async def scenario() -> None:
+        async with serving(handler) as server:
+            async with await fastnet.connect("127.0.0.1", server.port) as conn:
+                assert await conn.recv() == b"ok"
+                assert seen["local"] == ("127.0.0.1", server.port)
+                assert seen["peer"] == conn.local
+                assert conn.peer == ("127.0.0.1", server.port)
+                assert seen["shutting_down"] is False
+                assert "open" in seen["repr"] and str(server.port) in seen["repr"]
+                assert conn.transport.get_extra_info("peername") == conn.peer
+            assert conn.closing
+            assert "closed" in repr(conn)
+
+    arun(scenario())
+
+
+def test_close_is_idempotent_and_later_calls_raise_closed(arun: Runner[Any]) -> None:
+    async def scenario() -> None:
+        async with serving(echo) as server:
+            conn = await fastnet.connect("127.0.0.1", server.port)
+            conn.send(b"last")
+            conn.close()  # flushes "last" first
+            conn.close()
+            await conn.wait_closed()
+            await conn.wait_closed()
+            with pytest.raises(ConnectionClosedError):
+                conn.send(b"x")
+            with pytest.raises(ConnectionClosedError):
+                conn.send_many([b"x"])
+            with pytest.raises(ConnectionClosedError):
+                await conn.recv()
+            with pytest.raises(ConnectionClosedError):
+                await conn.recv_batch()
+            with pytest.raises(ConnectionClosedError):
+                await conn.drain()
+            with pytest.raises(ConnectionClosedError):  # our own close: async for raises
+                async for _ in conn:
+                    pass
+            await wait_until(lambda: server.stats()["closed"] == 1, what="server-side close")
+            assert server.stats()["frames_in"] == 1
+
+    arun(scenario())
+
+
+def test_peer_end_ends_iteration_and_recv_raises_broken(arun: Runner[Any]) -> None:
+    outcome: dict[str, Any] = {}
+
+    async def iterate(conn: fastnet.Connection) -> None:
+        frames = [frame async for frame in conn]
+        outcome["frames"] = frames
+        try:
+            await conn.recv()
+        except ConnectionBrokenError as exc:
+            outcome["recv"] = exc
+
+    async def scenario() -> None:
+        async with serving(iterate) as server:
+            _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(frame_bytes(b"one") + frame_bytes(b"two"))
+            await writer.drain()
+            writer.close()
+            await writer.wait_closed()
+            await wait_until(lambda: "recv" in outcome, what="handler end")
+        assert outcome["frames"] == [b"one", b"two"]
+        assert "closed the connection" in str(outcome["recv"])
+
+    arun(scenario())
+
+
+def test_replies_reach_a_peer_that_closed_its_sending_side(arun: Runner[Any]) -> None:
+    async def scenario() -> None:
+        async with serving(echo_for) as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(b"".join(frame_bytes(b"%d" % i) for i in range(100)))
+            writer.write_eof()  # half-close: the server still answers everything
+            data = await reader.read()  # until the server closes
+            writer.close()
+            await writer.wait_closed()
+            assert fastnet.LengthPrefixed().decoder().feed(data) == [b"%d" % i for i in range(100)]
+
+    arun(scenario())
+
+
+def test_two_receivers_at_once_is_an_error(arun: Runner[Any]) -> None:
+    async def scenario() -> None:
+        async with serving(echo) as server:
+            async with await fastnet.connect("127.0.0.1", server.port) as conn:
+                first = asyncio.ensure_future(conn.recv())
+                await asyncio.sleep(0.01)
+                with pytest.raises(ConnectionBusyError):
+                    await conn.recv_batch()
+                conn.send(b"x")
+                assert await first == b"x"
+
+    arun(scenario())
+
+
+def test_a_cancelled_or_timed_out_receive_leaves_the_connection_usable(arun: Runner[Any]) -> None:
+    async def scenario() -> None:
+        async with serving(echo) as server:
+            async with await fastnet.connect("127.0.0.1", server.port) as conn:
+                with pytest.raises(asyncio.TimeoutError):
+                    await asyncio.wait_for(conn.recv(), 0.05)
+                task = asyncio.ensure_future(conn.recv_batch())
+                await asyncio.sleep(0.01)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                assert await roundtrip(conn, [b"still", b"works"]) == [b"still", b"works"]
+
+    arun(scenario())
+
+
+def test_the_handler_keeps_its_context_across_wakeups(arun: Runner[Any]) -> None:
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
+
+    async def handler(conn: fastnet.Connection) -> None:
+        var.set(f"conn {conn.peer[1]}")
+        async for frame in conn:
+            conn.send(var.get().encode() + b" " + frame)
+
+    async def scenario() -> None:
+        async with serving(handler) as server:
+            async with await fastnet.connect("127.0.0.1", server.port) as conn:
+                port = conn.local[1]
+                for i in range(3):
+                    conn.send(b"%d" % i)
+                    assert await conn.recv() == b"conn %d %d" % (port, i)
+                assert var.get() == "unset"
+
+    arun(scenario())
+
+
+def test_lines_framing(arun: Runner[Any]) -> None:
+    async def scenario() -> None:
+        framing = fastnet.Lines()
+        async with serving(echo_for, framing=framing) as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(b"one\r\ntwo\nthree\n")
+            assert await reader.readexactly(14) == b"one\ntwo\nthree\n"
+            writer.close()
+            await writer.wait_closed()
+            async with await fastnet.connect("127.0.0.1", server.port, framing=framing) as conn:
+                assert await roundtrip(conn, [b"a b", b"", b"c"]) == [b"a b", b"", b"c"]
+
+    arun(scenario())
+
+
+def test_large_frames_roundtrip_through_the_unjoined_write_path(arun: Runner[Any]) -> None:
+    sizes = [LARGE_FRAME - 1, LARGE_FRAME, 64 * 1024, 1024 * 1024, 10, 3 * 1024 * 1024]
+    frames = [bytes([i % 251]) * size for i, size in enumerate(sizes)]
+
+    async def scenario() -> None:
+        async with serving(echo_task) as server:
+            async with await fastnet.connect("127.0.0.1", server.port) as conn:
+                replies = await roundtrip(conn, frames)
+                assert [len(r) for r in replies] == sizes
+                assert replies == frames
+
+    arun(scenario())
+
+
+class _RecordingTransport(asyncio.Transport):
+    """A transport that records what it is asked to write (for the no-copy checks)."""
+
+    def __init__(self, writelines_ok: bool) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, list[Any]]] = []
+        self.writelines_ok = writelines_ok
+
+    def write(self, data: Any) -> None:
+        self.calls.append(("write", [data]))
+
+    def writelines(self, list_of_data: Any) -> None:
+        self.calls.append(("writelines", list(list_of_data)))
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("writelines_ok", [True, False], ids=["writev", "two-writes"])
+def test_large_payloads_are_written_without_being_copied(
+    arun: Runner[Any], writelines_ok: bool
+) -> None:
+    async def scenario() -> None:
+        conn = fastnet.Connection(fastnet.LengthPrefixed())
+        transport = _RecordingTransport(writelines_ok)
+        conn.connection_made(transport)
+        conn._writelines = writelines_ok
+        big = b"B" * (64 * 1024)
+        conn.send_many([b"a", b"b", big, b"c"])
+        await conn.drain()
+        if writelines_ok:
+            assert [name for name, _ in transport.calls] == ["writelines"]
+            buffers = transport.calls[0][1]
+        else:
+            assert {name for name, _ in transport.calls} == {"write"}
+            buffers = [args[0] for _, args in transport.calls]
+        assert any(buf is big for buf in buffers), "the payload object itself is written"
+        assert b"".join(buffers) == b"".join(frame_bytes(p) for p in [b"a", b"b", big, b"c"])
+        assert conn.frames_out == 4 and conn.bytes_out == sum(map(len, buffers))
+
+    arun(scenario())
+
+
+def test_reading_pauses_while_the_handler_falls_behind(arun: Runner[Any]) -> None:
+    state: dict[str, Any] = {"go": None}
+
+    async def lazy(conn: fastnet.Connection) -> None:
+        state["conn"] = conn
+        await state["go"].wait()  # takes nothing for now
+        count = 0
+        while count < 20000:
+            await conn.recv()
+            count += 1
+        conn.send(b"%d" % count)
+        await conn.drain()
+
+    async def scenario() -> None:
+        state["go"] = asyncio.Event()
+        async with serving(lazy) as server:
+            async with await fastnet.connect("127.0.0.1", server.port) as client:
+                client.send_many([b"x"] * 20000)
+                await client.drain()
+                await wait_until(lambda: "conn" in state and state["conn"]._read_paused & _PAUSE_INBOX)
+                conn = state["conn"]
+                queued = len(conn._inbox) - conn._pos
+                # Paused after passing the mark, at most one 64 KiB read later.
+                assert READ_HIGH_FRAMES < queued <= READ_HIGH_FRAMES + 65536 // 5
+                await asyncio.sleep(0.05)
+                assert len(conn._inbox) - conn._pos == queued  # nothing more was read
+                state["go"].set()
+                assert await client.recv() == b"20000"
+                assert not conn._read_paused
+
+    arun(scenario())
+
+
+def test_drain_waits_while_the_peer_does_not_read(arun: Runner[Any]) -> None:
+    state: dict[str, Any] = {}
+
+    async def producer(conn: fastnet.Connection) -> None:
+        chunk = b"p" * 65536
+        sent = 0
+        drains = 0
+        while not conn.closing:
+            conn.send(chunk)
+            sent += 1
+            await conn.drain()
+            drains += 1
+            state["sent"] = sent
+            state["buffered"] = max(state.get("buffered", 0), conn.transport.get_write_buffer_size())
+
+    async def scenario() -> None:
+        async with serving(producer, drain_timeout=0.2) as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            await wait_until(lambda: state.get("sent", 0) > 4)
+            await asyncio.sleep(0.3)  # the client reads nothing: the producer is stuck in drain
+            stuck_at = state["sent"]
+            await asyncio.sleep(0.2)
+            assert state["sent"] == stuck_at
+            assert state["buffered"] <= 256 * 1024  # drain kept the buffer near the mark
+            # Reading lets it go on (once the kernel buffers have room again).
+            for _ in range(10000):
+                if state["sent"] > stuck_at:
+                    break
+                await asyncio.wait_for(reader.read(65536), 5)
+            assert state["sent"] > stuck_at
+            writer.close()
+            await writer.wait_closed()
+
+    arun(scenario())
+
+
+def test_a_handler_that_never_drains_gets_write_buffer_full(arun: Runner[Any]) -> None:
+    limit = 512 * 1024
+    state: dict[str, Any] = {}
+
+    async def flooder(conn: fastnet.Connection) -> None:
+        chunk = b"f" * 16384
+        try:
+            for _ in range(100000):  # bounded; about 1.6 GB if nothing stopped it
+                conn.send(chunk)
+                await asyncio.sleep(0)
+        except WriteBufferFull as exc:
+            state["error"] = exc
+            state["buffered"] = conn.transport.get_write_buffer_size()
+            raise
+
+    async def scenario() -> None:
+        async with serving(flooder, max_write_buffer=limit) as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            await wait_until(lambda: "error" in state, timeout=20)
+            # Bounded by the limit plus one batch (one 16 KiB frame here).
+            assert limit < state["buffered"] <= limit + 16388
+            assert "drain" in str(state["error"])
+            await wait_until(lambda: server.stats()["handler_errors"] == 1)
+            writer.close()
+            await writer.wait_closed()
+
+    arun(scenario())
+
+
+@pytest.mark.parametrize("kind", ["callback", "recv_batch"])
+def test_a_client_that_sends_without_reading_leaves_server_memory_bounded(
+    arun: Runner[Any], kind: str
+) -> None:
+    async def scenario() -> None:
+        async with serving(HANDLERS[kind]) as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            request = frame_bytes(b"r" * 1000)
+            # Push up to 64 MB of requests without reading a single reply; the
+            # server stops reading once its replies back up, so our writes
+            # back up too and the loop ends early.
+            pushed = 0
+            for _ in range(64 * 1024):
+                writer.write(request)
+                pushed += len(request)
+                if writer.transport.get_write_buffer_size() > 4 * 1024 * 1024:
+                    break
+            await asyncio.sleep(0.3)
+            (conn,) = server._connections
+            assert conn._read_paused  # the server stopped reading from this client
+            server_buffered = conn.transport.get_write_buffer_size()
+            # Replies queued on the server: under its 64 KiB write mark plus
+            # the replies to one read (64 KiB of requests) and the decoder's
+            # own buffer; far below what was pushed.
+            assert server_buffered < 512 * 1024
+            assert pushed > 8 * server_buffered
+            assert conn.bytes_in < pushed
+            writer.transport.abort()
+            await wait_until(lambda: server.stats()["active"] == 0)
+
+    arun(scenario())
+
+
+def test_a_frame_that_cannot_be_encoded_fails_only_its_connection(arun: Runner[Any]) -> None:
+    outcome: dict[str, Any] = {}
+
+    async def handler(conn: fastnet.Connection) -> None:
+        async for frame in conn:
+            if frame == b"big":
+                conn.send(b"before")
+                conn.send(b"x" * 2000)  # over max_frame
+                conn.send(b"after")
+                try:
+                    await conn.recv()
+                except FrameTooLarge as exc:
+                    outcome["error"] = exc
+                    raise
+            conn.send(frame)
+
+    async def scenario() -> None:
+        framing = fastnet.LengthPrefixed(max_frame=1000)
+        async with serving(handler, framing=framing) as server:
+            good = await fastnet.connect("127.0.0.1", server.port, framing=framing)
+            bad = await fastnet.connect("127.0.0.1", server.port, framing=framing)
+            bad.send(b"big")
+            assert await bad.recv() == b"before"
+            with pytest.raises(ConnectionBrokenError):
+                await bad.recv()
+            assert isinstance(outcome["error"], FrameTooLarge)
+            assert await roundtrip(good, [b"fine"]) == [b"fine"]
+            await wait_until(lambda: server.stats()["handler_errors"] == 1)
+            for conn in (good, bad):
+                conn.close()
+                await conn.wait_closed()
+
+    arun(scenario())
+
+
+def test_callback_handler_replies_and_sends(arun: Runner[Any]) -> None:
+    @fastnet.callback_handler
+    def handler(conn: fastnet.Connection, frames: list[bytes]) -> Any:
+        if frames[0] == b"close":
+            conn.send(b"bye")
+            conn.close()
+            return None
+        conn.send(b"count %d" % len(frames))
+        return (f.upper() for f in frames)  # any iterable
+
+    async def scenario() -> None:
+        async with serving(handler) as server:
+            async with await fastnet.connect("127.0.0.1", server.port) as conn:
+                replies = await roundtrip(conn, [b"a", b"b"])
+                assert replies in ([b"count 2", b"A", b"B"], [b"count 1", b"A", b"count 1"])
+                if len(replies) == 3 and replies[2] == b"count 1":  # arrived in two reads
+                    assert await conn.recv() == b"B"
+                conn.send(b"close")
+                assert await conn.recv() == b"bye"
+                with pytest.raises(ConnectionBrokenError):
+                    await conn.recv()
+            assert "CallbackHandler" in repr(handler)
+
+    arun(scenario())
+
+
+def test_client_connection_over_a_unix_socket(arun: Runner[Any], tmp_path: Any) -> None:
+    path = str(tmp_path / "s.sock")
+
+    async def scenario() -> None:
+        async with fastnet.Server(echo, unix=path) as server:
+            assert server.port is None and server.address == f"unix:{path}"
+            async with await fastnet.connect(unix=path) as conn:
+                assert await roundtrip(conn, [b"over", b"unix"]) == [b"over", b"unix"]
+
+    arun(scenario())
+
+
+def test_connect_needs_a_port(arun: Runner[Any]) -> None:
+    async def scenario() -> None:
+        with pytest.raises(TypeError, match="port"):
+            await fastnet.connect("127.0.0.1")
+
+    arun(scenario())
+
+
+def test_frames_cross_reads_in_any_split(arun: Runner[Any]) -> None:
+    payloads = [b"", b"x" * 5, b"y" * 70000, b"z"]
+    wire = b"".join(frame_bytes(p) for p in payloads)
+
+    async def scenario() -> None:
+        async with serving(echo) as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            for i in range(0, len(wire), 997):  # odd-sized pieces that split headers
+                writer.write(wire[i : i + 997])
+                await writer.drain()
+                await asyncio.sleep(0)
+            data = await reader.readexactly(len(wire))
+            assert data == wire
+            writer.close()
+            await writer.wait_closed()
+
+    arun(scenario())
+
+
+def test_little_endian_two_byte_framing(arun: Runner[Any]) -> None:
+    framing = fastnet.LengthPrefixed(length_size=2, byteorder="little")
+
+    async def scenario() -> None:
+        async with serving(echo, framing=framing) as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(struct.pack("<H", 3) + b"abc")
+            assert await reader.readexactly(5) == b"\x03\x00abc"
+            writer.close()
+            await writer.wait_closed()
+
+    arun(scenario())

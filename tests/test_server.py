@@ -1,0 +1,514 @@
+"""Server behaviour over real sockets on 127.0.0.1: integrity, isolation, limits, timeouts.
+
+Each test runs on both codec backends and both event loops (``arun``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import random
+import socket
+import sys
+from typing import Any
+
+import pytest
+from test_server_support import (  # noqa: F401 - fixtures
+    Runner,
+    arun,
+    frame_bytes,
+    loop_name,
+    roundtrip,
+    serving,
+    wait_until,
+)
+
+import fastnet
+from fastnet import ConnectionBrokenError, ConnectionClosedError
+from fastnet.apps import KVStore, echo, echo_task
+from fastnet.server import ACCEPT_CAPACITY_ERRNOS, ACCEPT_IGNORABLE_ERRNOS
+
+
+async def echo_for(conn: fastnet.Connection) -> None:
+    async for frame in conn:
+        conn.send(frame)
+
+
+ECHOES = {"callback": echo, "recv_batch": echo_task, "async-for": echo_for}
+
+
+def _random_payloads(rng: random.Random, count: int) -> list[bytes]:
+    # Sizes spread log-uniformly over 0 B .. 1 MiB, so small, medium and
+    # large frames (the direct-receive and unjoined-write paths) all occur.
+    payloads = []
+    for i in range(count):
+        size = int(2 ** rng.uniform(0, 20)) - 1
+        payloads.append(rng.randbytes(16) * (size // 16) + bytes([i % 256]) * (size % 16))
+    return payloads
+
+
+@pytest.mark.parametrize("kind", list(ECHOES))
+def test_echo_integrity_under_concurrent_connections(arun: Runner[Any], kind: str) -> None:
+    rng = random.Random(1234)
+    clients = 12
+    per_client = [_random_payloads(rng, 10) + [b"", b"\x00" * (1 << 20)] for _ in range(clients)]
+
+    async def client(port: int, payloads: list[bytes]) -> None:
+        async with await fastnet.connect("127.0.0.1", port) as conn:
+            # Pipelined in two bursts, so replies and requests interleave.
+            half = len(payloads) // 2
+            conn.send_many(payloads[:half])
+            received = [await conn.recv() for _ in range(3)]
+            conn.send_many(payloads[half:])
+            while len(received) < len(payloads):
+                received += await conn.recv_batch()
+            assert len(received) == len(payloads)
+            for got, want in zip(received, payloads):
+                assert got == want
+
+    async def scenario() -> None:
+        async with serving(ECHOES[kind]) as server:
+            await asyncio.gather(*(client(server.port, p) for p in per_client))
+            await wait_until(lambda: server.stats()["active"] == 0)
+            stats = server.stats()
+            frames = sum(len(p) for p in per_client)
+            assert stats["accepted"] == stats["closed"] == clients
+            assert stats["frames_in"] == stats["frames_out"] == frames
+            assert stats["bytes_in"] == stats["bytes_out"]
+            assert stats["handler_errors"] == stats["frame_errors"] == 0
+
+    arun(scenario())
+
+
+def test_an_oversized_header_closes_only_its_connection(arun: Runner[Any]) -> None:
+    async def scenario() -> None:
+        framing = fastnet.LengthPrefixed(max_frame=1 << 20)
+        async with serving(echo, framing=framing) as server:
+            good = await fastnet.connect("127.0.0.1", server.port, framing=framing)
+            assert await roundtrip(good, [b"before"]) == [b"before"]
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            # Two good frames, then a header announcing 4 GiB - 1 (no memory
+            # is reserved for it), then bytes that are never looked at.
+            writer.write(frame_bytes(b"one") + frame_bytes(b"two") + b"\xff\xff\xff\xff" + b"junk")
+            data = await reader.read()  # the frames before the error, then EOF
+            assert fastnet.LengthPrefixed().decoder().feed(data) == [b"one", b"two"]
+            writer.close()
+            await writer.wait_closed()
+            assert await roundtrip(good, [b"after"]) == [b"after"]
+            stats = server.stats()
+            assert stats["frame_errors"] == 1
+            assert stats["handler_errors"] == 0
+            good.close()
+            await good.wait_closed()
+
+    arun(scenario())
+
+
+def test_an_overlong_line_closes_only_its_connection(arun: Runner[Any]) -> None:
+    async def scenario() -> None:
+        framing = fastnet.Lines(max_length=100)
+        async with serving(echo_task, framing=framing) as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(b"fine\n" + b"x" * 500 + b"\nlater\n")
+            assert await reader.read() == b"fine\n"
+            writer.close()
+            await writer.wait_closed()
+            assert server.stats()["frame_errors"] == 1
+
+    arun(scenario())
+
+
+def test_a_handler_crash_is_logged_counted_and_isolated(
+    arun: Runner[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    async def fragile(conn: fastnet.Connection) -> None:
+        async for frame in conn:
+            if frame == b"boom":
+                raise ValueError("handler blew up")
+            conn.send(frame)
+
+    async def scenario() -> None:
+        async with serving(fragile) as server:
+            good = await fastnet.connect("127.0.0.1", server.port)
+            bad = await fastnet.connect("127.0.0.1", server.port)
+            bad_port = bad.local[1]
+            assert await roundtrip(bad, [b"ok"]) == [b"ok"]
+            bad.send(b"boom")
+            with pytest.raises(ConnectionBrokenError):
+                await bad.recv()
+            assert await roundtrip(good, [b"still here"]) == [b"still here"]
+            stats = server.stats()
+            assert stats["handler_errors"] == 1
+            assert stats["active"] == 1
+            for conn in (good, bad):
+                conn.close()
+                await conn.wait_closed()
+        return bad_port
+
+    with caplog.at_level(logging.ERROR, logger="fastnet"):
+        bad_port = arun(scenario())
+    (record,) = [r for r in caplog.records if r.levelno == logging.ERROR]
+    message = record.getMessage()
+    assert f"127.0.0.1:{bad_port}" in message
+    assert "ValueError: handler blew up" in message
+
+
+def test_a_callback_handler_crash_is_isolated_too(
+    arun: Runner[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    @fastnet.callback_handler
+    def fragile(conn: fastnet.Connection, frames: list[bytes]) -> list[bytes]:
+        if b"boom" in frames:
+            raise KeyError("boom")
+        return frames
+
+    async def scenario() -> None:
+        async with serving(fragile) as server:
+            good = await fastnet.connect("127.0.0.1", server.port)
+            bad = await fastnet.connect("127.0.0.1", server.port)
+            bad.send(b"boom")
+            with pytest.raises(ConnectionBrokenError):
+                await bad.recv()
+            assert await roundtrip(good, [b"fine"]) == [b"fine"]
+            await wait_until(lambda: server.stats()["handler_errors"] == 1)
+            for conn in (good, bad):
+                conn.close()
+                await conn.wait_closed()
+
+    with caplog.at_level(logging.ERROR, logger="fastnet"):
+        arun(scenario())
+    assert any("KeyError" in r.getMessage() for r in caplog.records)
+
+
+def test_max_connections_serves_exactly_n_and_the_next_waits(arun: Runner[Any]) -> None:
+    async def scenario() -> None:
+        async with serving(echo_task, max_connections=2) as server:
+            first = await fastnet.connect("127.0.0.1", server.port)
+            second = await fastnet.connect("127.0.0.1", server.port)
+            assert await roundtrip(first, [b"1"]) == [b"1"]
+            assert await roundtrip(second, [b"2"]) == [b"2"]
+            # The kernel completes the handshake (the backlog), but the server
+            # does not accept: no reply while two connections are open.
+            third = await fastnet.connect("127.0.0.1", server.port)
+            third.send(b"3")
+            reply = asyncio.ensure_future(third.recv())
+            done, _ = await asyncio.wait([reply], timeout=0.3)
+            assert not done
+            assert server.stats()["accepted"] == 2
+            first.close()
+            await first.wait_closed()
+            assert await asyncio.wait_for(reply, 5) == b"3"
+            stats = server.stats()
+            assert stats["accepted"] == 3 and stats["active"] == 2
+            for conn in (second, third):
+                conn.close()
+                await conn.wait_closed()
+
+    arun(scenario())
+
+
+def test_idle_timeout_closes_silent_and_half_sent_connections(arun: Runner[Any]) -> None:
+    timeout = 0.3
+
+    async def scenario() -> None:
+        async with serving(echo_task, idle_timeout=timeout) as server:
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            silent = await fastnet.connect("127.0.0.1", server.port)
+            r_half, w_half = await asyncio.open_connection("127.0.0.1", server.port)
+            w_half.write(b"\x00\x00")  # half a header, then nothing
+            busy = await fastnet.connect("127.0.0.1", server.port)
+
+            async def keep_busy() -> None:
+                for i in range(12):  # 1.2 s of traffic, a frame every 0.1 s
+                    assert await roundtrip(busy, [b"%d" % i]) == [b"%d" % i]
+                    await asyncio.sleep(0.1)
+
+            busy_task = asyncio.ensure_future(keep_busy())
+            with pytest.raises(ConnectionBrokenError):
+                await silent.recv()
+            silent_closed = loop.time() - start
+            assert await r_half.read() == b""
+            half_closed = loop.time() - start
+            await busy_task  # never idle: still served
+            # Closed after the timeout, within the checker's resolution.
+            assert timeout <= silent_closed < timeout * 3
+            assert timeout <= half_closed < timeout * 3
+            assert server.stats()["idle_timeouts"] == 2
+            for conn in (silent, busy):
+                conn.close()
+                await conn.wait_closed()
+            w_half.close()
+            await w_half.wait_closed()
+
+    arun(scenario())
+
+
+def test_an_idle_handler_sees_its_input_end(arun: Runner[Any]) -> None:
+    seen: list[BaseException] = []
+
+    async def handler(conn: fastnet.Connection) -> None:
+        try:
+            await conn.recv()
+        except ConnectionClosedError as exc:
+            seen.append(exc)
+            raise
+
+    async def scenario() -> None:
+        async with serving(handler, idle_timeout=0.1) as server:
+            async with await fastnet.connect("127.0.0.1", server.port):
+                await wait_until(lambda: bool(seen))
+            assert server.stats()["handler_errors"] == 0  # a normal end
+
+    arun(scenario())
+    assert "idle" in str(seen[0])
+
+
+def test_accept_errors_are_counted_and_never_end_the_loop(
+    arun: Runner[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    class FlakyListener(socket.socket):
+        """A listening socket whose accept() fails as an overloaded system's would."""
+
+        errors = [
+            OSError(errno.ECONNABORTED, "Software caused connection abort"),  # retried at once
+            OSError(errno.EMFILE, "Too many open files"),  # backed off, then retried
+        ]
+
+        def accept(self) -> tuple[socket.socket, Any]:
+            sock, address = super().accept()
+            if self.errors:
+                sock.close()
+                raise self.errors.pop(0)
+            return sock, address
+
+    async def scenario() -> None:
+        listener = FlakyListener(socket.AF_INET, socket.SOCK_STREAM)
+        listener.bind(("127.0.0.1", 0))
+        async with serving(echo, sock=listener) as server:
+            for _ in range(2):  # both dropped by the injected errors
+                socket.create_connection(("127.0.0.1", server.port)).close()
+            async with await fastnet.connect("127.0.0.1", server.port) as conn:
+                assert await roundtrip(conn, [b"served"]) == [b"served"]
+            stats = server.stats()
+            assert stats["accept_errors"] == 2
+            assert stats["accepted"] == 1
+
+    arun(scenario())
+
+
+def test_accept_error_classification_follows_trio() -> None:
+    assert ACCEPT_CAPACITY_ERRNOS == {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+    for name in ("ECONNABORTED", "EPROTO", "EPERM", "ECONNRESET", "ETIMEDOUT"):
+        assert getattr(errno, name) in ACCEPT_IGNORABLE_ERRNOS
+    assert not ACCEPT_CAPACITY_ERRNOS & ACCEPT_IGNORABLE_ERRNOS
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+def test_no_descriptor_leak_after_thousands_of_connections(arun: Runner[Any]) -> None:
+    cycles = 2000
+
+    async def one(port: int, i: int) -> None:
+        if i % 3 == 0:  # a plain connect and close, no frame
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            await writer.wait_closed()
+        elif i % 3 == 1:  # a reset in the middle of a frame
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"\x00\x00\x00\x10abc")
+            await writer.drain()
+            writer.transport.abort()
+        else:
+            async with await fastnet.connect("127.0.0.1", port) as conn:
+                assert await roundtrip(conn, [b"%d" % i]) == [b"%d" % i]
+
+    async def scenario() -> None:
+        async with serving(echo_task) as server:
+            # Warm up first: libuv opens /dev/null once, lazily, as its spare
+            # descriptor for EMFILE; that is not a leak.
+            await asyncio.gather(*(one(server.port, i) for i in range(3)))
+            await wait_until(lambda: server.stats()["active"] == 0, timeout=10)
+            before = _open_fds()
+            for start in range(0, cycles, 50):  # 50 at a time
+                await asyncio.gather(*(one(server.port, i) for i in range(start, start + 50)))
+            await wait_until(lambda: server.stats()["active"] == 0, timeout=10)
+            assert server.stats()["accepted"] == cycles + 3
+            assert _open_fds() == before
+        return before
+
+    before = arun(scenario())
+    assert _open_fds() <= before  # the listening socket is gone too
+
+
+def test_bind_error_names_the_address(arun: Runner[Any]) -> None:
+    async def scenario() -> None:
+        async with serving(echo) as server:
+            taken = fastnet.Server(echo, "127.0.0.1", server.port)
+            with pytest.raises(OSError) as info:
+                await taken.start()
+            assert info.value.errno == errno.EADDRINUSE
+            assert f"127.0.0.1:{server.port}" in str(info.value)
+
+    arun(scenario())
+
+
+def test_server_properties_and_stats(arun: Runner[Any]) -> None:
+    async def scenario() -> None:
+        server = fastnet.Server(echo)
+        assert server.sockets == () and server.port is None
+        await server.shutdown()  # not started: nothing to do
+        async with server:
+            (sock,) = server.sockets
+            assert sock.getsockname() == ("127.0.0.1", server.port)
+            assert server.address == f"127.0.0.1:{server.port}"
+            assert "serving" in repr(server)
+            with pytest.raises(RuntimeError):
+                await server.start()
+            async with await fastnet.connect("127.0.0.1", server.port) as conn:
+                assert await roundtrip(conn, [b"ab", b"cd"]) == [b"ab", b"cd"]
+                stats = server.stats()
+                assert stats["active"] == 1
+                assert stats["frames_in"] == 2 and stats["bytes_in"] == 12
+        assert server.sockets == ()
+        assert set(server.stats()) == {
+            "accept_errors",
+            "accepted",
+            "active",
+            "bytes_in",
+            "bytes_out",
+            "closed",
+            "frame_errors",
+            "frames_in",
+            "frames_out",
+            "handler_errors",
+            "idle_timeouts",
+            "writes",
+        }
+
+    arun(scenario())
+
+
+def _have_ipv6() -> bool:
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _have_ipv6(), reason="no IPv6 loopback")
+def test_ipv6(arun: Runner[Any]) -> None:
+    async def scenario() -> None:
+        async with fastnet.Server(echo, "::1", 0) as server:
+            assert server.address == f"[::1]:{server.port}"
+            async with await fastnet.connect("::1", server.port) as conn:
+                assert await roundtrip(conn, [b"v6"]) == [b"v6"]
+            # Only the given interface is bound: the IPv4 loopback refuses.
+            with pytest.raises(OSError):
+                await fastnet.connect("127.0.0.1", server.port)
+
+    arun(scenario())
+
+
+def test_serving_a_premade_socket(arun: Runner[Any]) -> None:
+    async def scenario() -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        async with fastnet.Server(echo, sock=sock) as server:
+            assert server.sockets == (sock,)
+            async with await fastnet.connect("127.0.0.1", server.port) as conn:
+                assert await roundtrip(conn, [b"premade"]) == [b"premade"]
+        assert sock.fileno() == -1  # closed by the shutdown
+
+    arun(scenario())
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Unix sockets")
+def test_unix_socket_replaces_a_stale_file_and_removes_its_own(
+    arun: Runner[Any], tmp_path: Any
+) -> None:
+    path = str(tmp_path / "fastnet.sock")
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(path)  # a socket file nobody accepts on
+    stale.close()
+
+    async def scenario() -> None:
+        async with fastnet.Server(KVStore().handler(), unix=path) as server:
+            async with await fastnet.connect(unix=path) as conn:
+                assert await roundtrip(conn, [b"SET k v", b"GET k"]) == [b"+OK", b"$v"]
+            # A second server on a live path is a bind error.
+            with pytest.raises(OSError, match="unix:"):
+                await fastnet.Server(echo, unix=path).start()
+            assert server.address == f"unix:{path}"
+        assert not os.path.exists(path)
+
+    arun(scenario())
+
+
+def test_kv_app_wire_format(arun: Runner[Any]) -> None:
+    requests = [
+        b"SET greeting hello world",
+        b"get greeting",
+        b"SET empty ",
+        b"GET empty",
+        b"DEL greeting",
+        b"DEL greeting",
+        b"GET greeting",
+        b"SET bin \x00\xff\n",
+        b"GET bin",
+        b"PING",
+        b"SET onlykey",
+        b"GET",
+        b"GET a b",
+        b"GET " + b"k" * 513,
+        b"FLY away",
+    ]
+    replies = [
+        b"+OK",
+        b"$hello world",
+        b"+OK",
+        b"$",
+        b":1",
+        b":0",
+        b"_",
+        b"+OK",
+        b"$\x00\xff\n",
+        b"+PONG",
+        b"-ERR SET needs a key and a value",
+        b"-ERR missing key",
+        b"-ERR a key cannot contain spaces",
+        b"-ERR key longer than 512 bytes",
+        b"-ERR unknown command 'FLY'",
+    ]
+
+    async def scenario() -> None:
+        async with serving(KVStore(max_keys=3).handler()) as server:
+            async with await fastnet.connect("127.0.0.1", server.port) as conn:
+                assert await roundtrip(conn, requests) == replies
+                # "empty" and "bin" are stored: room for one more key
+                full = await roundtrip(conn, [b"SET k1 v", b"SET k2 v", b"SET k1 again"])
+                assert full == [b"+OK", b"-ERR store full", b"+OK"]
+
+    arun(scenario())
+
+
+def test_invalid_server_arguments() -> None:
+    with pytest.raises(TypeError):
+        fastnet.Server(42)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        fastnet.Server(echo, max_connections=0)
+    with pytest.raises(ValueError):
+        fastnet.Server(echo, idle_timeout=0)
+    with pytest.raises(ValueError):
+        fastnet.Server(echo, drain_timeout=-1)
+    with socket.socket() as sock, pytest.raises(ValueError):
+        fastnet.Server(echo, sock=sock, unix="/nonexistent")

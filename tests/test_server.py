@@ -139,12 +139,11 @@ def test_a_handler_crash_is_logged_counted_and_isolated(
             with pytest.raises(ConnectionBrokenError):
                 await bad.recv()
             assert await roundtrip(good, [b"still here"]) == [b"still here"]
-            stats = server.stats()
-            assert stats["handler_errors"] == 1
-            assert stats["active"] == 1
-            for conn in (good, bad):
-                conn.close()
-                await conn.wait_closed()
+            bad.close()  # the server sent FIN and waits for ours (lingering close)
+            await wait_until(lambda: server.stats()["active"] == 1)
+            assert server.stats()["handler_errors"] == 1
+            good.close()
+            await good.wait_closed()
         return bad_port
 
     with caplog.at_level(logging.ERROR, logger="fastnet"):
@@ -512,3 +511,36 @@ def test_invalid_server_arguments() -> None:
         fastnet.Server(echo, drain_timeout=-1)
     with socket.socket() as sock, pytest.raises(ValueError):
         fastnet.Server(echo, sock=sock, unix="/nonexistent")
+
+
+def test_last_replies_survive_unread_input_at_close(arun: Runner[Any]) -> None:
+    big = b"R" * (4 * 1024 * 1024)
+
+    async def answer_once(conn: fastnet.Connection) -> None:
+        await conn.recv()
+        conn.send(big)  # more than the kernel buffers hold at once
+        # Returning now leaves the client's later frames unread. Closing with
+        # unread input would make the kernel reset the connection and drop
+        # the reply's tail; the server closes gracefully instead.
+
+    async def scenario() -> None:
+        async with serving(answer_once) as server:
+            # A small receive buffer keeps most of the reply queued on the
+            # server side, in its transport and its kernel send queue.
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", server.port))
+            reader, writer = await asyncio.open_connection(sock=sock)
+            writer.write(frame_bytes(b"request"))
+            await asyncio.sleep(0.2)  # the handler has returned
+            writer.write(frame_bytes(b"more") * 1000)  # input the server will not use
+            await writer.drain()
+            await asyncio.sleep(0.1)
+            data = await asyncio.wait_for(reader.read(), 10)  # all of it, then the FIN
+            assert data == frame_bytes(big)
+            writer.close()
+            await writer.wait_closed()
+            await wait_until(lambda: server.stats()["active"] == 0)
+
+    arun(scenario())

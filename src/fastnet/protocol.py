@@ -269,6 +269,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
         "_max_write_buffer",
         "_on_frames",
         "_out",
+        "_peer_eof",
         "_pos",
         "_read_paused",
         "_send_block",
@@ -340,6 +341,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._send_block: Callable[[], Exception] | None = None
 
         self._closing = False  # close() or abort() was called, or a flush failed
+        self._peer_eof = False  # the peer closed its sending side
         self._lost = False  # connection_lost happened
         self._closed_waiters: list[asyncio.Future[None]] = []
 
@@ -474,6 +476,9 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._wakeup.wake_soon()
 
     def _framing_failed(self, exc: FrameError) -> None:
+        if self._closing:  # bad bytes after we closed (while lingering): just go
+            self._transport.abort()
+            return
         if exc.frames:  # complete frames that preceded the bad bytes: deliver them first
             self._queue_frames(exc.frames)
         self._report_frame_error(exc)
@@ -486,7 +491,10 @@ class FrameProtocol(asyncio.BufferedProtocol):
         else:
             logger.debug("framing error from %s: %s", self.peer, exc)
 
-    def eof_received(self) -> bool:
+    def eof_received(self) -> bool | None:
+        self._peer_eof = True
+        if self._closing:  # the peer's answer to our FIN (lingering close): done
+            return False
         try:
             frames = self._decoder.eof()
         except FrameError as exc:  # the stream ended inside a frame
@@ -542,6 +550,42 @@ class FrameProtocol(asyncio.BufferedProtocol):
         if pause:
             self._pause_reading(_PAUSE_STOP)
         self._wakeup.wake_soon()
+
+    def _finish(self) -> None:
+        """End the connection gracefully (the server does this when the handler is done).
+
+        Flush the replies, send FIN after them (``write_eof``), and read and
+        discard whatever the peer still sends until its own FIN, then close.
+        Closing at once instead, with unread input in the socket, would make
+        the kernel send RST and drop the replies still in its send queue: a
+        pipelining client would lose answers. The caller bounds the wait and
+        aborts a peer that never closes.
+        """
+        if self._lost:
+            return
+        if self._closing:  # closed by the handler, or failed: the transport is closing
+            return
+        if self._out:
+            try:
+                self._flush()
+            except Exception:  # the flush failed the connection and closed it
+                return
+        self._closing = True
+        if self._send_block is None or self._send_block is _write_buffer_full:
+            self._send_block = _closed_by_us
+        self._input_ended(_closed_by_us, quiet=False, pause=False)
+        transport = self._transport
+        failed = self._end is not None and self._end is not _closed_by_us and not self._end_quiet
+        if self._peer_eof or failed or not transport.can_write_eof():
+            transport.close()
+            return
+        self._on_frames = _discard  # what still arrives is read and dropped
+        self._read_paused = 0
+        try:
+            transport.write_eof()
+            transport.resume_reading()
+        except (OSError, RuntimeError):  # the transport is already going away
+            transport.close()
 
     def _begin_shutdown(self) -> None:
         """The server is shutting down: stop reading; end the input after the queued frames."""
@@ -703,6 +747,10 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._out.clear()
         self._input_ended(_closed_by_us, quiet=False, pause=False)
         self._transport.abort()
+
+
+def _discard(conn: FrameProtocol, frames: list[bytes]) -> None:
+    """The ``_on_frames`` of a connection that is closing: input is dropped."""
 
 
 def _selector_socket_transport() -> type:

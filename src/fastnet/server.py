@@ -149,9 +149,11 @@ ACCEPT_IGNORABLE_ERRNOS = frozenset(
 ACCEPT_BACKOFF_MIN = 0.1
 ACCEPT_BACKOFF_MAX = 1.0
 
-# After the handler returns, a closing transport still writes what it
-# buffers. A peer that never reads would keep it (and its slot) forever, so
-# it is aborted after this many seconds. The drain timeout bounds it too.
+# After the handler returns, the connection still writes what it buffers,
+# sends FIN, and waits for the peer's FIN. A peer that never reads, or never
+# closes, would keep it (and its slot) forever, so it is aborted after this
+# many seconds: long enough for a slow client to take a large last reply.
+# During shutdown, the drain timeout bounds it too.
 CLOSE_LINGER = 30.0
 
 # After the drain timeout, cancelled handlers get this long to unwind
@@ -499,10 +501,11 @@ class Server:
                     await asyncio.wait((handler_task,), timeout=CANCEL_GRACE)
                     raise
                 self._handler_done(conn, handler_task)
-            # Flush the replies and close; the transport writes what it
-            # buffers, then closes the socket. Wait for that (bounded) before
-            # freeing the slot, so max_connections counts open sockets.
-            conn.close()
+            # Flush the replies, send FIN, and close once the peer has closed
+            # too (a lingering close, see FrameProtocol._finish). Wait for
+            # that (bounded) before freeing the slot, so max_connections
+            # counts open sockets.
+            conn._finish()
             if not conn._lost:
                 try:
                     await asyncio.wait_for(conn.wait_closed(), CLOSE_LINGER)

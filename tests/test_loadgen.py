@@ -535,13 +535,6 @@ def test_smoke_cli_against_baseline_servers(script: Path) -> None:
         assert report["server_cpu_s"] > 0
 
 
-def _fastnet_server_available() -> bool:
-    return importlib.util.find_spec("fastnet.cli") is not None
-
-
-@pytest.mark.skipif(
-    not _fastnet_server_available(), reason="fastnet's server CLI (issue 3) is not on main yet"
-)
 @pytest.mark.parametrize("no_extensions", ["", "1"], ids=["c", "py"])
 def test_smoke_against_fastnet_echo(no_extensions: str) -> None:
     """The issue's smoke test: the generator against ``fastnet serve echo`` for a second."""

@@ -261,6 +261,7 @@ METRICS = (
     "server_cpu_util",
     "loadgen_cpu_util",
     "loadgen_cpu_us_per_frame",
+    "other_cpu_util",
 )
 
 
@@ -274,6 +275,7 @@ def flatten(report: dict[str, Any]) -> dict[str, Any]:
         "server_cpu_util": report["server_cpu_util"],
         "loadgen_cpu_util": report["loadgen_cpu_util"],
         "loadgen_cpu_us_per_frame": report["loadgen_cpu_us_per_frame"],
+        "other_cpu_util": report.get("other_cpu_util"),
         "errors": report["errors"],
         "error_messages": report["error_messages"],
     }
@@ -346,9 +348,11 @@ def run_all(args: argparse.Namespace, pin: bool) -> dict[str, Any]:
             runs[key].append(result)
             gen = result["loadgen_cpu_util"] or 0.0
             srv = result["server_cpu_util"] or 0.0
+            other = result["other_cpu_util"]
             print(
                 f"{label} {result['frames_per_s']:>12,.0f} frames/s  "
                 f"server {srv:4.2f} cpu  generator {gen:4.2f} cpu  "
+                f"other {'-' if other is None else f'{other:4.2f}'} cpu  "
                 f"errors {result['errors']}  ({time.monotonic() - started:5.0f} s)",
                 file=sys.stderr,
                 flush=True,
@@ -456,6 +460,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"- each figure: median of {meta['runs']} runs of {meta['duration_s']:g} s "
         f"after {meta['warmup_s']:g} s warmup; spread = min-max over the runs",
         f"- whole run: {result['elapsed_s']:.0f} s",
+        f"- noise: {noise_statement(cases)}",
         "",
         "Columns: frames/s echoed; payload MiB/s each way; round-trip latency; the server's",
         "own CPU time per frame (user + system, all threads, over the measured window);",
@@ -512,6 +517,23 @@ def markdown(result: dict[str, Any]) -> str:
     if result.get("memory"):
         lines += memory_section(result["memory"])
     return "\n".join(lines) + "\n"
+
+
+def noise_statement(cases: list[dict[str, Any]]) -> str:
+    """How much CPU everything else on the machine used during the measured windows."""
+    values = sorted(
+        run["other_cpu_util"]
+        for case in cases
+        for run in case["runs"]
+        if run.get("other_cpu_util") is not None
+    )
+    if not values:
+        return "not measured (needs Linux /proc/stat)"
+    return (
+        f"other processes used a median of {statistics.median(values):.2f} CPU cores "
+        f"(max {values[-1]:.2f}) while runs were measured; server and generator are "
+        "pinned, but others' work still shares their CPUs"
+    )
 
 
 # The server issue's throughput targets: (workload, baseline, minimum ratio).

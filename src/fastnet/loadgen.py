@@ -573,6 +573,24 @@ def _cpu_ticks(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _machine_busy() -> float | None:
+    """CPU seconds all CPUs have spent busy since boot (Linux ``/proc/stat``), or None.
+
+    Busy is everything but idle and iowait: user, nice, system, irq, softirq
+    and steal (time a hypervisor gave to another guest).
+    """
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    ticks = [int(value) for value in fields[1:9]]
+    busy = sum(ticks) - ticks[3] - ticks[4]  # minus idle and iowait
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
 class _Control:
     """How a generator process synchronises its start (with other processes)."""
 
@@ -646,6 +664,7 @@ async def _measure(params: BenchParams, control: _Control) -> dict[str, Any]:
     start_frames = _frames(clients)
     start_cpu = time.process_time()
     start_server = _cpu_ticks(params.server_pid) if params.server_pid else None
+    start_machine = _machine_busy()
     start = time.perf_counter()
     stats.recording = True
     if clients:
@@ -655,6 +674,7 @@ async def _measure(params: BenchParams, control: _Control) -> dict[str, Any]:
     end = time.perf_counter()
     end_cpu = time.process_time()
     end_server = _cpu_ticks(params.server_pid) if params.server_pid else None
+    end_machine = _machine_busy()
     frames = _frames(clients) - start_frames
 
     if progress_task is not None:
@@ -684,6 +704,11 @@ async def _measure(params: BenchParams, control: _Control) -> dict[str, Any]:
     server_cpu = (
         end_server - start_server if start_server is not None and end_server is not None else None
     )
+    machine = (
+        end_machine - start_machine
+        if start_machine is not None and end_machine is not None
+        else None
+    )
     return {
         "connected": len(clients),
         "window": end - start,
@@ -694,6 +719,7 @@ async def _measure(params: BenchParams, control: _Control) -> dict[str, Any]:
         "histogram": stats.histogram.counts,
         "loadgen_cpu_s": end_cpu - start_cpu,
         "server_cpu_s": server_cpu,
+        "machine_busy_s": machine,
     }
 
 
@@ -868,6 +894,11 @@ def _merge(params: BenchParams, parts: list[dict[str, Any]]) -> dict[str, Any]:
     errors = sum(p["errors"] for p in parts)
     loadgen_cpu = sum(p["loadgen_cpu_s"] for p in parts)
     server_cpu = parts[0]["server_cpu_s"] if parts else None
+    machine = parts[0]["machine_busy_s"] if parts else None
+    other = None
+    if machine is not None and window:
+        # Whatever else ran on the machine in the window: the noise figure.
+        other = max(0.0, (machine - loadgen_cpu - (server_cpu or 0.0)) / window)
 
     def ms(q: float) -> float | None:
         value = histogram.percentile(q)
@@ -904,6 +935,7 @@ def _merge(params: BenchParams, parts: list[dict[str, Any]]) -> dict[str, Any]:
         "server_cpu_util": (
             round(server_cpu / window, 3) if server_cpu is not None and window else None
         ),
+        "other_cpu_util": None if other is None else round(other, 3),
     }
     return report
 
@@ -944,6 +976,8 @@ def _format(report: dict[str, Any]) -> str:
             + (f", {per_frame:.3f} us/frame" if per_frame is not None else "")
             + f" (pid {report['server_pid']})"
         )
+    if report["other_cpu_util"] is not None:
+        lines.append(f"  other load   {report['other_cpu_util']:.2f} CPU cores (everything else)")
     return "\n".join(lines)
 
 

@@ -111,6 +111,11 @@ BUFFERED_FRAME_SIZE = 16 * 1024
 # cast uvloop applies to it costs 160-175 ns at any of those sizes.
 COPY_WRITE_LIMIT = 16 * 1024
 
+# File descriptors a generator process needs beyond its connections: the
+# interpreter, the event loop's epoll and self-pipe, --processes pipes. A
+# generous guess.
+FD_MARGIN = 64
+
 # Progress line refresh period, seconds.
 PROGRESS_INTERVAL = 0.5
 
@@ -616,6 +621,25 @@ def _progress_line(elapsed: float, warmup: float, rate: float, errors: int) -> s
     return f"\r{phase:>9} {elapsed:6.1f} s  {rate / 1e6:8.3f} M frames/s  errors {errors}\033[K"
 
 
+def _raise_fd_limit(connections: int) -> None:
+    """Raise the soft RLIMIT_NOFILE so ``connections`` sockets fit (up to the hard limit).
+
+    A default soft limit of 1024 would otherwise fail a 1,000-connection run
+    with EMFILE. Where the hard limit is lower, the connections beyond it
+    fail to connect and are reported as errors.
+    """
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = connections + FD_MARGIN
+    if hard != resource.RLIM_INFINITY:
+        wanted = min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and wanted > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
 async def _open(params: BenchParams, ring: Ring, stats: Stats) -> list[EchoClient]:
     loop = asyncio.get_running_loop()
     gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
@@ -650,6 +674,7 @@ async def _measure(params: BenchParams, control: _Control) -> dict[str, Any]:
     read_size = MAX_READ
     ring = Ring(spec, params.size, params.depth, read_size)
     stats = Stats()
+    _raise_fd_limit(params.connections)
     clients = await _open(params, ring, stats)
     control.ready(len(clients), stats)
 

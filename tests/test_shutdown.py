@@ -280,7 +280,7 @@ def test_shutdown_cancels_what_outlives_the_drain_timeout(arun: Runner[Any]) -> 
             loop = asyncio.get_running_loop()
             start = loop.time()
             await server.shutdown()
-            assert 0.2 <= loop.time() - start < 2
+            assert 0.19 <= loop.time() - start < 2  # uvloop's clock ticks in ms
             assert state["cancelled"]
             with pytest.raises(fastnet.ConnectionBrokenError):
                 await client.recv()

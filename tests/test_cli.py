@@ -169,7 +169,11 @@ def test_serve_loads_module_function_apps_from_the_current_directory(
     ],
 )
 def test_app_errors_are_one_line(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], app: str, message: str
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    app: str,
+    message: str,
 ) -> None:
     (tmp_path / "myapp.py").write_text(APP)
     monkeypatch.chdir(tmp_path)

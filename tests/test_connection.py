@@ -11,11 +11,9 @@ import struct
 from typing import Any
 
 import pytest
-from test_server_support import (  # noqa: F401 - fixtures
+from test_server_support import (
     Runner,
-    arun,
     frame_bytes,
-    loop_name,
     roundtrip,
     serving,
     wait_until,
@@ -31,6 +29,9 @@ from fastnet import (
 )
 from fastnet.apps import echo, echo_task
 from fastnet.protocol import _PAUSE_INBOX, LARGE_FRAME, READ_HIGH_FRAMES
+
+# The loop/backend fixtures (arun, loop_name, process_variant) live there.
+pytest_plugins = ["test_server_support"]
 
 
 async def echo_recv(conn: fastnet.Connection) -> None:
@@ -56,20 +57,22 @@ def test_every_receive_form_echoes_in_order(arun: Runner[Any], kind: str) -> Non
     frames = [b"", b"a", b"hello world", bytes(range(256)) * 20, b"x" * 40000]
 
     async def scenario() -> None:
-        async with serving(HANDLERS[kind]) as server:
-            async with await fastnet.connect("127.0.0.1", server.port) as conn:
-                assert await roundtrip(conn, frames) == frames
-                # one at a time as well, with recv() and async for on the client side
-                for frame in frames:
-                    conn.send(frame)
-                    assert await conn.recv() == frame
-                conn.send_many(frames)
-                received = []
-                async for frame in conn:
-                    received.append(frame)
-                    if len(received) == len(frames):
-                        break
-                assert received == frames
+        async with (
+            serving(HANDLERS[kind]) as server,
+            await fastnet.connect("127.0.0.1", server.port) as conn,
+        ):
+            assert await roundtrip(conn, frames) == frames
+            # one at a time as well, with recv() and async for on the client side
+            for frame in frames:
+                conn.send(frame)
+                assert await conn.recv() == frame
+            conn.send_many(frames)
+            received = []
+            async for frame in conn:
+                received.append(frame)
+                if len(received) == len(frames):
+                    break
+            assert received == frames
 
     arun(scenario())
 
@@ -86,14 +89,16 @@ def test_sends_while_handling_one_batch_leave_in_one_write(arun: Runner[Any]) ->
                 conn.send(frame)
 
     async def scenario() -> None:
-        async with serving(handler) as server:
-            async with await fastnet.connect("127.0.0.1", server.port) as conn:
-                frames = [b"%d" % i for i in range(200)]
-                assert await roundtrip(conn, frames) == frames
-                stats = server.stats()
-                # ...and one write per batch: 200 frames in as many writes as batches.
-                assert stats["frames_out"] == 200
-                assert stats["writes"] == batches < 200
+        async with (
+            serving(handler) as server,
+            await fastnet.connect("127.0.0.1", server.port) as conn,
+        ):
+            frames = [b"%d" % i for i in range(200)]
+            assert await roundtrip(conn, frames) == frames
+            stats = server.stats()
+            # ...and one write per batch: 200 frames in as many writes as batches.
+            assert stats["frames_out"] == 200
+            assert stats["writes"] == batches < 200
 
     arun(scenario())
 
@@ -105,11 +110,13 @@ def test_sender_that_never_receives_is_flushed(arun: Runner[Any]) -> None:
         await asyncio.sleep(10)  # never waits for input: the call_soon flush sends it
 
     async def scenario() -> None:
-        async with serving(greeter, drain_timeout=0.1) as server:
-            async with await fastnet.connect("127.0.0.1", server.port) as conn:
-                assert await conn.recv() == b"hello"
-                assert await conn.recv() == b"world"
-                assert server.stats()["writes"] == 1
+        async with (
+            serving(greeter, drain_timeout=0.1) as server,
+            await fastnet.connect("127.0.0.1", server.port) as conn,
+        ):
+            assert await conn.recv() == b"hello"
+            assert await conn.recv() == b"world"
+            assert server.stats()["writes"] == 1
 
     arun(scenario())
 
@@ -210,30 +217,34 @@ def test_replies_reach_a_peer_that_closed_its_sending_side(arun: Runner[Any]) ->
 
 def test_two_receivers_at_once_is_an_error(arun: Runner[Any]) -> None:
     async def scenario() -> None:
-        async with serving(echo) as server:
-            async with await fastnet.connect("127.0.0.1", server.port) as conn:
-                first = asyncio.ensure_future(conn.recv())
-                await asyncio.sleep(0.01)
-                with pytest.raises(ConnectionBusyError):
-                    await conn.recv_batch()
-                conn.send(b"x")
-                assert await first == b"x"
+        async with (
+            serving(echo) as server,
+            await fastnet.connect("127.0.0.1", server.port) as conn,
+        ):
+            first = asyncio.ensure_future(conn.recv())
+            await asyncio.sleep(0.01)
+            with pytest.raises(ConnectionBusyError):
+                await conn.recv_batch()
+            conn.send(b"x")
+            assert await first == b"x"
 
     arun(scenario())
 
 
 def test_a_cancelled_or_timed_out_receive_leaves_the_connection_usable(arun: Runner[Any]) -> None:
     async def scenario() -> None:
-        async with serving(echo) as server:
-            async with await fastnet.connect("127.0.0.1", server.port) as conn:
-                with pytest.raises(asyncio.TimeoutError):
-                    await asyncio.wait_for(conn.recv(), 0.05)
-                task = asyncio.ensure_future(conn.recv_batch())
-                await asyncio.sleep(0.01)
-                task.cancel()
-                with pytest.raises(asyncio.CancelledError):
-                    await task
-                assert await roundtrip(conn, [b"still", b"works"]) == [b"still", b"works"]
+        async with (
+            serving(echo) as server,
+            await fastnet.connect("127.0.0.1", server.port) as conn,
+        ):
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(conn.recv(), 0.05)
+            task = asyncio.ensure_future(conn.recv_batch())
+            await asyncio.sleep(0.01)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert await roundtrip(conn, [b"still", b"works"]) == [b"still", b"works"]
 
     arun(scenario())
 
@@ -247,13 +258,15 @@ def test_the_handler_keeps_its_context_across_wakeups(arun: Runner[Any]) -> None
             conn.send(var.get().encode() + b" " + frame)
 
     async def scenario() -> None:
-        async with serving(handler) as server:
-            async with await fastnet.connect("127.0.0.1", server.port) as conn:
-                port = conn.local[1]
-                for i in range(3):
-                    conn.send(b"%d" % i)
-                    assert await conn.recv() == b"conn %d %d" % (port, i)
-                assert var.get() == "unset"
+        async with (
+            serving(handler) as server,
+            await fastnet.connect("127.0.0.1", server.port) as conn,
+        ):
+            port = conn.local[1]
+            for i in range(3):
+                conn.send(b"%d" % i)
+                assert await conn.recv() == b"conn %d %d" % (port, i)
+            assert var.get() == "unset"
 
     arun(scenario())
 
@@ -278,11 +291,13 @@ def test_large_frames_roundtrip_through_the_unjoined_write_path(arun: Runner[Any
     frames = [bytes([i % 251]) * size for i, size in enumerate(sizes)]
 
     async def scenario() -> None:
-        async with serving(echo_task) as server:
-            async with await fastnet.connect("127.0.0.1", server.port) as conn:
-                replies = await roundtrip(conn, frames)
-                assert [len(r) for r in replies] == sizes
-                assert replies == frames
+        async with (
+            serving(echo_task) as server,
+            await fastnet.connect("127.0.0.1", server.port) as conn,
+        ):
+            replies = await roundtrip(conn, frames)
+            assert [len(r) for r in replies] == sizes
+            assert replies == frames
 
     arun(scenario())
 
@@ -354,20 +369,22 @@ def test_reading_pauses_while_the_handler_falls_behind(arun: Runner[Any]) -> Non
 
     async def scenario() -> None:
         state["go"] = asyncio.Event()
-        async with serving(lazy) as server:
-            async with await fastnet.connect("127.0.0.1", server.port) as client:
-                client.send_many([b"x"] * 20000)
-                await client.drain()
-                await wait_until(lambda: "conn" in state and state["conn"]._read_paused & _PAUSE_INBOX)
-                conn = state["conn"]
-                queued = len(conn._inbox) - conn._pos
-                # Paused after passing the mark, at most one 64 KiB read later.
-                assert READ_HIGH_FRAMES < queued <= READ_HIGH_FRAMES + 65536 // 5
-                await asyncio.sleep(0.05)
-                assert len(conn._inbox) - conn._pos == queued  # nothing more was read
-                state["go"].set()
-                assert await client.recv() == b"20000"
-                assert not conn._read_paused
+        async with (
+            serving(lazy) as server,
+            await fastnet.connect("127.0.0.1", server.port) as client,
+        ):
+            client.send_many([b"x"] * 20000)
+            await client.drain()
+            await wait_until(lambda: "conn" in state and state["conn"]._read_paused & _PAUSE_INBOX)
+            conn = state["conn"]
+            queued = len(conn._inbox) - conn._pos
+            # Paused after passing the mark, at most one 64 KiB read later.
+            assert READ_HIGH_FRAMES < queued <= READ_HIGH_FRAMES + 65536 // 5
+            await asyncio.sleep(0.05)
+            assert len(conn._inbox) - conn._pos == queued  # nothing more was read
+            state["go"].set()
+            assert await client.recv() == b"20000"
+            assert not conn._read_paused
 
     arun(scenario())
 
@@ -385,7 +402,9 @@ def test_drain_waits_while_the_peer_does_not_read(arun: Runner[Any]) -> None:
             await conn.drain()
             drains += 1
             state["sent"] = sent
-            state["buffered"] = max(state.get("buffered", 0), conn.transport.get_write_buffer_size())
+            state["buffered"] = max(
+                state.get("buffered", 0), conn.transport.get_write_buffer_size()
+            )
 
     async def scenario() -> None:
         async with serving(producer, drain_timeout=0.2) as server:
@@ -425,7 +444,7 @@ def test_a_handler_that_never_drains_gets_write_buffer_full(arun: Runner[Any]) -
 
     async def scenario() -> None:
         async with serving(flooder, max_write_buffer=limit) as server:
-            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            _, writer = await asyncio.open_connection("127.0.0.1", server.port)
             await wait_until(lambda: "error" in state, timeout=20)
             # Bounded by the limit plus one batch (one 16 KiB frame here).
             assert limit < state["buffered"] <= limit + 16388
@@ -443,7 +462,7 @@ def test_a_client_that_sends_without_reading_leaves_server_memory_bounded(
 ) -> None:
     async def scenario() -> None:
         async with serving(HANDLERS[kind]) as server:
-            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            _, writer = await asyncio.open_connection("127.0.0.1", server.port)
             request = frame_bytes(b"r" * 1000)
             # Push up to 64 MB of requests without reading a single reply; the
             # server stops reading once its replies back up, so our writes

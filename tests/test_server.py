@@ -15,11 +15,9 @@ import sys
 from typing import Any
 
 import pytest
-from test_server_support import (  # noqa: F401 - fixtures
+from test_server_support import (
     Runner,
-    arun,
     frame_bytes,
-    loop_name,
     roundtrip,
     serving,
     wait_until,
@@ -29,6 +27,9 @@ import fastnet
 from fastnet import ConnectionBrokenError, ConnectionClosedError
 from fastnet.apps import KVStore, echo, echo_task
 from fastnet.server import ACCEPT_CAPACITY_ERRNOS, ACCEPT_IGNORABLE_ERRNOS
+
+# The loop/backend fixtures (arun, loop_name, process_variant) live there.
+pytest_plugins = ["test_server_support"]
 
 
 async def echo_for(conn: fastnet.Connection) -> None:
@@ -53,7 +54,7 @@ def _random_payloads(rng: random.Random, count: int) -> list[bytes]:
 def test_echo_integrity_under_concurrent_connections(arun: Runner[Any], kind: str) -> None:
     rng = random.Random(1234)
     clients = 12
-    per_client = [_random_payloads(rng, 10) + [b"", b"\x00" * (1 << 20)] for _ in range(clients)]
+    per_client = [[*_random_payloads(rng, 10), b"", b"\x00" * (1 << 20)] for _ in range(clients)]
 
     async def client(port: int, payloads: list[bytes]) -> None:
         async with await fastnet.connect("127.0.0.1", port) as conn:
@@ -65,7 +66,7 @@ def test_echo_integrity_under_concurrent_connections(arun: Runner[Any], kind: st
             while len(received) < len(payloads):
                 received += await conn.recv_batch()
             assert len(received) == len(payloads)
-            for got, want in zip(received, payloads):
+            for got, want in zip(received, payloads, strict=True):
                 assert got == want
 
     async def scenario() -> None:
@@ -265,22 +266,20 @@ def test_an_idle_handler_sees_its_input_end(arun: Runner[Any]) -> None:
     assert "idle" in str(seen[0])
 
 
-def test_accept_errors_are_counted_and_never_end_the_loop(
-    arun: Runner[Any], caplog: pytest.LogCaptureFixture
-) -> None:
+def test_accept_errors_are_counted_and_never_end_the_loop(arun: Runner[Any]) -> None:
+    errors = [
+        OSError(errno.ECONNABORTED, "Software caused connection abort"),  # retried at once
+        OSError(errno.EMFILE, "Too many open files"),  # backed off, then retried
+    ]
+
     class FlakyListener(socket.socket):
         """A listening socket whose accept() fails as an overloaded system's would."""
 
-        errors = [
-            OSError(errno.ECONNABORTED, "Software caused connection abort"),  # retried at once
-            OSError(errno.EMFILE, "Too many open files"),  # backed off, then retried
-        ]
-
         def accept(self) -> tuple[socket.socket, Any]:
             sock, address = super().accept()
-            if self.errors:
+            if errors:
                 sock.close()
-                raise self.errors.pop(0)
+                raise errors.pop(0)
             return sock, address
 
     async def scenario() -> None:
@@ -299,7 +298,7 @@ def test_accept_errors_are_counted_and_never_end_the_loop(
 
 
 def test_accept_error_classification_follows_trio() -> None:
-    assert ACCEPT_CAPACITY_ERRNOS == {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+    assert {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS} == ACCEPT_CAPACITY_ERRNOS
     for name in ("ECONNABORTED", "EPROTO", "EPERM", "ECONNRESET", "ETIMEDOUT"):
         assert getattr(errno, name) in ACCEPT_IGNORABLE_ERRNOS
     assert not ACCEPT_CAPACITY_ERRNOS & ACCEPT_IGNORABLE_ERRNOS
@@ -490,12 +489,14 @@ def test_kv_app_wire_format(arun: Runner[Any]) -> None:
     ]
 
     async def scenario() -> None:
-        async with serving(KVStore(max_keys=3).handler()) as server:
-            async with await fastnet.connect("127.0.0.1", server.port) as conn:
-                assert await roundtrip(conn, requests) == replies
-                # "empty" and "bin" are stored: room for one more key
-                full = await roundtrip(conn, [b"SET k1 v", b"SET k2 v", b"SET k1 again"])
-                assert full == [b"+OK", b"-ERR store full", b"+OK"]
+        async with (
+            serving(KVStore(max_keys=3).handler()) as server,
+            await fastnet.connect("127.0.0.1", server.port) as conn,
+        ):
+            assert await roundtrip(conn, requests) == replies
+            # "empty" and "bin" are stored: room for one more key
+            full = await roundtrip(conn, [b"SET k1 v", b"SET k2 v", b"SET k1 again"])
+            assert full == [b"+OK", b"-ERR store full", b"+OK"]
 
     arun(scenario())
 

@@ -7,6 +7,7 @@ in-process ``Server.shutdown`` tests on both as well (``arun``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import signal
 import socket
@@ -17,13 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_server_support import (  # noqa: F401 - fixtures
+from test_server_support import (
     Runner,
-    arun,
     blocking_roundtrip,
     frame_bytes,
-    loop_name,
-    process_variant,
     read_frames,
     roundtrip,
     server_process,
@@ -35,12 +33,15 @@ from test_server_support import (  # noqa: F401 - fixtures
 import fastnet
 from fastnet import ConnectionClosedError
 
+# The loop/backend fixtures (arun, loop_name, process_variant) live there.
+pytest_plugins = ["test_server_support"]
+
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
 # An app for the server processes: each frame is "SECONDS TAG"; the handler
 # sleeps that long, then answers "done TAG shutting_down=BOOL".
 SLOW_APP = textwrap.dedent(
-    '''
+    """
     import asyncio
 
 
@@ -49,7 +50,7 @@ SLOW_APP = textwrap.dedent(
             seconds, _, tag = frame.partition(b" ")
             await asyncio.sleep(float(seconds))
             conn.send(b"done %s shutting_down=%r" % (tag, conn.shutting_down))
-    '''
+    """
 )
 
 
@@ -77,7 +78,9 @@ def test_sigterm_drains_in_flight_work_and_exits_zero(
     loop, backend = process_variant
     args = ["slowapp:slow", "--port", "0", "--loop", loop, "--drain-timeout", "10"]
     with server_process(args, backend=backend, cwd=slow_app) as server:
-        assert blocking_roundtrip(server.port, [b"0 warmup"]) == [b"done warmup shutting_down=False"]
+        assert blocking_roundtrip(server.port, [b"0 warmup"]) == [
+            b"done warmup shutting_down=False"
+        ]
         client = _connect(server.port)
         client.sendall(frame_bytes(b"1.0 slow"))  # one second of work
         time.sleep(0.3)
@@ -185,10 +188,8 @@ def test_sigterm_under_pipelined_load_keeps_replies_whole_and_ordered(
             reset = True
         await sender
         writer.close()
-        try:
+        with contextlib.suppress(ConnectionError):
             await writer.wait_closed()
-        except ConnectionError:
-            pass
         # Every complete reply is the request it answers, in order, from the
         # first on: a prefix of what was sent. Nothing corrupted, reordered
         # or skipped.
@@ -286,12 +287,14 @@ def test_shutdown_cancels_what_outlives_the_drain_timeout(arun: Runner[Any]) -> 
                 await client.recv()
             client.close()
             await client.wait_closed()
-        async with serving(quiet, drain_timeout=0.2) as server:
-            async with await fastnet.connect("127.0.0.1", server.port) as client:
-                client.send(b"x")
-                await wait_until(lambda: server.stats()["frames_in"] == 1)
-                await server.shutdown()  # a callback handler just stops reading and closes
-                assert server.stats()["active"] == 0
+        async with (
+            serving(quiet, drain_timeout=0.2) as server,
+            await fastnet.connect("127.0.0.1", server.port) as client,
+        ):
+            client.send(b"x")
+            await wait_until(lambda: server.stats()["frames_in"] == 1)
+            await server.shutdown()  # a callback handler just stops reading and closes
+            assert server.stats()["active"] == 0
 
     arun(scenario())
 
@@ -316,6 +319,6 @@ def test_serve_forever_returns_after_shutdown_and_shuts_down_when_cancelled(
             await forever
         assert other.shutting_down and other.sockets == ()
 
-    import fastnet.apps  # noqa: F401
+    import fastnet.apps
 
     arun(scenario())

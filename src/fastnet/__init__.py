@@ -15,6 +15,7 @@ Layout (data flows top to bottom on receive):
 
 from __future__ import annotations
 
+from .connection import Connection, WriteBufferFull, connect
 from .errors import (
     ConnectionBrokenError,
     ConnectionBusyError,
@@ -31,7 +32,6 @@ from .framing import (
     LengthPrefixed,
     Lines,
 )
-from .connection import Connection, WriteBufferFull, connect
 from .server import CallbackHandler, Server, callback_handler, run, serve
 
 __version__ = "0.1.0"

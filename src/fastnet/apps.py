@@ -27,8 +27,10 @@ error reply answers one bad request; the connection stays open.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from .connection import Connection
-from .server import CallbackHandler, callback_handler
+from .server import CallbackHandler, Handler, callback_handler
 
 __all__ = ["APPS", "KVStore", "echo", "echo_task", "kv"]
 
@@ -133,7 +135,7 @@ def kv() -> CallbackHandler:
 
 
 # Built-in apps for the CLI, by name: each factory returns a fresh handler.
-APPS = {
+APPS: dict[str, Callable[[], Handler]] = {
     "echo": lambda: echo,
     "echo-task": lambda: echo_task,
     "kv": kv,

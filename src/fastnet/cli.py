@@ -16,7 +16,8 @@ import inspect
 import logging
 import os
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from . import __version__
 from .framing import ACCELERATED, Framing, LengthPrefixed, Lines
@@ -38,7 +39,15 @@ def parse_size(text: str) -> int:
     Raises:
         argparse.ArgumentTypeError: not a non-negative size.
     """
-    units = {"": 1, "k": 1024, "kib": 1024, "m": 1024**2, "mib": 1024**2, "g": 1024**3, "gib": 1024**3}
+    units = {
+        "": 1,
+        "k": 1024,
+        "kib": 1024,
+        "m": 1024**2,
+        "mib": 1024**2,
+        "g": 1024**3,
+        "gib": 1024**3,
+    }
     raw = text.strip().lower()
     digits = raw.rstrip("kmgib")
     unit = raw[len(digits) :]
@@ -133,7 +142,7 @@ def resolve_app(name: str) -> Handler:
     from .apps import APPS
 
     if name in APPS:
-        return APPS[name]()  # type: ignore[no-any-return]
+        return APPS[name]()
     module_name, colon, attribute = name.partition(":")
     if not colon or not module_name or not attribute:
         raise CLIError(
@@ -325,7 +334,7 @@ def _info(args: argparse.Namespace) -> int:
         lines.append("extension: inactive, fastnet._frame is not built (pure Python)")
     loops = ["asyncio"]
     try:
-        import uvloop
+        import uvloop  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
         auto = "asyncio"
     else:

@@ -13,7 +13,8 @@ frame switch on every read, in both directions.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConnectionBusyError
 from .framing import Framing, LengthPrefixed
@@ -347,4 +348,3 @@ async def connect(
             raise TypeError("connect() needs a port, or unix=PATH")
         _, conn = await loop.create_connection(factory, host, port, **kwargs)
     return conn
-

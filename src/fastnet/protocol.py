@@ -53,12 +53,14 @@ queued frames (``async for`` ends, ``recv`` raises).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 import types
 from asyncio import AbstractEventLoop, CancelledError
+from collections.abc import Callable, Generator, Iterable, Sequence
 from contextvars import Context
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, Union
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConnectionBrokenError, ConnectionClosedError, FastnetError, FrameError
 from .framing import Framing
@@ -77,7 +79,7 @@ __all__ = [
 
 logger = logging.getLogger("fastnet")
 
-Buffer = Union[bytes, bytearray, memoryview]
+Buffer = bytes | bytearray | memoryview
 
 # Read backpressure. A handler that takes whole batches never comes near these
 # marks: its inbox is empty each time it waits. They bound what a handler that
@@ -167,7 +169,9 @@ class _Wakeup:
         self._cancel_message: object = None
         self.result: Callable[[], None] = _NoneType
 
-    def add_done_callback(self, fn: Callable[[Any], object], *, context: Context | None = None) -> None:
+    def add_done_callback(
+        self, fn: Callable[[Any], object], *, context: Context | None = None
+    ) -> None:
         self._callback = fn
         self._context = context
 
@@ -220,7 +224,12 @@ class _AwaitWakeup(tuple):  # type: ignore[type-arg]
     """
 
     __slots__ = ()
-    __await__ = tuple.__iter__
+    if TYPE_CHECKING:
+
+        def __await__(self) -> Generator[Any, None, None]: ...
+
+    else:
+        __await__ = tuple.__iter__
 
 
 class FrameProtocol(asyncio.BufferedProtocol):
@@ -329,7 +338,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._end_quiet = True
         # A callback handler (server.CallbackHandler): called with each batch
         # inside buffer_updated instead of waking a task; its exception, if any.
-        self._on_frames: Callable[[Any, list[bytes]], object] | None = None
+        self._on_frames: Callable[[Any, list[bytes]], Iterable[Buffer] | None] | None = None
         self._handler_error: Exception | None = None
 
         # Send side.
@@ -388,7 +397,8 @@ class FrameProtocol(asyncio.BufferedProtocol):
                 replies = None
             elif replies is not None and type(replies) is not list:
                 replies = list(replies)
-            try:
+            # try/except rather than contextlib.suppress: this runs on every read.
+            try:  # noqa: SIM105
                 self._flush(replies)
             except Exception:  # the flush failed the connection (see _encode_failed)
                 pass
@@ -417,7 +427,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
                     context.run(callback, wakeup)
                 self._delivering = False
                 if self._out:  # replies left by a handler that awaited something else
-                    try:
+                    try:  # noqa: SIM105 - a hot path, see above
                         self._flush()
                     except Exception:  # kept in _send_block for the handler's next call
                         pass
@@ -440,12 +450,10 @@ class FrameProtocol(asyncio.BufferedProtocol):
             return
         self._delivering = False
         if replies is not None:
-            self._out.extend(replies)  # type: ignore[call-overload]
+            self._out.extend(replies)
         if self._out:
-            try:
+            with contextlib.suppress(Exception):  # the flush failed the connection
                 self._flush()
-            except Exception:  # the flush failed the connection (see _encode_failed)
-                pass
 
     def _callback_failed(self, exc: Exception) -> None:
         self._delivering = False
@@ -621,10 +629,8 @@ class FrameProtocol(asyncio.BufferedProtocol):
         paused = self._read_paused
         self._read_paused = paused | reason
         if not paused and not self._lost:
-            try:
+            with contextlib.suppress(RuntimeError):  # a closing transport may refuse
                 self._transport.pause_reading()
-            except RuntimeError:  # a closing transport may refuse
-                pass
 
     def _unpause_reading(self, reason: int) -> None:
         paused = self._read_paused
@@ -644,10 +650,8 @@ class FrameProtocol(asyncio.BufferedProtocol):
     def _scheduled_flush(self) -> None:
         self._flush_scheduled = False
         if self._out:
-            try:
+            with contextlib.suppress(Exception):  # kept in _send_block for the handler's next call
                 self._flush()
-            except Exception:  # kept in _send_block for the handler's next call
-                pass
 
     def _flush(self, out: list[Buffer] | None = None) -> None:
         """Write every queued frame (or ``out``, if given): one encode_many and one write.
@@ -679,9 +683,12 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self.frames_out += n
         self.bytes_out += size
         self.writes += 1
-        if self._write_paused and transport.get_write_buffer_size() > self._max_write_buffer:
-            if self._send_block is None:
-                self._send_block = _write_buffer_full
+        if (
+            self._write_paused
+            and self._send_block is None
+            and transport.get_write_buffer_size() > self._max_write_buffer
+        ):
+            self._send_block = _write_buffer_full
 
     def _flush_large(self, out: list[Buffer], header: Callable[[int], bytes]) -> int:
         """Write a batch holding large payloads without copying them."""

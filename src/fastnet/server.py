@@ -31,6 +31,7 @@ first one restores the default dispositions.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -38,7 +39,8 @@ import signal
 import socket
 import stat
 import sys
-from typing import Any, Awaitable, Callable, Coroutine, Iterable, TypeVar, Union
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from typing import Any, TypeVar
 
 from .connection import Connection
 from .errors import ConnectionBrokenError, ConnectionClosedError, FrameError
@@ -61,7 +63,7 @@ logger = logging.getLogger("fastnet")
 
 T = TypeVar("T")
 
-CallbackFunction = Callable[[Connection, list[bytes]], Union[Iterable[Buffer], None]]
+CallbackFunction = Callable[[Connection, list[bytes]], Iterable[Buffer] | None]
 
 
 class CallbackHandler:
@@ -102,7 +104,7 @@ def callback_handler(fn: CallbackFunction) -> CallbackHandler:
     return CallbackHandler(fn)
 
 
-Handler = Union[Callable[[Connection], Awaitable[None]], CallbackHandler]
+Handler = Callable[[Connection], Awaitable[None]] | CallbackHandler
 
 # 1000 connections keep a default-configured Linux process (soft limit of 1024
 # file descriptors) out of EMFILE, with room for the listening socket, the
@@ -188,8 +190,17 @@ class _Counters:
     )
 
     def __init__(self) -> None:
-        for name in self.__slots__:
-            setattr(self, name, 0)
+        self.accept_errors = 0
+        self.accepted = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.closed = 0
+        self.frame_errors = 0
+        self.frames_in = 0
+        self.frames_out = 0
+        self.handler_errors = 0
+        self.idle_timeouts = 0
+        self.writes = 0
 
 
 class Server:
@@ -252,7 +263,13 @@ class Server:
         if sock is not None and unix is not None:
             raise ValueError("give sock or unix, not both")
         self._handler = handler
-        self._callback = handler.fn if isinstance(handler, CallbackHandler) else None
+        # One of the two is set: a task handler, or a callback handler's function.
+        self._callback: CallbackFunction | None = None
+        self._task_handler: Callable[[Connection], Awaitable[None]] | None = None
+        if isinstance(handler, CallbackHandler):
+            self._callback = handler.fn
+        else:
+            self._task_handler = handler
         self._host = host
         self._port = port
         self._framing: Framing = LengthPrefixed() if framing is None else framing
@@ -500,7 +517,11 @@ class Server:
                 if conn._handler_error is not None:
                     self._handler_failed(conn, conn._handler_error)
             else:
-                handler_task = self._loop.create_task(self._handler(conn))  # type: ignore[arg-type]
+                assert self._task_handler is not None
+                run = self._task_handler(conn)
+                if not asyncio.iscoroutine(run):  # an awaitable that is not a coroutine
+                    run = _as_coroutine(run)
+                handler_task = self._loop.create_task(run)
                 try:
                     await asyncio.wait((handler_task,))
                 except asyncio.CancelledError:
@@ -548,7 +569,9 @@ class Server:
                     return
                 now = loop.time()
                 if now >= deadline:
-                    logger.info("%s did not take its last replies; aborted", _format_peer(conn.peer))
+                    logger.info(
+                        "%s did not take its last replies; aborted", _format_peer(conn.peer)
+                    )
                     conn.abort()
                     await asyncio.wait((closed,), timeout=1.0)
                     return
@@ -695,10 +718,8 @@ class Server:
                 task.cancel()
         for task in (self._accept_task, self._idle_task):
             if task is not None:
-                try:
+                with contextlib.suppress(asyncio.CancelledError):
                     await task
-                except asyncio.CancelledError:
-                    pass
         self._close_listener()
         # Step 2: no more input; handlers finish the frames they have.
         for conn in list(self._connections):
@@ -771,6 +792,13 @@ def _unacknowledged_probe(transport: asyncio.BaseTransport) -> Callable[[], int]
     return unacknowledged
 
 
+async def _as_coroutine(awaitable: Awaitable[None]) -> None:
+    # create_task wants a coroutine; a handler may return another awaitable.
+    # (Coroutines are not wrapped: a level more in the handler's await chain
+    # would cost a frame switch on every read.)
+    await awaitable
+
+
 def _set_result(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
@@ -813,7 +841,7 @@ def new_event_loop(loop: str = "auto") -> asyncio.AbstractEventLoop:
         raise ValueError(f"loop must be 'auto', 'asyncio' or 'uvloop', got {loop!r}")
     if loop != "asyncio":
         try:
-            import uvloop
+            import uvloop  # type: ignore[import-not-found,unused-ignore]
         except ImportError:
             if loop == "uvloop":
                 raise RuntimeError("uvloop is not installed (pip install uvloop)") from None
@@ -952,9 +980,7 @@ def _install_signal_handlers(server: Server) -> Callable[[], None]:
         uninstall()
         for sig, handler in previous.items():
             if handler is not None:
-                try:
+                with contextlib.suppress(ValueError):  # not the main thread
                     signal.signal(sig, handler)
-                except ValueError:  # not the main thread
-                    pass
 
     return restore

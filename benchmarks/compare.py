@@ -73,9 +73,18 @@ START_TIMEOUT = 20.0
 # drains gracefully, but the generator has closed every connection by then.
 STOP_TIMEOUT = 15.0
 
-# A generator process that used more of its core than this during the
-# measured window may have been the limit; such cases are marked in the table.
-GENERATOR_SATURATED = 0.90
+# The generator cannot be said to out-drive a server when it spends at least
+# this fraction of the server's CPU time per frame (both have one core):
+# such cases are marked in the table, and frames/s there may be the
+# generator's figure as much as the server's.
+GENERATOR_BOUND = 0.90
+
+# A run during which other processes used more than this many CPU cores
+# (of the two that server and generator are pinned to) is run again, up to
+# NOISY_RETRIES times; the cleanest attempt is kept. Half a core: enough
+# that a pinned process loses a large share of its CPU to someone else.
+NOISY_LOAD = 0.5
+NOISY_RETRIES = 2
 
 
 @dataclass(frozen=True)
@@ -321,6 +330,42 @@ def median(summary: dict[str, Any] | None, metric: str) -> float | None:
 # --------------------------------------------------------------------------- the run
 
 
+def run_once(
+    kind: ServerKind, workload: Workload, loop: str, args: argparse.Namespace, pin: bool, label: str
+) -> dict[str, Any]:
+    """One run: a fresh server, the generator against it, the server stopped."""
+    server = ServerProcess(kind, loop, pin)
+    try:
+        report = run_load(server, workload, args, pin)
+    finally:
+        problem = server.stop()
+        if problem:
+            print(f"{label} warning: the server {problem}", file=sys.stderr, flush=True)
+    return flatten(report)
+
+
+def run_quietly(
+    kind: ServerKind,
+    workload: Workload,
+    loop: str,
+    args: argparse.Namespace,
+    pin: bool,
+    label: str,
+) -> dict[str, Any]:
+    """``run_once``, repeated while other processes loaded the machine; the quietest attempt."""
+    attempts = []
+    for _ in range(1 + args.noisy_retries):
+        result = run_once(kind, workload, loop, args, pin, label)
+        attempts.append(result)
+        other = result["other_cpu_util"]
+        if other is None or other <= args.noisy_load:
+            break
+        print(f"{label} noisy ({other:.2f} cores of other load): again", file=sys.stderr)
+    best = min(attempts, key=lambda r: r["other_cpu_util"] or 0.0)
+    best["attempts"] = len(attempts)
+    return best
+
+
 def run_all(args: argparse.Namespace, pin: bool) -> dict[str, Any]:
     workloads = [w for w in WORKLOADS if w.name in args.workloads]
     servers = [s for s in SERVERS if s.name in args.servers]
@@ -341,22 +386,11 @@ def run_all(args: argparse.Namespace, pin: bool) -> dict[str, Any]:
                 continue
             label = f"[{step}/{total}] {workload.name:<5} {kind.name:<10} {loop:<7}"
             try:
-                server = ServerProcess(kind, loop, pin)
-            except RuntimeError as exc:
-                failures[key] = str(exc)
-                print(f"{label} FAILED: {exc}", file=sys.stderr, flush=True)
-                continue
-            try:
-                report = run_load(server, workload, args, pin)
+                result = run_quietly(kind, workload, loop, args, pin, label)
             except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
                 failures[key] = str(exc)
                 print(f"{label} FAILED: {exc}", file=sys.stderr, flush=True)
                 continue
-            finally:
-                problem = server.stop()
-                if problem:
-                    print(f"{label} warning: the server {problem}", file=sys.stderr, flush=True)
-            result = flatten(report)
             result["round"] = round_number
             runs[key].append(result)
             gen = result["loadgen_cpu_util"] or 0.0
@@ -477,11 +511,12 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "Columns: frames/s echoed; payload MiB/s each way; round-trip latency; the server's",
         "own CPU time per frame (user + system, all threads, over the measured window);",
-        "ratios of frames/s and of CPU efficiency (streams CPU per frame ÷ this one's)",
+        "ratios of frames/s and of CPU efficiency (streams CPU per frame / this one's)",
         "against the streams baseline on the same loop, and frames/s against the",
-        "Protocol baseline; the generator's CPU use (cores). † marks cases where the",
-        f"generator used more than {GENERATOR_SATURATED:.0%} of its core: there the generator may",
-        "have been the limit, and the CPU-per-frame column is the fairer comparison.",
+        "Protocol baseline; the generator's own CPU time per frame. † marks cases where",
+        f"the generator spent at least {GENERATOR_BOUND:.0%} of the server's CPU time per frame:",
+        "there it could not out-drive the server, frames/s may be capped by the generator,",
+        "and the server-CPU-per-frame column is the fair comparison.",
         "",
     ]
     for workload in WORKLOADS:
@@ -492,7 +527,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"## {workload.title}",
             "",
             "| server | loop | frames/s | spread | MiB/s | p50 ms | p99 ms | server µs/frame "
-            "| x streams | CPU x streams | x protocol | generator CPU |",
+            "| x streams | CPU x streams | x protocol | generator µs/frame |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for case in rows:
@@ -509,9 +544,8 @@ def markdown(result: dict[str, Any]) -> str:
             fps = median(s, "frames_per_s")
             spread = s["frames_per_s"]
             cpu = median(s, "server_cpu_us_per_frame")
-            gen = s["loadgen_cpu_util"]
-            gen_max = gen["max"] if gen else None
-            mark = " †" if gen_max is not None and gen_max > GENERATOR_SATURATED else ""
+            gen = median(s, "loadgen_cpu_us_per_frame")
+            mark = " †" if generator_bound(s) else ""
             errors = f" ({s['errors']} errors)" if s["errors"] else ""
             lines.append(
                 f"| {kind.title}{errors} | {case['loop']} | {fmt_rate(fps)} "
@@ -522,7 +556,7 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {fmt_ratio(fps, median(streams, 'frames_per_s'))} "
                 f"| {fmt_ratio(median(streams, 'server_cpu_us_per_frame'), cpu)} "
                 f"| {fmt_ratio(fps, median(protocol, 'frames_per_s'))} "
-                f"| {fmt_num(median(s, 'loadgen_cpu_util'))}{mark} |"
+                f"| {fmt_num(gen, 3)}{mark} |"
             )
         lines.append("")
     lines += targets_section(cases)
@@ -530,6 +564,13 @@ def markdown(result: dict[str, Any]) -> str:
     if result.get("memory"):
         lines += memory_section(result["memory"])
     return "\n".join(lines) + "\n"
+
+
+def generator_bound(summary: dict[str, Any]) -> bool:
+    """True when the generator's CPU per frame was close to the server's or above."""
+    gen = median(summary, "loadgen_cpu_us_per_frame")
+    server = median(summary, "server_cpu_us_per_frame")
+    return gen is not None and server is not None and gen >= GENERATOR_BOUND * server
 
 
 def noise_statement(cases: list[dict[str, Any]]) -> str:
@@ -542,10 +583,13 @@ def noise_statement(cases: list[dict[str, Any]]) -> str:
     )
     if not values:
         return "not measured (needs Linux /proc/stat)"
+    retried = sum(run.get("attempts", 1) - 1 for case in cases for run in case["runs"])
     return (
         f"other processes used a median of {statistics.median(values):.2f} CPU cores "
         f"(max {values[-1]:.2f}) while runs were measured; server and generator are "
-        "pinned, but others' work still shares their CPUs"
+        "pinned, but others' work still shares their CPUs. Runs with more than "
+        f"{NOISY_LOAD:g} cores of other load were repeated (at most {NOISY_RETRIES} times, "
+        f"keeping the quietest attempt): {retried} repetitions"
     )
 
 
@@ -606,16 +650,15 @@ def generator_section(cases: list[dict[str, Any]]) -> list[str]:
     lines = [
         "## Load generator headroom",
         "",
-        "For the fastest server of each workload: the server's CPU time per frame, and the",
-        "generator's in the same runs. The generator's ceiling is 1 / its CPU per frame: what",
-        "it could drive with its whole core at that batching. Where the generator's CPU per",
-        "frame is lower than the server's, the generator is not what limits frames/s. The",
-        f"last column counts cases where the generator used more than {GENERATOR_SATURATED:.0%}",
-        "of its core.",
+        "Server and generator each have one core, so the generator out-drives a server when",
+        "it spends less CPU time per frame than the server does. Per workload: the fastest",
+        "server, the generator's CPU per frame in those runs and the ceiling that implies",
+        "(1 / generator CPU per frame), and the cases marked † above, where the generator's",
+        f"cost reached {GENERATOR_BOUND:.0%} of the server's.",
         "",
         "| workload | fastest server | frames/s | server us/frame | generator us/frame "
-        "| generator ceiling | generator-bound cases |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| generator ceiling | generator-bound cases (†) |",
+        "|---|---|---:|---:|---:|---:|---|",
     ]
     for workload in WORKLOADS:
         rows = [c for c in cases if c["workload"] == workload.name and c["summary"]]
@@ -624,18 +667,14 @@ def generator_section(cases: list[dict[str, Any]]) -> list[str]:
         best = max(rows, key=lambda c: median(c["summary"], "frames_per_s") or 0.0)
         kind = next(s for s in SERVERS if s.name == best["server"])
         gen_us = median(best["summary"], "loadgen_cpu_us_per_frame")
-        bound = sum(
-            1
-            for c in rows
-            if (c["summary"]["loadgen_cpu_util"] or {}).get("max", 0.0) > GENERATOR_SATURATED
-        )
+        bound = [f"{c['server']} {c['loop']}" for c in rows if generator_bound(c["summary"])]
         lines.append(
             f"| {workload.name} | {kind.title}, {best['loop']} "
             f"| {fmt_rate(median(best['summary'], 'frames_per_s'))} "
             f"| {fmt_num(median(best['summary'], 'server_cpu_us_per_frame'), 3)} "
             f"| {fmt_num(gen_us, 3)} "
             f"| {fmt_rate(1e6 / gen_us) if gen_us else '-'} "
-            f"| {bound} of {len(rows)} |"
+            f"| {', '.join(bound) if bound else 'none'} |"
         )
     lines.append("")
     return lines
@@ -668,6 +707,7 @@ def memory_section(memory: dict[str, Any]) -> list[str]:
 
 
 def chart(result: dict[str, Any], path: Path) -> None:
+    """Bar chart: frames/s (top row) and server CPU per frame (bottom row) per workload."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -675,53 +715,52 @@ def chart(result: dict[str, Any], path: Path) -> None:
 
     cases = result["cases"]
     workloads = [w for w in WORKLOADS if any(c["workload"] == w.name for c in cases)]
-    columns = 2 if len(workloads) > 1 else 1
-    rows = (len(workloads) + columns - 1) // columns
-    fig, axes = plt.subplots(rows, columns, figsize=(6.5 * columns, 4.2 * rows), squeeze=False)
-    colours = {"asyncio": "#7f9fbf", "uvloop": "#2f5f8f"}
+    servers = [s for s in SERVERS if any(c["server"] == s.name for c in cases)]
+    fig, axes = plt.subplots(2, len(workloads), figsize=(4.6 * len(workloads), 8.4), squeeze=False)
+    colours = {"asyncio": "#8fb0d0", "uvloop": "#2f5f8f"}
     width = 0.38
-    for ax, workload in zip(axes.flat, workloads, strict=False):
-        servers = [s for s in SERVERS if any(c["server"] == s.name for c in cases)]
-        for offset, loop in enumerate(LOOPS):
-            heights, low, high, xs = [], [], [], []
-            for index, kind in enumerate(servers):
-                s = find(cases, workload.name, kind.name, loop)["summary"]
-                if s is None:
-                    continue
-                value = s["frames_per_s"]
-                xs.append(index + (offset - 0.5) * width)
-                heights.append(value["median"] / 1e3)
-                low.append((value["median"] - value["min"]) / 1e3)
-                high.append((value["max"] - value["median"]) / 1e3)
-            if xs:
-                ax.bar(
-                    xs,
-                    heights,
-                    width,
-                    yerr=[low, high],
-                    capsize=3,
-                    label=loop,
-                    color=colours[loop],
-                )
-        ax.set_xticks(range(len(servers)))
-        ax.set_xticklabels(
-            [s.title.replace(" (", "\n(").replace(" baseline", "\nbaseline") for s in servers],
-            fontsize=8,
-        )
-        ax.set_ylabel("thousand frames/s")
-        ax.set_title(workload.title, fontsize=10)
-        ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8)
-    for ax in list(axes.flat)[len(workloads) :]:
-        ax.axis("off")
+    rows = (
+        ("frames_per_s", 1e-3, "thousand frames/s (higher is better)"),
+        ("server_cpu_us_per_frame", 1.0, "server CPU us per frame (lower is better)"),
+    )
+    for row, (metric, scale, ylabel) in enumerate(rows):
+        for column, workload in enumerate(workloads):
+            ax = axes[row][column]
+            for offset, loop in enumerate(LOOPS):
+                xs, heights, low, high = [], [], [], []
+                for index, kind in enumerate(servers):
+                    s = find(cases, workload.name, kind.name, loop)["summary"]
+                    if s is None or s.get(metric) is None:
+                        continue
+                    value = s[metric]
+                    xs.append(index + (offset - 0.5) * width)
+                    heights.append(value["median"] * scale)
+                    low.append((value["median"] - value["min"]) * scale)
+                    high.append((value["max"] - value["median"]) * scale)
+                if xs:
+                    ax.bar(
+                        xs, heights, width, yerr=[low, high], capsize=3, label=loop,
+                        color=colours[loop],
+                    )  # fmt: skip
+            ax.set_xticks(range(len(servers)))
+            ax.set_xticklabels(
+                [s.title.replace(" (", "\n(").replace(" baseline", "\nbaseline") for s in servers],
+                fontsize=7,
+            )
+            if column == 0:
+                ax.set_ylabel(ylabel, fontsize=9)
+            if row == 0:
+                ax.set_title(workload.title, fontsize=9)
+            ax.grid(axis="y", alpha=0.3)
+            ax.legend(fontsize=7)
     meta = result["meta"]
     fig.suptitle(
-        f"fastnet echo vs asyncio baselines - median of {meta['runs']} runs, min-max bars "
-        f"({meta['date']}, {meta['machine']['cpu']})",
+        f"fastnet echo vs asyncio baselines: median of {meta['runs']} runs, bars span min-max "
+        f"({meta['date']}, {meta['machine']['cpu']}, server and generator on one core each)",
         fontsize=10,
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -751,7 +790,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="1 run of 1 s after 0.25 s per case; prints the table, writes no file",
+        help="1 run of 1 s after 0.25 s per case, no repeats, no memory; "
+        "prints the table, writes no file",
     )
     parser.add_argument(
         "--workloads",
@@ -773,6 +813,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="event loop of the load generator (auto: uvloop if installed)",
     )
     parser.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
+    parser.add_argument(
+        "--noisy-load",
+        type=float,
+        default=NOISY_LOAD,
+        metavar="CORES",
+        help="repeat a run when other processes used more CPU cores than this (%(default)s)",
+    )
+    parser.add_argument(
+        "--noisy-retries",
+        type=int,
+        default=NOISY_RETRIES,
+        metavar="N",
+        help="repeat a noisy run at most N times (%(default)s; 0 disables)",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip benchmarks/memory.py")
     parser.add_argument(
         "--memory-connections", type=int, default=None, help="idle connections for memory.py"
@@ -788,6 +842,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         args.runs, args.duration, args.warmup = 1, 1.0, 0.25
         args.no_memory = True
+        args.noisy_retries = 0
     if args.out is None and not args.quick:
         args.out = RESULTS_DIR
     for name, known in (

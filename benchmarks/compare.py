@@ -4,6 +4,7 @@ Usage::
 
     python benchmarks/compare.py            # the full run: results in benchmarks/results/
     python benchmarks/compare.py --quick    # one short run of each case; prints, writes nothing
+    python benchmarks/compare.py --render benchmarks/results/compare.json  # redraw only
     python benchmarks/compare.py --help
 
 For every workload, every server and both event loops, the harness starts the
@@ -842,6 +843,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--memory-connections", type=int, default=None, help="idle connections for memory.py"
     )
     parser.add_argument(
+        "--render",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="run nothing: redraw compare.md and compare.png from a compare.json",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=None,
@@ -870,8 +878,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def render(path: Path, out: Path) -> int:
+    """Redraw the table and the chart from a saved result."""
+    result = json.loads(path.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    text = markdown(result)
+    (out / "compare.md").write_text(text)
+    chart(result, out / "compare.png")
+    print(text)
+    print(f"wrote {out}/compare.{{md,png}} from {path}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render is not None:
+        return render(args.render, args.out or args.render.parent)
     pin = not args.no_pin and pinning_available()
     if not args.no_pin and not pin:
         print(

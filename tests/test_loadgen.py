@@ -499,12 +499,18 @@ def _start(
     return proc, int(line.rsplit(":", 1)[1])
 
 
-def _stop(proc: subprocess.Popen[str]) -> int:
+def _stop(proc: subprocess.Popen[str]) -> None:
+    """SIGTERM the server; on POSIX it must shut down cleanly (status 0).
+
+    Windows has no SIGTERM: ``terminate()`` kills the process outright, so
+    only its ending is checked there.
+    """
     proc.terminate()
     code = proc.wait(15)
     assert proc.stdout is not None
     proc.stdout.close()
-    return code
+    if sys.platform != "win32":
+        assert code == 0
 
 
 def _cli(port: int, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -524,7 +530,7 @@ def test_smoke_cli_against_baseline_servers(script: Path) -> None:
     try:
         done = _cli(port, "--server-pid", str(proc.pid))
     finally:
-        assert _stop(proc) == 0
+        _stop(proc)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["errors"] == 0
@@ -546,7 +552,7 @@ def test_smoke_against_fastnet_echo(no_extensions: str) -> None:
     try:
         done = _cli(port)
     finally:
-        assert _stop(proc) == 0
+        _stop(proc)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["errors"] == 0, report["error_messages"]

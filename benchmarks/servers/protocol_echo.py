@@ -101,7 +101,10 @@ async def serve(host: str, port: int) -> None:
     print(f"listening on {sock_host}:{sock_port}", flush=True)
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except NotImplementedError:  # Windows: Ctrl-C arrives as KeyboardInterrupt
+            break
     async with server:
         await stop.wait()
 
@@ -119,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
             uvloop.run(serve(args.host, args.port))
         else:
             asyncio.run(serve(args.host, args.port))
+    except KeyboardInterrupt:
+        pass
     except OSError as exc:
         print(f"protocol_echo: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1

@@ -56,7 +56,10 @@ async def serve(host: str, port: int) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except NotImplementedError:  # Windows: Ctrl-C arrives as KeyboardInterrupt
+            break
     async with server:
         await stop.wait()
 
@@ -74,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             uvloop.run(serve(args.host, args.port))
         else:
             asyncio.run(serve(args.host, args.port))
+    except KeyboardInterrupt:
+        pass
     except OSError as exc:
         print(f"streams_echo: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1

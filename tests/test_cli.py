@@ -307,3 +307,46 @@ def test_running_out_of_descriptors_is_survived() -> None:
 def test_server_process_helper_reports_a_failed_start() -> None:
     with pytest.raises(AssertionError, match="did not start"):
         ServerProcess(["nosuchapp"])
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.mark.skipif(not EXAMPLES.is_dir(), reason="examples/ is not in this tree")
+@pytest.mark.parametrize(
+    ("server", "frames", "replies"),
+    [
+        ("echo_server.py", ["hello", "wor ld"], "hello\nwor ld\n"),
+        ("kv_server.py", ["SET k hello", "GET k", "DEL k", "GET k"], "+OK\n$hello\n:1\n_\n"),
+    ],
+)
+def test_examples_run_as_the_readme_shows(server: str, frames: list[str], replies: str) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, str(EXAMPLES / server), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=process_env(),
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("listening on 127.0.0.1:"), line
+        port = line.rsplit(":", 1)[1].strip()
+        client = subprocess.run(
+            [sys.executable, str(EXAMPLES / "client.py"), "--port", port, *frames],
+            capture_output=True,
+            text=True,
+            env=process_env(),
+            timeout=START_TIMEOUT,
+        )
+        assert client.returncode == 0, client.stderr
+        assert client.stdout == replies
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=10)
+        assert proc.returncode == 0, err
+        assert "Traceback" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()

@@ -6,6 +6,7 @@ Each test runs on both codec backends and both event loops (``arun``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -81,6 +82,33 @@ def test_echo_integrity_under_concurrent_connections(arun: Runner[Any], kind: st
             assert stats["handler_errors"] == stats["frame_errors"] == 0
 
     arun(scenario())
+
+
+def test_input_after_a_framing_error_is_not_an_error_of_the_server(
+    arun: Runner[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> None:
+        async with serving(echo_task, framing=fastnet.LengthPrefixed(max_frame=1000)) as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(frame_bytes(b"a") + b"\xff\xff\xff\xff")
+            with contextlib.suppress(ConnectionError):  # the server goes away meanwhile
+                for _ in range(200):  # the peer keeps sending after its bad header
+                    if writer.is_closing():  # reset by the server (uvloop raises on write)
+                        break
+                    writer.write(b"garbage" * 1000)
+                    await writer.drain()
+                    await asyncio.sleep(0.001)
+            with contextlib.suppress(ConnectionError):
+                assert await reader.read() == frame_bytes(b"a")
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+            await wait_until(lambda: server.stats()["active"] == 0)
+            assert server.stats()["frame_errors"] == 1
+
+    with caplog.at_level(logging.WARNING):
+        arun(scenario())
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 def test_an_oversized_header_closes_only_its_connection(arun: Runner[Any]) -> None:

@@ -264,6 +264,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
         "_consumed_mark",
         "_decoded",
         "_decoder",
+        "_decoder_failed",
         "_delivering",
         "_drain_waiter",
         "_encode_many",
@@ -316,6 +317,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
 
         decoder = framing.decoder()
         self._decoder = decoder
+        self._decoder_failed = False  # a framing error: the decoder takes no more input
         self.get_buffer = decoder.get_buffer  # type: ignore[method-assign]
         self._decoded = decoder.buffer_updated
         encoder = framing.encoder
@@ -494,6 +496,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
         if self._closing:  # bad bytes after we closed (while lingering): just go
             self._transport.abort()
             return
+        self._decoder_failed = True
         if exc.frames:  # complete frames that preceded the bad bytes: deliver them first
             self._queue_frames(exc.frames)
         self._report_frame_error(exc)
@@ -513,6 +516,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
         try:
             frames = self._decoder.eof()
         except FrameError as exc:  # the stream ended inside a frame
+            self._decoder_failed = True
             if exc.frames:
                 self._queue_frames(exc.frames)
             self._report_frame_error(exc)
@@ -590,7 +594,10 @@ class FrameProtocol(asyncio.BufferedProtocol):
             self._send_block = _closed_by_us
         self._input_ended(_closed_by_us, quiet=False, pause=False)
         transport = self._transport
-        failed = self._end is not None and self._end is not _closed_by_us and not self._end_quiet
+        # Nothing to wait for when the peer already closed; nothing worth it
+        # after a framing error (the decoder takes no more input) or a
+        # handler error.
+        failed = self._decoder_failed or self._handler_error is not None
         if self._peer_eof or failed or not transport.can_write_eof():
             transport.close()
             return
@@ -670,7 +677,9 @@ class FrameProtocol(asyncio.BufferedProtocol):
         if out is None:
             out = self._out
             self._out = []
-        if self._lost or not out:  # nowhere to write; send() reports it at the next batch
+        # Nowhere to write once lost or closing (close() and _finish() flush
+        # before they mark the connection closing); send() reports it.
+        if self._lost or self._closing or not out:
             return
         transport = self._transport
         header = self._header

@@ -338,7 +338,6 @@ def test_large_payloads_are_not_copied_where_writes_are_vectored(
     monkeypatch.setattr(
         _RecordingTransport, "__module__", "uvloop.fake" if writelines_ok else "tests.fake"
     )
-    monkeypatch.setattr(fastnet.protocol, "_SELECTOR_WRITELINES", False)
 
     async def scenario() -> None:
         conn = fastnet.Connection(fastnet.LengthPrefixed())

@@ -31,9 +31,9 @@ happens when the handler waits for input or drains, on close, at the end of
 sends made anywhere else, from one ``loop.call_soon`` per batch.
 Length-prefixed payloads of ``LARGE_FRAME`` bytes or more are not copied into
 the joined buffer where the transport's ``writelines`` sends each buffer as
-its own iovec (uvloop; CPython >= 3.12's selector transport): their length
-field and the payload object itself go to ``writelines``. Elsewhere they are
-joined, which costs less than a second send call and packet per frame.
+its own iovec (uvloop): their length field and the payload object itself go
+to ``writelines``. Elsewhere they are joined, which costs less than a second
+send call and packet per frame (see _WRITELINES_MODULE for CPython's own).
 
 Flow control. Reading pauses while the handler has more than
 ``READ_HIGH_FRAMES`` frames or ``READ_HIGH_BYTES`` bytes queued, and resumes
@@ -56,7 +56,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sys
 import types
 from asyncio import AbstractEventLoop, CancelledError
 from collections.abc import Callable, Generator, Iterable, Sequence
@@ -113,9 +112,14 @@ _PAUSE_INBOX = 1  # the handler has too many frames queued
 _PAUSE_WRITE = 2  # the transport is over its write high-water mark
 _PAUSE_STOP = 4  # no more input wanted: shutdown, framing error, close
 
-# CPython's selector socket transport writes writelines() with sendmsg from
-# 3.12 on; before, it joins the buffers. uvloop's never joins.
-_SELECTOR_WRITELINES = sys.version_info >= (3, 12)
+# Large payloads are written unjoined only on uvloop, whose writelines() sends
+# each buffer as its own iovec. CPython's selector transport does the same
+# from 3.12, but its writelines() has had bugs in released versions: it did
+# not pause the protocol at the high-water mark (gh-127655: drain() never
+# waited, the buffer grew without bound; fixed in 3.12.9 and 3.13.2) and it
+# fails after the connection is lost (gh-136234). Joining is safe everywhere
+# and measured no slower on asyncio.
+_WRITELINES_MODULE = "uvloop"
 
 _EMPTY: Sequence[bytes] = ()  # the inbox when nothing is queued; never mutated
 
@@ -369,9 +373,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._transport = transport  # type: ignore[assignment]
         self.peer = transport.get_extra_info("peername")
         self.local = transport.get_extra_info("sockname")
-        self._writelines = type(transport).__module__.startswith("uvloop") or (
-            _SELECTOR_WRITELINES and isinstance(transport, _selector_socket_transport())
-        )
+        self._writelines = type(transport).__module__.startswith(_WRITELINES_MODULE)
         if not self._writelines:
             # Without vectored writes, [length field, payload] would cost two
             # send calls and a 4-byte packet per large frame; copying the
@@ -769,12 +771,6 @@ class FrameProtocol(asyncio.BufferedProtocol):
 
 def _discard(conn: FrameProtocol, frames: list[bytes]) -> None:
     """The ``_on_frames`` of a connection that is closing: input is dropped."""
-
-
-def _selector_socket_transport() -> type:
-    from asyncio import selector_events
-
-    return selector_events._SelectorSocketTransport  # type: ignore[attr-defined,no-any-return]
 
 
 # The exceptions that end a connection's input or output, as factories: a

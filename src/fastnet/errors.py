@@ -15,6 +15,7 @@ __all__ = [
     "FrameError",
     "FrameTooLarge",
     "IncompleteFrame",
+    "WriteBufferFull",
 ]
 
 
@@ -77,6 +78,11 @@ class ConnectionClosedError(FastnetError):
 
 class ConnectionBrokenError(FastnetError, ConnectionError):
     """Raised when the peer or the network ended the connection; chained ``from`` the OSError."""
+
+
+class WriteBufferFull(FastnetError):
+    """Raised by ``Connection.send``/``send_many`` while the transport holds more
+    than ``max_write_buffer`` unsent bytes: the handler must ``await drain()``."""
 
 
 class ConnectionBusyError(FastnetError, RuntimeError):

@@ -62,7 +62,12 @@ from collections.abc import Callable, Generator, Iterable, Sequence
 from contextvars import Context
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConnectionBrokenError, ConnectionClosedError, FastnetError, FrameError
+from .errors import (
+    ConnectionBrokenError,
+    ConnectionClosedError,
+    FrameError,
+    WriteBufferFull,
+)
 from .framing import Framing
 
 if TYPE_CHECKING:
@@ -131,11 +136,6 @@ if isinstance(asyncio.current_task, types.BuiltinFunctionType):
 else:
     _current_task = asyncio.tasks._current_tasks.get  # type: ignore[attr-defined]
 _NoneType = type(None)
-
-
-class WriteBufferFull(FastnetError):
-    """Raised by ``Connection.send``/``send_many`` while the transport holds more
-    than ``max_write_buffer`` unsent bytes: the handler must ``await drain()``."""
 
 
 class _Wakeup:

@@ -25,7 +25,6 @@ from .protocol import (
     Buffer,
     FrameProtocol,
     WriteBufferFull,
-    _closed_by_us,
     _write_buffer_full,
 )
 
@@ -277,10 +276,7 @@ class Connection(FrameProtocol):
                 self._flush()
             except Exception:  # the flush failed the connection and closed it
                 return
-        self._closing = True
-        if self._send_block is None or self._send_block is _write_buffer_full:
-            self._send_block = _closed_by_us
-        self._input_ended(_closed_by_us, quiet=False, pause=False)
+        self._mark_closing()
         self._transport.close()
 
     def abort(self) -> None:

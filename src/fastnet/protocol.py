@@ -591,10 +591,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
                 self._flush()
             except Exception:  # the flush failed the connection and closed it
                 return
-        self._closing = True
-        if self._send_block is None or self._send_block is _write_buffer_full:
-            self._send_block = _closed_by_us
-        self._input_ended(_closed_by_us, quiet=False, pause=False)
+        self._mark_closing()
         transport = self._transport
         # Nothing to wait for when the peer already closed; nothing worth it
         # after a framing error (the decoder takes no more input) or a
@@ -760,12 +757,16 @@ class FrameProtocol(asyncio.BufferedProtocol):
         else:
             waiter.set_exception(_broken_factory(exc)())
 
-    def _abort(self) -> None:
+    def _mark_closing(self) -> None:
+        """This side is closing: sends and receives (after the queued frames) now raise."""
         self._closing = True
         if self._send_block is None or self._send_block is _write_buffer_full:
             self._send_block = _closed_by_us
-        self._out.clear()
         self._input_ended(_closed_by_us, quiet=False, pause=False)
+
+    def _abort(self) -> None:
+        self._out.clear()
+        self._mark_closing()
         self._transport.abort()
 
 

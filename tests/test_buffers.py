@@ -66,6 +66,70 @@ def test_large_frame_window_shrinks_as_it_fills(frame_impl: ModuleType) -> None:
     assert frames == [payload]
 
 
+def windows_for(decoder: Any, stream: bytes) -> tuple[list[int], list[bytes]]:
+    """Receive ``stream`` as a kernel filling every window would; return the window sizes."""
+    sizes: list[int] = []
+    frames: list[bytes] = []
+    pos = 0
+    while pos < len(stream):
+        view = decoder.get_buffer(-1)
+        sizes.append(len(view))
+        n = min(len(view), len(stream) - pos)
+        view[:n] = stream[pos : pos + n]
+        view.release()
+        pos += n
+        frames += decoder.buffer_updated(n)
+    return sizes, frames
+
+
+def test_after_a_large_frame_the_window_is_the_next_header(frame_impl: ModuleType) -> None:
+    # Back-to-back 64 KiB frames: the first read ends 4 bytes short of the
+    # first frame, and from then on each frame costs a header-sized read and
+    # a read of exactly its payload, received straight into the frame.
+    spec = LengthPrefixed()
+    payloads = [bytes([i]) * 65536 for i in range(3)]
+    sizes, frames = windows_for(frame_impl.LengthPrefixedDecoder(spec), spec.encode_many(payloads))
+    assert frames == payloads
+    assert sizes == [65536, 4, 4, 65536, 4, 65536]
+
+
+def test_header_window_covers_offset_and_strip(frame_impl: ModuleType) -> None:
+    # The short window must hold what starting a direct receive needs: the
+    # length field with the bytes before it, and every byte stripped.
+    spec = LengthPrefixed(offset=2, length_size=2, adjustment=4, strip=8, max_frame=65535)
+    payloads = [bytes([i]) * (40000 + i) for i in range(3)]
+    wire = [b"\x01\x02" + len(p).to_bytes(2, "big") + b"abcd" + p for p in payloads]
+    sizes, frames = windows_for(frame_impl.LengthPrefixedDecoder(spec), b"".join(wire))
+    assert frames == payloads
+    assert sizes == [65536, 14481, 8, 40002]  # frame 0 fits the first read whole
+
+
+def test_small_frames_after_a_large_one_cost_one_short_read(frame_impl: ModuleType) -> None:
+    spec = LengthPrefixed()
+    small = [b"x" * 10] * 100
+    stream = spec.encode(b"L" * 65536) + spec.encode_many(small)
+    sizes, frames = windows_for(frame_impl.LengthPrefixedDecoder(spec), stream)
+    assert frames == [b"L" * 65536, *small]
+    assert sizes == [65536, 4, 4, 65536]
+
+
+def test_feed_ends_the_header_window(frame_impl: ModuleType) -> None:
+    spec = LengthPrefixed()
+    decoder = frame_impl.LengthPrefixedDecoder(spec)
+    sizes, _ = windows_for(decoder, spec.encode(b"L" * 40000)[:40000])
+    assert push(decoder, spec.encode(b"L" * 40000)[40000:]) == [b"L" * 40000]
+    view = decoder.get_buffer(-1)
+    assert len(view) == 4
+    view.release()
+    assert decoder.feed(b"") == []
+    view = decoder.get_buffer(2)  # and a size hint below the header still bounds it
+    assert len(view) == 2
+    view.release()
+    view = decoder.get_buffer(-1)
+    assert len(view) == 65536
+    view.release()
+
+
 def retained(make: Any, run: Any) -> int:
     """Bytes of traced memory a decoder keeps after ``run`` and after its frames are dropped."""
     gc.collect()

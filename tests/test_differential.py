@@ -78,7 +78,11 @@ def cut(data: bytes, cuts: list[int]) -> list[bytes]:
 
 
 def transcript(decoder: Any, chunks: list[bytes], how: str, hint: int) -> list[tuple]:
-    """Every call's outcome: frames and pending, or the error's type, args and frames."""
+    """Every call's outcome: frames and pending, or the error's type, args and frames.
+
+    Window sizes are recorded too: which bytes the kernel may write where is
+    part of the contract (direct receive, the header-sized window after it).
+    """
     out: list[tuple] = []
 
     def record(call: Any) -> None:
@@ -98,6 +102,7 @@ def transcript(decoder: Any, chunks: list[bytes], how: str, hint: int) -> list[t
             except FrameError as exc:
                 out.append(("error", type(exc), exc.args, exc.frames, decoder.pending))
                 break
+            out.append(("window", len(view)))
             n = min(len(view), len(chunk) - pos, hint if hint > 0 else 65536)
             view[:n] = chunk[pos : pos + n]
             view.release()

@@ -20,6 +20,8 @@ cdef class _Decoder:
     cdef _Block direct_block     # exports the unfilled part of direct
     cdef Py_ssize_t direct_base  # wire bytes of that frame consumed before its delivered part (strip)
     cdef Py_ssize_t direct_filled  # bytes of direct written so far
+    cdef Py_ssize_t header_peek  # bytes that start a frame's direct receive (0: no direct receive)
+    cdef bint peek               # a large frame just completed: the next window is header_peek bytes
     cdef Py_ssize_t window       # length of the window get_buffer handed out; -1 when none is open
     cdef object failed           # the FrameError that failed this decoder, or None
     cdef object error            # error found by _decode, raised once the buffer is settled

@@ -20,6 +20,12 @@ Strategy:
   decoder allocates the frame's final ``bytes`` object, copies in the part
   already received, and ``get_buffer`` hands out the rest of that object: the
   kernel writes each remaining payload byte exactly once, where it stays.
+  Right after such a frame completes, the next window is only a header long
+  (``header_peek``): large frames tend to follow large frames, and a full
+  window would receive most of the next payload into the arena, to be copied
+  out again. With the header alone, that payload is received directly too.
+  The cost, one short read per large frame, is the read that would otherwise
+  have fetched the few bytes a 64 KiB window leaves missing.
 - ``feed(data)`` decodes in place from the caller's buffer when nothing is
   buffered and copies only the unfinished tail.
 - Decoders never return ``None``: calls return the list of frames completed,
@@ -198,6 +204,7 @@ cdef class _Decoder:
         if self.failed is not None:
             self._raise_failed()
         self.window = -1
+        self.peek = False
         self._ingest(data, n, out)
         if self.error is not None:
             self._raise_error()
@@ -364,6 +371,8 @@ cdef class _Decoder:
                 block.start = self.direct_filled
                 block.length = block.size - block.start
             else:
+                if self.peek and self.header_peek < want:
+                    want = self.header_peek
                 self._reserve(want)
                 block = self.arena
                 block.start = self.wpos
@@ -392,11 +401,13 @@ cdef class _Decoder:
                 raise ValueError(f"nbytes {nbytes} outside the buffer of {self.window} bytes")
             n = nbytes
             self.window = -1
+            self.peek = False
             if self.failed is not None:
                 self._raise_failed()
             if self.direct is not None:
                 self.direct_filled += n
                 if self.direct_filled == self.direct_block.size:
+                    self.peek = True
                     out.append(self.direct)
                     self.direct = None
                     self.direct_block = None
@@ -425,6 +436,7 @@ cdef class LengthPrefixedDecoder(_Decoder):
         self.strip = spec.strip_size
         self.max_frame = spec.max_frame
         self.header = spec.offset + spec.length_size
+        self.header_peek = max(self.header, self.strip)
         self.arena_limit = max(READ_SIZE, self.header + spec.max_frame)
 
     cdef Py_ssize_t _decode(self, const char* data, Py_ssize_t n, list out) except -1:

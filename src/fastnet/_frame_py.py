@@ -73,10 +73,14 @@ def _as_bytes(data: Buffer) -> bytes:
 
 
 class _Decoder:
-    __slots__ = ("_buf", "_busy", "_failed", "_scratch", "_window")
+    __slots__ = ("_buf", "_busy", "_failed", "_peek", "_peek_size", "_scratch", "_window")
 
     def __init__(self) -> None:
         self._buf = bytearray()
+        # After a large frame completes through its own window, the next
+        # window is only _peek_size bytes: the next header (see _frame.pyx).
+        self._peek = False
+        self._peek_size = 0
         # Receive buffer behind the open window; kept between reads only
         # while a large frame is unfinished, so a slow sender costs no
         # reallocation per read.
@@ -112,6 +116,7 @@ class _Decoder:
         """feed() without the guard."""
         self._check()
         self._window = -1
+        self._peek = False
         self._buf += _contiguous(data)
         out: list[bytes] = []
         exc = self._decode(out)
@@ -168,7 +173,11 @@ class _Decoder:
         self._enter()
         try:
             self._check()
-            want = self._direct_missing() or want
+            missing = self._direct_missing()
+            if missing:
+                want = missing
+            elif self._peek and self._peek_size < want:
+                want = self._peek_size
             scratch = self._scratch
             if scratch is None or len(scratch) < want:
                 scratch = self._scratch = bytearray(want)
@@ -198,8 +207,11 @@ class _Decoder:
                 raise ValueError(f"nbytes {nbytes} outside the buffer of {self._window} bytes")
             scratch = self._scratch
             assert scratch is not None
+            missing = self._direct_missing()
             with memoryview(scratch) as view:
-                return self._pull(view[:nbytes])
+                frames = self._pull(view[:nbytes])
+            self._peek = 0 < missing == nbytes
+            return frames
         finally:
             if not self._direct_missing():
                 self._scratch = None
@@ -224,6 +236,7 @@ class LengthPrefixedDecoder(_Decoder):
         self._strip = spec.strip_size
         self._max = spec.max_frame
         self._header = spec.offset + spec.length_size
+        self._peek_size = max(self._header, self._strip)
 
     def _decode(self, out: list[bytes]) -> FrameError | None:
         buf = self._buf

@@ -29,6 +29,7 @@ from fastnet import (
 )
 from fastnet.apps import echo, echo_task
 from fastnet.protocol import _PAUSE_INBOX, LARGE_FRAME, READ_HIGH_FRAMES
+from fastnet.server import run_coroutine
 
 # The loop/backend fixtures (arun, loop_name, process_variant) live there.
 pytest_plugins = ["test_server_support"]
@@ -343,7 +344,7 @@ def test_large_payloads_are_not_copied_where_writes_are_vectored(
         conn = fastnet.Connection(fastnet.LengthPrefixed())
         transport = _RecordingTransport()
         conn.connection_made(transport)
-        assert conn._writelines is writelines_ok
+        assert (conn._write_buffers is not None) is writelines_ok
         big = b"B" * (64 * 1024)
         conn.send_many([b"a", b"b", big, b"c"])
         await conn.drain()
@@ -608,3 +609,103 @@ def test_little_endian_two_byte_framing(arun: Runner[Any]) -> None:
             await writer.wait_closed()
 
     arun(scenario())
+
+
+class _WritevRecorder:
+    """Wraps os.writev: the buffer lists it was given and the errors it raised."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import os
+
+        self.calls: list[list[Any]] = []
+        self.errors: list[OSError] = []
+        self._real = os.writev
+        monkeypatch.setattr(os, "writev", self)
+
+    def __call__(self, fd: int, buffers: list[Any]) -> int:
+        self.calls.append(list(buffers))
+        try:
+            return self._real(fd, buffers)
+        except OSError as exc:
+            self.errors.append(exc)
+            raise
+
+
+async def _read_exactly(sock: Any, n: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    got = bytearray()
+    while len(got) < n:
+        chunk = await loop.sock_recv(sock, min(1 << 20, n - len(got)))
+        assert chunk, "peer closed early"
+        got += chunk
+    return bytes(got)
+
+
+# fastnet makes the vectored write itself only on CPython's selector
+# transport (uvloop's writelines is tested above), so these run on asyncio,
+# with both codecs.
+
+
+def test_asyncio_vectored_write_sends_payload_objects_unjoined(
+    codec: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The payload objects are the iovecs. A payload larger than the socket
+    # buffer makes writev partial and the rest goes through the transport's
+    # buffer; a batch sent while that buffer is not empty is joined behind
+    # it. The peer must get every byte, in order.
+    import socket
+
+    writev = _WritevRecorder(monkeypatch)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        theirs.setblocking(False)
+        try:
+            _, conn = await loop.connect_accepted_socket(
+                lambda: fastnet.Connection(fastnet.LengthPrefixed()), ours
+            )
+            big = bytes(range(256)) * 256  # 64 KiB
+            huge = b"H" * (4 << 20)  # far more than the socket buffer holds
+            batches = [[b"a", big, b"b"], [huge], [big, big], [b"tail"]]
+            for batch in batches:
+                conn.send_many(batch)
+                conn._flush()  # one batch, one write, as a handler's wait would do
+            wire = b"".join(frame_bytes(p) for batch in batches for p in batch)
+            assert await _read_exactly(theirs, len(wire)) == wire
+            await conn.drain()
+            assert [len(c) for c in writev.calls] == [4, 2], "one writev per batch while unbuffered"
+            assert writev.calls[0][2] is big and writev.calls[1][1] is huge, "a payload was copied"
+            conn.close()
+            await conn.wait_closed()
+        finally:
+            theirs.close()
+
+    run_coroutine(asyncio.wait_for(scenario(), 30), loop="asyncio")
+
+
+def test_asyncio_vectored_write_to_a_reset_peer_fails_the_connection(
+    codec: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # writev meets the reset; the transport's own write then meets it again
+    # and fails the connection its usual way: a typed error, no traceback.
+    import socket
+
+    writev = _WritevRecorder(monkeypatch)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        _, conn = await loop.connect_accepted_socket(
+            lambda: fastnet.Connection(fastnet.LengthPrefixed()), ours
+        )
+        theirs.close()
+        with pytest.raises(ConnectionBrokenError):
+            for _ in range(50):  # the first send meets EPIPE; the next one reports it
+                conn.send(b"x" * (64 * 1024))
+                await conn.drain()
+                await asyncio.sleep(0.01)
+        assert writev.errors, "the error was not met by writev"
+        await conn.wait_closed()
+
+    run_coroutine(asyncio.wait_for(scenario(), 30), loop="asyncio")

@@ -30,10 +30,9 @@ happens when the handler waits for input or drains, on close, at the end of
 ``buffer_updated`` for whatever the resumed handler left queued, and, for
 sends made anywhere else, from one ``loop.call_soon`` per batch.
 Length-prefixed payloads of ``LARGE_FRAME`` bytes or more are not copied into
-the joined buffer where the transport's ``writelines`` sends each buffer as
-its own iovec (uvloop): their length field and the payload object itself go
-to ``writelines``. Elsewhere they are joined, which costs less than a second
-send call and packet per frame (see _WRITELINES_MODULE for CPython's own).
+the joined buffer: their length field and the payload object itself go out
+as separate iovecs of one vectored write (uvloop's ``writelines``; on
+CPython's selector transport, ``_write_vectored``).
 
 Flow control. Reading pauses while the handler has more than
 ``READ_HIGH_FRAMES`` frames or ``READ_HIGH_BYTES`` bytes queued, and resumes
@@ -55,12 +54,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import os
 import types
-from asyncio import AbstractEventLoop, CancelledError
+from asyncio import AbstractEventLoop, CancelledError, selector_events
 from collections.abc import Callable, Generator, Iterable, Sequence
 from contextvars import Context
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .errors import (
     ConnectionBrokenError,
@@ -117,14 +118,67 @@ _PAUSE_INBOX = 1  # the handler has too many frames queued
 _PAUSE_WRITE = 2  # the transport is over its write high-water mark
 _PAUSE_STOP = 4  # no more input wanted: shutdown, framing error, close
 
-# Large payloads are written unjoined only on uvloop, whose writelines() sends
-# each buffer as its own iovec. CPython's selector transport does the same
-# from 3.12, but its writelines() has had bugs in released versions: it did
-# not pause the protocol at the high-water mark (gh-127655: drain() never
-# waited, the buffer grew without bound; fixed in 3.12.9 and 3.13.2) and it
-# fails after the connection is lost (gh-136234). Joining is safe everywhere
-# and measured no slower on asyncio.
-_WRITELINES_MODULE = "uvloop"
+# CPython's transport for sockets on selector loops (Unix); private, so looked
+# up softly: if it is renamed, payloads are joined, as on other transports.
+_SelectorSocketTransport = getattr(selector_events, "_SelectorSocketTransport", None)
+
+# Most buffers one vectored write takes. POSIX guarantees 16 (_XOPEN_IOV_MAX);
+# Linux and the BSDs take 1024. A longer list is joined instead.
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16
+if _IOV_MAX <= 0:
+    _IOV_MAX = 16
+
+
+def _vectored_writer(transport: asyncio.BaseTransport) -> Callable[[list[Buffer]], None] | None:
+    """A function writing a list of buffers as one vectored write, or None.
+
+    uvloop's ``writelines`` does that. CPython's selector transport joins the
+    buffers before 3.12, and from 3.12 its ``writelines`` has had bugs in
+    released versions: it did not pause the protocol at the high-water mark
+    (gh-127655: drain() never waited, the buffer grew without bound; fixed in
+    3.12.9 and 3.13.2), and it fails after the connection is lost
+    (gh-136234). So on that transport fastnet makes the vectored write itself
+    (``_write_vectored``), in every version. Other transports (SSL, proactor)
+    get None: their payloads are joined.
+    """
+    kind = type(transport)
+    if kind.__module__.startswith("uvloop"):
+        return transport.writelines  # type: ignore[attr-defined,no-any-return]
+    if kind is _SelectorSocketTransport and hasattr(os, "writev"):
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            write_transport = cast(asyncio.WriteTransport, transport)
+            return functools.partial(_write_vectored, write_transport, sock.fileno())
+    return None
+
+
+def _write_vectored(transport: asyncio.WriteTransport, fd: int, buffers: list[Buffer]) -> None:
+    """Write ``buffers`` in order: writev(2) while the transport holds nothing unsent.
+
+    This is what the transport's own ``write`` does with one buffer (send at
+    once when its buffer is empty), with an iovec per buffer instead of a
+    joined copy. Only what the kernel did not take is joined and handed to
+    ``transport.write``, which buffers it and applies flow control; an error
+    (a reset peer) is left for that ``write`` to meet again and report the
+    transport's way.
+    """
+    idle = not transport.get_write_buffer_size() and not transport.is_closing()
+    if idle and len(buffers) <= _IOV_MAX:
+        try:
+            sent = os.writev(fd, buffers)
+        except OSError:  # EAGAIN, EINTR, or an error transport.write reports
+            sent = 0
+        if sent:
+            for i, buf in enumerate(buffers):
+                size = len(buf)
+                if sent < size:
+                    buffers = [memoryview(buf)[sent:], *buffers[i + 1 :]]
+                    break
+                sent -= size
+            else:
+                return  # all of it went out
+    transport.write(b"".join(buffers))
+
 
 _EMPTY: Sequence[bytes] = ()  # the inbox when nothing is queued; never mutated
 
@@ -291,8 +345,8 @@ class FrameProtocol(asyncio.BufferedProtocol):
         "_server",
         "_transport",
         "_wakeup",
+        "_write_buffers",
         "_write_paused",
-        "_writelines",
         "bytes_in",
         "bytes_out",
         "frames_in",
@@ -328,7 +382,9 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._encode_many: Callable[[Iterable[Buffer]], bytes] = encoder.encode_many
         # Only a length-prefixed encoder can write a length field apart from its payload.
         self._header: Callable[[int], bytes] | None = getattr(encoder, "header", None)
-        self._writelines = False
+        # Writes a list of buffers as one vectored write; None where the
+        # transport cannot (connection_made decides).
+        self._write_buffers: Callable[[list[Buffer]], None] | None = None
 
         # Receive side: the inbox is a list of frames, ``_pos`` the next one.
         self._inbox: Sequence[bytes] = _EMPTY
@@ -373,12 +429,11 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._transport = transport  # type: ignore[assignment]
         self.peer = transport.get_extra_info("peername")
         self.local = transport.get_extra_info("sockname")
-        self._writelines = type(transport).__module__.startswith(_WRITELINES_MODULE)
-        if not self._writelines:
+        self._write_buffers = _vectored_writer(transport)
+        if self._write_buffers is None:
             # Without vectored writes, [length field, payload] would cost two
             # send calls and a 4-byte packet per large frame; copying the
-            # payload into one buffer is cheaper (measured on asyncio 3.11,
-            # 8 x 4 x 64 KiB echo).
+            # payload into one buffer is cheaper.
             self._header = None
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -724,8 +779,10 @@ class FrameProtocol(asyncio.BufferedProtocol):
         except Exception as exc:
             self._encode_failed(out, exc)
             raise
-        self._transport.writelines(buffers)  # only where it sends them as separate iovecs
-        return sum(map(len, buffers))
+        size = sum(map(len, buffers))
+        assert self._write_buffers is not None  # else no _header, and no call here
+        self._write_buffers(buffers)
+        return size
 
     def _encode_failed(self, out: list[Buffer], exc: Exception) -> None:
         """Write the frames before the one that cannot be encoded, then fail the connection."""

@@ -846,7 +846,8 @@ def new_event_loop(loop: str = "auto") -> asyncio.AbstractEventLoop:
             if loop == "uvloop":
                 raise RuntimeError("uvloop is not installed (pip install uvloop)") from None
         else:
-            return uvloop.new_event_loop()  # type: ignore[no-any-return]
+            new_loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+            return new_loop
     return asyncio.new_event_loop()
 
 

@@ -611,6 +611,35 @@ def test_little_endian_two_byte_framing(arun: Runner[Any]) -> None:
     arun(scenario())
 
 
+def test_large_frames_of_any_buffer_type_keep_their_byte_length(arun: Runner[Any]) -> None:
+    # A length field counts bytes. len() of an array('i'), or of a memoryview
+    # of one, counts items: such a frame must be encoded (copied), not sent as
+    # [len() as length field, buffer], which would corrupt the stream.
+    import array
+
+    ints = array.array("i", range(40000))  # 160,000 bytes, len() 40,000
+    data = bytes(range(256)) * 256
+    frames: list[Any] = [
+        ints,
+        memoryview(ints),
+        memoryview(ints).cast("B"),
+        bytearray(data),
+        memoryview(data)[1:-1],
+        data,
+    ]
+
+    async def scenario() -> None:
+        async with serving(echo) as server:
+            conn = await fastnet.connect("127.0.0.1", server.port)
+            try:
+                replies = await roundtrip(conn, frames)
+            finally:
+                conn.close()
+            assert replies == [bytes(f) for f in frames]
+
+    arun(scenario())
+
+
 class _WritevRecorder:
     """Wraps os.writev: the buffer lists it was given and the errors it raised."""
 

@@ -180,6 +180,20 @@ def _write_vectored(transport: asyncio.WriteTransport, fd: int, buffers: list[Bu
     transport.write(b"".join(buffers))
 
 
+def _is_flat(frame: object) -> bool:
+    """True if ``len(frame)`` counts bytes and the frame can be an iovec as it is.
+
+    Not so for an ``array('i')`` or a memoryview of one (``len`` counts
+    items), nor for a non-contiguous view: those are encoded (copied), which
+    counts their bytes or raises the encoder's error.
+    """
+    try:
+        with memoryview(frame) as view:  # type: ignore[arg-type]
+            return view.ndim == 1 and view.itemsize == 1 and view.c_contiguous
+    except TypeError:  # not a buffer at all: the encoder reports it
+        return False
+
+
 _EMPTY: Sequence[bytes] = ()  # the inbox when nothing is queued; never mutated
 
 # asyncio.current_task is C from Python 3.12; before, the Python function
@@ -768,7 +782,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
         try:
             for i, frame in enumerate(out):
                 size = len(frame)
-                if size >= LARGE_FRAME:
+                if size >= LARGE_FRAME and (type(frame) is bytes or _is_flat(frame)):
                     if i > start:
                         buffers.append(encode_many(out[start:i]))
                     buffers.append(header(size))

@@ -350,8 +350,9 @@ cdef class _Decoder:
 
         Returns:
             A writable memoryview of at least one byte: ``sizehint`` bytes
-            (64 KiB for -1, at most 1 MiB), or exactly the missing bytes of a
-            large unfinished frame. Write into its start, then call
+            (64 KiB for -1, at most 1 MiB); exactly the missing bytes of a
+            large unfinished frame; or, right after such a frame completed,
+            no more than the next frame's header. Write into its start, then call
             ``buffer_updated`` with the number of bytes written. The view is
             not to be used after that call: it may be part of a delivered frame.
 

@@ -158,17 +158,23 @@ def _write_vectored(transport: asyncio.WriteTransport, fd: int, buffers: list[Bu
     This is what the transport's own ``write`` does with one buffer (send at
     once when its buffer is empty), with an iovec per buffer instead of a
     joined copy. Only what the kernel did not take is joined and handed to
-    ``transport.write``, which buffers it and applies flow control; an error
-    (a reset peer) is left for that ``write`` to meet again and report the
-    transport's way.
+    ``transport.write``, which buffers it and applies flow control.
     """
-    idle = not transport.get_write_buffer_size() and not transport.is_closing()
-    if idle and len(buffers) <= _IOV_MAX:
-        try:
-            sent = os.writev(fd, buffers)
-        except OSError:  # EAGAIN, EINTR, or an error transport.write reports
-            sent = 0
-        if sent:
+    if len(buffers) <= _IOV_MAX and not transport.get_write_buffer_size():
+        # An empty write runs the transport's own checks first: it raises
+        # RuntimeError after write_eof() or while loop.sendfile() runs (whose
+        # bytes ours would land among), as a write of the data would.
+        transport.write(b"")
+        if not transport.is_closing():
+            try:
+                sent = os.writev(fd, buffers)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                # Report this error, not the EPIPE a second send would meet:
+                # the kernel reports a socket error such as ECONNRESET once.
+                transport._fatal_error(exc, "Fatal write error on socket transport")  # type: ignore[attr-defined]
+                return
             for i, buf in enumerate(buffers):
                 size = len(buf)
                 if sent < size:

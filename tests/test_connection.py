@@ -780,3 +780,85 @@ def test_asyncio_vectored_write_refuses_to_interleave_with_sendfile(codec: Any) 
         theirs.close()
 
     run_coroutine(asyncio.wait_for(scenario(), 30), loop="asyncio")
+
+
+class _ReadvRecorder:
+    """Wraps os.readv: how many bytes each call returned."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import os
+
+        self.results: list[int] = []
+        self._real = os.readv
+        monkeypatch.setattr(os, "readv", self)
+
+    def __call__(self, fd: int, buffers: Any) -> int:
+        n: int = self._real(fd, buffers)
+        self.results.append(n)
+        return n
+
+
+def test_asyncio_reads_on_while_reads_fill_their_window(
+    codec: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Large frames arrive as header-sized and payload-sized reads, each of
+    # which fills its window: fastnet reads on (os.readv) instead of going
+    # back to the selector each time. Every frame must still arrive whole and
+    # in order, and the end of the stream must still be seen after them.
+    import socket
+
+    readv = _ReadvRecorder(monkeypatch)
+    payloads = [bytes([i]) * (40000 + 997 * i) for i in range(40)]
+    wire = b"".join(frame_bytes(p) for p in payloads)
+
+    async def scenario() -> None:
+        async with serving(echo) as server:
+            loop = asyncio.get_running_loop()
+            with socket.create_connection(("127.0.0.1", server.port)) as client:
+                client.setblocking(False)
+                await loop.sock_sendall(client, wire)
+                client.shutdown(socket.SHUT_WR)  # the end comes right behind the frames
+                got = bytearray()
+                while chunk := await loop.sock_recv(client, 1 << 20):
+                    got += chunk
+            assert bytes(got) == wire
+            assert server.stats()["frames_in"] == len(payloads)
+        assert len(readv.results) >= len(payloads), readv.results  # it read on, frame after frame
+
+    run_coroutine(asyncio.wait_for(scenario(), 30), loop="asyncio")
+
+
+def test_asyncio_reading_on_stops_when_reading_pauses(codec: Any) -> None:
+    # A handler that takes nothing: reading pauses once 4 MiB of 64 KiB frames
+    # are queued, and reading on must stop there too, not a burst later.
+    import socket
+
+    from fastnet.protocol import READ_HIGH_BYTES
+
+    state: dict[str, Any] = {}
+
+    async def idle(conn: fastnet.Connection) -> None:
+        state["conn"] = conn
+        await state["done"].wait()
+
+    async def scenario() -> None:
+        state["done"] = asyncio.Event()
+        async with serving(idle) as server:
+            loop = asyncio.get_running_loop()
+            with socket.create_connection(("127.0.0.1", server.port)) as client:
+                client.setblocking(False)
+                wire = frame_bytes(b"z" * 65536) * 160  # 10 MiB
+                sending = loop.create_task(loop.sock_sendall(client, wire))
+                await wait_until(
+                    lambda: "conn" in state and state["conn"]._read_paused & _PAUSE_INBOX
+                )
+                conn = state["conn"]
+                received = conn.bytes_in
+                assert READ_HIGH_BYTES < received <= READ_HIGH_BYTES + 2 * (65536 + 4)
+                await asyncio.sleep(0.1)
+                assert conn.bytes_in == received  # nothing more was read
+                sending.cancel()
+                await asyncio.wait((sending,))
+                state["done"].set()
+
+    run_coroutine(asyncio.wait_for(scenario(), 30), loop="asyncio")

@@ -16,6 +16,16 @@ frame, into the frame's final bytes object) with no Python code in between.
 returned frame list as the inbox (not a copy; appended to only when the
 handler is behind), and resumes the handler task once.
 
+Reading on. uvloop (libuv) reads again while reads fill their buffer, up to
+32 times per readiness event; CPython's selector transport makes one read
+per event and goes back to the selector. There, fastnet reads on itself
+(``_read_burst``): while a read filled its window, up to ``READ_BURST`` more
+reads into the decoder's next windows, stopping at a short read, when
+reading pauses, or when the connection closes. It matters for large
+frames, where each frame takes a header-sized read and a payload-sized one;
+a 64 KiB read of small frames seldom fills its window and costs nothing
+more.
+
 Waking. A handler waiting for frames is suspended on a ``_Wakeup``: a
 reusable, future-like object (asyncio's duck-typed Future protocol). No Future
 is created per read, and ``buffer_updated`` resumes the task directly, the
@@ -200,6 +210,10 @@ def _is_flat(frame: object) -> bool:
         return False
 
 
+# Most extra reads _read_burst makes per readiness event, so one busy
+# connection cannot keep the loop from the others for long (libuv: 32).
+READ_BURST = 16
+
 _EMPTY: Sequence[bytes] = ()  # the inbox when nothing is queued; never mutated
 
 # asyncio.current_task is C from Python 3.12; before, the Python function
@@ -334,6 +348,8 @@ class FrameProtocol(asyncio.BufferedProtocol):
     # ``get_buffer`` is a slot holding the decoder's bound method: it shadows
     # BufferedProtocol.get_buffer, so the transport calls the decoder straight
     # away (uvloop reads this attribute once, when the transport is made).
+    # ``buffer_updated`` is a slot too, holding ``_received`` or, on CPython's
+    # selector transport, ``_read_burst``.
     __slots__ = (
         "__weakref__",
         "_await_wakeup",
@@ -343,6 +359,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
         "_decoded",
         "_decoder",
         "_decoder_failed",
+        "_decoder_get_buffer",
         "_delivering",
         "_drain_waiter",
         "_encode_many",
@@ -360,13 +377,16 @@ class FrameProtocol(asyncio.BufferedProtocol):
         "_out",
         "_peer_eof",
         "_pos",
+        "_read_fd",
         "_read_paused",
         "_send_block",
         "_server",
         "_transport",
         "_wakeup",
+        "_window",
         "_write_buffers",
         "_write_paused",
+        "buffer_updated",
         "bytes_in",
         "bytes_out",
         "frames_in",
@@ -397,7 +417,13 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._decoder = decoder
         self._decoder_failed = False  # a framing error: the decoder takes no more input
         self.get_buffer = decoder.get_buffer  # type: ignore[method-assign]
+        self.buffer_updated = self._received  # type: ignore[method-assign]
         self._decoded = decoder.buffer_updated
+        self._decoder_get_buffer = decoder.get_buffer
+        # For _read_burst: the socket's descriptor (-1: not reading on), and
+        # the size of the window the transport was last handed.
+        self._read_fd = -1
+        self._window = 0
         encoder = framing.encoder
         self._encode_many: Callable[[Iterable[Buffer]], bytes] = encoder.encode_many
         # Only a length-prefixed encoder can write a length field apart from its payload.
@@ -450,13 +476,63 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self.peer = transport.get_extra_info("peername")
         self.local = transport.get_extra_info("sockname")
         self._write_buffers = _vectored_writer(transport)
+        if type(transport) is _SelectorSocketTransport and hasattr(os, "readv"):
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                self._read_fd = sock.fileno()
+                self.get_buffer = self._get_buffer_sized  # type: ignore[method-assign]
+                self.buffer_updated = self._read_burst  # type: ignore[method-assign]
         if self._write_buffers is None:
             # Without vectored writes, [length field, payload] would cost two
             # send calls and a 4-byte packet per large frame; copying the
             # payload into one buffer is cheaper.
             self._header = None
 
-    def buffer_updated(self, nbytes: int) -> None:
+    def _get_buffer_sized(self, sizehint: int) -> memoryview:
+        # get_buffer on CPython's selector transport: the decoder's window,
+        # whose size tells _read_burst whether the read filled it.
+        buf = self._decoder_get_buffer(sizehint)
+        self._window = len(buf)
+        return buf
+
+    def _read_burst(self, nbytes: int) -> None:
+        """``buffer_updated`` on CPython's selector transport: take the read, then read on.
+
+        A read that filled its window probably left more in the socket, so
+        read again at once, with ``os.readv`` on the socket, as libuv does,
+        instead of returning to the selector for each read. What the
+        transport's own read path would do with the outcome is done here
+        too: an error fails the transport its way; the end of the stream is
+        left in the socket, where the transport's next read finds it.
+        """
+        self._received(nbytes)
+        if nbytes < self._window:
+            return
+        transport = self._transport
+        fd = self._read_fd
+        get_buffer = self._decoder_get_buffer
+        for _ in range(READ_BURST):
+            # Not when reading is paused (backpressure, shutdown, a framing
+            # error), nor once the connection is closing.
+            if self._read_paused or not transport.is_reading():
+                return
+            buf = get_buffer(-1)
+            size = len(buf)
+            try:
+                nbytes = os.readv(fd, (buf,))
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                transport._fatal_error(exc, "Fatal read error on socket transport")  # type: ignore[attr-defined]
+                return
+            if not nbytes:
+                return
+            self._received(nbytes)
+            if nbytes < size:
+                return
+
+    def _received(self, nbytes: int) -> None:
+        """``buffer_updated``: decode ``nbytes`` just received and deliver the frames."""
         self.bytes_in += nbytes
         try:
             frames = self._decoded(nbytes)

@@ -93,6 +93,25 @@ def test_after_a_large_frame_the_window_is_the_next_header(frame_impl: ModuleTyp
     assert sizes == [65536, 4, 4, 65536, 4, 65536]
 
 
+def test_missing_counts_what_a_direct_receive_still_needs(frame_impl: ModuleType) -> None:
+    spec = LengthPrefixed()
+    decoder = frame_impl.LengthPrefixedDecoder(spec)
+    wire = spec.encode(b"m" * 40000) + spec.encode(b"small")
+    assert decoder.missing == 0
+    assert push(decoder, wire[:1000]) == []
+    assert decoder.missing == 40004 - 1000  # and the window is exactly that
+    view = decoder.get_buffer(-1)
+    assert len(view) == decoder.missing
+    view.release()
+    assert push(decoder, wire[1000:40004]) == [b"m" * 40000]
+    assert decoder.missing == 0
+    assert push(decoder, wire[40004:]) == [b"small"]  # small frames never count
+    assert decoder.missing == 0
+    lines = frame_impl.LineDecoder(Lines())
+    lines.feed(b"x" * 50000)
+    assert lines.missing == 0
+
+
 def test_header_window_covers_offset_and_strip(frame_impl: ModuleType) -> None:
     # The short window must hold what starting a direct receive needs: the
     # length field with the bytes before it, and every byte stripped.

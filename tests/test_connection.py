@@ -828,6 +828,34 @@ def test_asyncio_reads_on_while_reads_fill_their_window(
     run_coroutine(asyncio.wait_for(scenario(), 30), loop="asyncio")
 
 
+def test_asyncio_small_frames_are_never_read_on(
+    codec: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A client pipelining small frames fills every 64 KiB read; reading on
+    # there would let it hold the loop for many reads per event while other
+    # connections wait. Only large frames are read on.
+    import socket
+
+    readv = _ReadvRecorder(monkeypatch)
+    wire = frame_bytes(b"s" * 60) * 40000  # 2.5 MiB of 64-byte frames
+
+    async def scenario() -> None:
+        async with serving(echo) as server:
+            loop = asyncio.get_running_loop()
+            with socket.create_connection(("127.0.0.1", server.port)) as client:
+                client.setblocking(False)
+                sending = loop.create_task(loop.sock_sendall(client, wire))
+                got = 0
+                while got < len(wire):
+                    chunk = await loop.sock_recv(client, 1 << 20)
+                    assert chunk
+                    got += len(chunk)
+                await sending
+        assert readv.results == []
+
+    run_coroutine(asyncio.wait_for(scenario(), 30), loop="asyncio")
+
+
 def test_asyncio_reading_on_stops_when_reading_pauses(codec: Any) -> None:
     # A handler that takes nothing: reading pauses once 4 MiB of 64 KiB frames
     # are queued, and reading on must stop there too, not a burst later.

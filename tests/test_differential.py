@@ -87,9 +87,9 @@ def transcript(decoder: Any, chunks: list[bytes], how: str, hint: int) -> list[t
 
     def record(call: Any) -> None:
         try:
-            out.append(("ok", call(), decoder.pending))
+            out.append(("ok", call(), decoder.pending, decoder.missing))
         except FrameError as exc:
-            out.append(("error", type(exc), exc.args, exc.frames, decoder.pending))
+            out.append(("error", type(exc), exc.args, exc.frames, decoder.pending, decoder.missing))
 
     for chunk in chunks:
         if how == "feed":

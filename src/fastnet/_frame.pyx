@@ -182,6 +182,17 @@ cdef class _Decoder:
             return self.direct_base + self.direct_filled
         return self.wpos - self.rpos
 
+    @property
+    def missing(self):
+        """Bytes still missing from a large frame being received into its own object, or 0.
+
+        While it is not 0, ``get_buffer`` opens a window of exactly that many
+        bytes (direct receive); 0 when no such frame is under way.
+        """
+        if self.direct is None:
+            return 0
+        return self.direct_block.size - self.direct_filled
+
     cdef Py_ssize_t _decode(self, const char* data, Py_ssize_t n, list out) except -1:
         raise NotImplementedError
 

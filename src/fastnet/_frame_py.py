@@ -94,6 +94,15 @@ class _Decoder:
         """The number of received bytes that belong to no delivered frame yet."""
         return len(self._buf)
 
+    @property
+    def missing(self) -> int:
+        """Bytes still missing from a large frame being received into its own object, or 0.
+
+        While it is not 0, ``get_buffer`` opens a window of exactly that many
+        bytes (direct receive); 0 when no such frame is under way.
+        """
+        return self._direct_missing()
+
     def _check(self) -> None:
         failed = self._failed
         if failed is not None:

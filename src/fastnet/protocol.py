@@ -16,15 +16,15 @@ frame, into the frame's final bytes object) with no Python code in between.
 returned frame list as the inbox (not a copy; appended to only when the
 handler is behind), and resumes the handler task once.
 
-Reading on. uvloop (libuv) reads again while reads fill their buffer, up to
-32 times per readiness event; CPython's selector transport makes one read
-per event and goes back to the selector. There, fastnet reads on itself
-(``_read_burst``): while a read filled its window, up to ``READ_BURST`` more
-reads into the decoder's next windows, stopping at a short read, when
-reading pauses, or when the connection closes. It matters for large
-frames, where each frame takes a header-sized read and a payload-sized one;
-a 64 KiB read of small frames seldom fills its window and costs nothing
-more.
+Reading on. A large frame takes two reads: one of its header (the decoder's
+window after a large frame is header-sized), one of its payload, straight
+into the frame. CPython's selector transport makes one read per readiness
+event and goes back to the selector in between. There, fastnet reads on
+itself (``_read_burst``) through runs of large frames: after a read that
+began a large frame, or filled the rest of one, up to ``READ_BURST`` more
+reads, stopping at a short read, when reading pauses, or when the
+connection closes. Reads of small frames never read on, so a client
+pipelining small frames cannot hold the loop longer than one read.
 
 Waking. A handler waiting for frames is suspended on a ``_Wakeup``: a
 reusable, future-like object (asyncio's duck-typed Future protocol). No Future
@@ -210,8 +210,9 @@ def _is_flat(frame: object) -> bool:
         return False
 
 
-# Most extra reads _read_burst makes per readiness event, so one busy
-# connection cannot keep the loop from the others for long (libuv: 32).
+# Most extra reads _read_burst makes per readiness event, so a connection
+# streaming large frames cannot keep the loop from the others for long
+# (libuv reads up to 32 times per event, small reads included).
 READ_BURST = 16
 
 _EMPTY: Sequence[bytes] = ()  # the inbox when nothing is queued; never mutated
@@ -349,7 +350,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
     # BufferedProtocol.get_buffer, so the transport calls the decoder straight
     # away (uvloop reads this attribute once, when the transport is made).
     # ``buffer_updated`` is a slot too, holding ``_received`` or, on CPython's
-    # selector transport, ``_read_burst``.
+    # selector transport, ``_read_burst`` (uvloop reads it once, too).
     __slots__ = (
         "__weakref__",
         "_await_wakeup",
@@ -359,7 +360,6 @@ class FrameProtocol(asyncio.BufferedProtocol):
         "_decoded",
         "_decoder",
         "_decoder_failed",
-        "_decoder_get_buffer",
         "_delivering",
         "_drain_waiter",
         "_encode_many",
@@ -383,7 +383,6 @@ class FrameProtocol(asyncio.BufferedProtocol):
         "_server",
         "_transport",
         "_wakeup",
-        "_window",
         "_write_buffers",
         "_write_paused",
         "buffer_updated",
@@ -419,11 +418,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self.get_buffer = decoder.get_buffer  # type: ignore[method-assign]
         self.buffer_updated = self._received  # type: ignore[method-assign]
         self._decoded = decoder.buffer_updated
-        self._decoder_get_buffer = decoder.get_buffer
-        # For _read_burst: the socket's descriptor (-1: not reading on), and
-        # the size of the window the transport was last handed.
-        self._read_fd = -1
-        self._window = 0
+        self._read_fd = -1  # the socket's descriptor, for _read_burst; -1: not reading on
         encoder = framing.encoder
         self._encode_many: Callable[[Iterable[Buffer]], bytes] = encoder.encode_many
         # Only a length-prefixed encoder can write a length field apart from its payload.
@@ -480,7 +475,6 @@ class FrameProtocol(asyncio.BufferedProtocol):
             sock = transport.get_extra_info("socket")
             if sock is not None:
                 self._read_fd = sock.fileno()
-                self.get_buffer = self._get_buffer_sized  # type: ignore[method-assign]
                 self.buffer_updated = self._read_burst  # type: ignore[method-assign]
         if self._write_buffers is None:
             # Without vectored writes, [length field, payload] would cost two
@@ -488,36 +482,35 @@ class FrameProtocol(asyncio.BufferedProtocol):
             # payload into one buffer is cheaper.
             self._header = None
 
-    def _get_buffer_sized(self, sizehint: int) -> memoryview:
-        # get_buffer on CPython's selector transport: the decoder's window,
-        # whose size tells _read_burst whether the read filled it.
-        buf = self._decoder_get_buffer(sizehint)
-        self._window = len(buf)
-        return buf
-
     def _read_burst(self, nbytes: int) -> None:
         """``buffer_updated`` on CPython's selector transport: take the read, then read on.
 
-        A read that filled its window probably left more in the socket, so
-        read again at once, with ``os.readv`` on the socket, as libuv does,
-        instead of returning to the selector for each read. What the
-        transport's own read path would do with the outcome is done here
-        too: an error fails the transport its way; the end of the stream is
-        left in the socket, where the transport's next read finds it.
+        Only through large frames: after a read that began one (its payload
+        has most likely arrived with its header) or that filled the rest of
+        one (the next header most likely follows), read again at once, with
+        ``os.readv`` on the socket, instead of returning to the selector for
+        each read. What the transport's read path would do with the outcome
+        is done here too: an error fails the transport its way; the end of
+        the stream stays in the socket, where the transport's next read
+        finds it.
         """
+        decoder = self._decoder
+        missing = decoder.missing  # what this read's window was for, if a large frame's
         self._received(nbytes)
-        if nbytes < self._window:
-            return
         transport = self._transport
         fd = self._read_fd
-        get_buffer = self._decoder_get_buffer
         for _ in range(READ_BURST):
+            if missing:
+                if nbytes < missing:
+                    return  # a short read: the socket is most likely drained
+            elif not decoder.missing:
+                return  # no large frame begun: small frames are not read on
             # Not when reading is paused (backpressure, shutdown, a framing
             # error), nor once the connection is closing.
             if self._read_paused or not transport.is_reading():
                 return
-            buf = get_buffer(-1)
-            size = len(buf)
+            missing = decoder.missing
+            buf = decoder.get_buffer(-1)
             try:
                 nbytes = os.readv(fd, (buf,))
             except (BlockingIOError, InterruptedError):
@@ -528,8 +521,6 @@ class FrameProtocol(asyncio.BufferedProtocol):
             if not nbytes:
                 return
             self._received(nbytes)
-            if nbytes < size:
-                return
 
     def _received(self, nbytes: int) -> None:
         """``buffer_updated``: decode ``nbytes`` just received and deliver the frames."""

@@ -640,24 +640,27 @@ def test_large_frames_of_any_buffer_type_keep_their_byte_length(arun: Runner[Any
     arun(scenario())
 
 
-class _WritevRecorder:
-    """Wraps os.writev: the buffer lists it was given and the errors it raised."""
+class _VectorIORecorder:
+    """Wraps os.writev or os.readv: the buffer lists, byte counts and errors of its calls."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
         import os
 
         self.calls: list[list[Any]] = []
+        self.results: list[int] = []
         self.errors: list[OSError] = []
-        self._real = os.writev
-        monkeypatch.setattr(os, "writev", self)
+        self._real = getattr(os, name)
+        monkeypatch.setattr(os, name, self)
 
-    def __call__(self, fd: int, buffers: list[Any]) -> int:
+    def __call__(self, fd: int, buffers: Any) -> int:
         self.calls.append(list(buffers))
         try:
-            return self._real(fd, buffers)
+            n: int = self._real(fd, buffers)
         except OSError as exc:
             self.errors.append(exc)
             raise
+        self.results.append(n)
+        return n
 
 
 async def _read_exactly(sock: Any, n: int) -> bytes:
@@ -684,7 +687,7 @@ def test_asyncio_vectored_write_sends_payload_objects_unjoined(
     # it. The peer must get every byte, in order.
     import socket
 
-    writev = _WritevRecorder(monkeypatch)
+    writev = _VectorIORecorder(monkeypatch, "writev")
 
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
@@ -721,7 +724,7 @@ def test_asyncio_vectored_write_to_a_reset_peer_reports_the_reset(
     # would meet.
     import socket
 
-    writev = _WritevRecorder(monkeypatch)
+    writev = _VectorIORecorder(monkeypatch, "writev")
 
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
@@ -782,22 +785,6 @@ def test_asyncio_vectored_write_refuses_to_interleave_with_sendfile(codec: Any) 
     run_coroutine(asyncio.wait_for(scenario(), 30), loop="asyncio")
 
 
-class _ReadvRecorder:
-    """Wraps os.readv: how many bytes each call returned."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        import os
-
-        self.results: list[int] = []
-        self._real = os.readv
-        monkeypatch.setattr(os, "readv", self)
-
-    def __call__(self, fd: int, buffers: Any) -> int:
-        n: int = self._real(fd, buffers)
-        self.results.append(n)
-        return n
-
-
 def test_asyncio_reads_on_while_reads_fill_their_window(
     codec: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -807,7 +794,7 @@ def test_asyncio_reads_on_while_reads_fill_their_window(
     # in order, and the end of the stream must still be seen after them.
     import socket
 
-    readv = _ReadvRecorder(monkeypatch)
+    readv = _VectorIORecorder(monkeypatch, "readv")
     payloads = [bytes([i]) * (40000 + 997 * i) for i in range(40)]
     wire = b"".join(frame_bytes(p) for p in payloads)
 
@@ -836,7 +823,7 @@ def test_asyncio_small_frames_are_never_read_on(
     # connections wait. Only large frames are read on.
     import socket
 
-    readv = _ReadvRecorder(monkeypatch)
+    readv = _VectorIORecorder(monkeypatch, "readv")
     wire = frame_bytes(b"s" * 60) * 40000  # 2.5 MiB of 64-byte frames
 
     async def scenario() -> None:

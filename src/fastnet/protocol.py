@@ -139,7 +139,21 @@ if _IOV_MAX <= 0:
     _IOV_MAX = 16
 
 
-def _vectored_writer(transport: asyncio.BaseTransport) -> Callable[[list[Buffer]], None] | None:
+def _selector_socket_fd(transport: asyncio.BaseTransport) -> int:
+    """The socket's descriptor if ``transport`` is CPython's selector socket transport, else -1.
+
+    There fastnet makes vectored writes and reads on by itself (writev,
+    readv on that descriptor); elsewhere it leaves all I/O to the transport.
+    """
+    if type(transport) is not _SelectorSocketTransport or not hasattr(os, "writev"):
+        return -1
+    sock = transport.get_extra_info("socket")
+    return -1 if sock is None else int(sock.fileno())
+
+
+def _vectored_writer(
+    transport: asyncio.BaseTransport, fd: int
+) -> Callable[[list[Buffer]], None] | None:
     """A function writing a list of buffers as one vectored write, or None.
 
     uvloop's ``writelines`` does that. CPython's selector transport joins the
@@ -148,17 +162,14 @@ def _vectored_writer(transport: asyncio.BaseTransport) -> Callable[[list[Buffer]
     (gh-127655: drain() never waited, the buffer grew without bound; fixed in
     3.12.9 and 3.13.2), and it fails after the connection is lost
     (gh-136234). So on that transport fastnet makes the vectored write itself
-    (``_write_vectored``), in every version. Other transports (SSL, proactor)
-    get None: their payloads are joined.
+    (``_write_vectored``) on ``fd`` (``_selector_socket_fd``), in every
+    version. Other transports (SSL, proactor) get None: their payloads are
+    joined.
     """
-    kind = type(transport)
-    if kind.__module__.startswith("uvloop"):
+    if type(transport).__module__.startswith("uvloop"):
         return transport.writelines  # type: ignore[attr-defined,no-any-return]
-    if kind is _SelectorSocketTransport and hasattr(os, "writev"):
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            write_transport = cast(asyncio.WriteTransport, transport)
-            return functools.partial(_write_vectored, write_transport, sock.fileno())
+    if fd >= 0:
+        return functools.partial(_write_vectored, cast(asyncio.WriteTransport, transport), fd)
     return None
 
 
@@ -470,12 +481,11 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._transport = transport  # type: ignore[assignment]
         self.peer = transport.get_extra_info("peername")
         self.local = transport.get_extra_info("sockname")
-        self._write_buffers = _vectored_writer(transport)
-        if type(transport) is _SelectorSocketTransport and hasattr(os, "readv"):
-            sock = transport.get_extra_info("socket")
-            if sock is not None:
-                self._read_fd = sock.fileno()
-                self.buffer_updated = self._read_burst  # type: ignore[method-assign]
+        fd = _selector_socket_fd(transport)
+        self._write_buffers = _vectored_writer(transport, fd)
+        if fd >= 0:
+            self._read_fd = fd
+            self.buffer_updated = self._read_burst  # type: ignore[method-assign]
         if self._write_buffers is None:
             # Without vectored writes, [length field, payload] would cost two
             # send calls and a 4-byte packet per large frame; copying the

@@ -13,25 +13,35 @@ frame switch on every read, in both directions.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+import types
+from collections.abc import Coroutine, Iterable
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from .errors import ConnectionBusyError
+from .errors import ConnectionBrokenError, ConnectionBusyError, ConnectionClosedError
 from .framing import Framing, LengthPrefixed
 from .protocol import (
+    _CLOSED,
+    _CLOSING,
     _EMPTY,
     _PAUSE_INBOX,
+    _PAUSE_WRITE,
+    _PEER_CLOSED,
     DEFAULT_MAX_WRITE_BUFFER,
     Buffer,
     FrameProtocol,
+    Lifecycle,
     WriteBufferFull,
+    _closed_by_us,
+    _reraise_factory,
     _write_buffer_full,
 )
 
 if TYPE_CHECKING:
     from .server import Server
 
-__all__ = ["Connection", "WriteBufferFull", "connect"]
+__all__ = ["Connection", "Lifecycle", "WriteBufferFull", "connect"]
+
+T = TypeVar("T")
 
 
 class Connection(FrameProtocol):
@@ -96,7 +106,7 @@ class Connection(FrameProtocol):
         super().__init__(framing, server=server, max_write_buffer=max_write_buffer)
 
     def __repr__(self) -> str:
-        state = "closed" if self._lost else "closing" if self._closing else "open"
+        state = self._lifecycle.name.lower().replace("_", "-")
         return f"<fastnet.Connection {state} peer={self.peer!r} local={self.local!r}>"
 
     # ---------------------------------------------------------------- receive
@@ -246,12 +256,132 @@ class Connection(FrameProtocol):
             waiter = self._drain_waiter = self._loop.create_future()
         await waiter
 
+    # ---------------------------------------------------- state and tasks
+
+    @property
+    def state(self) -> types.SimpleNamespace:
+        """The application's own per-connection state: a namespace that lives as long as the connection.
+
+        ``conn.state.user = name`` in a handler, read back anywhere the
+        connection is at hand (another connection's handler broadcasting to
+        it, a spawned task). Empty until first used.
+        """
+        state = self._user_state
+        if state is None:
+            state = self._user_state = types.SimpleNamespace()
+        return state  # type: ignore[no-any-return]
+
+    def spawn(self, coro: Coroutine[Any, Any, T], *, name: str | None = None) -> asyncio.Task[T]:
+        """Run ``coro`` in a task tied to this connection, and return the task.
+
+        The way to serve requests concurrently (a task per request, each
+        awaiting a database, say). While such tasks run, the connection is
+        not idle (the idle timeout waits), ``close()`` closes the connection
+        only once they have finished (their sends still go out), and a
+        server's graceful shutdown waits for them as it waits for the
+        handler, within its ``drain_timeout``; ``abort()`` and the end of
+        that timeout cancel them.
+
+        An exception in one of them (other than the connection closing or
+        breaking) is a handler error: the other tasks are cancelled, the
+        connection is closed, and the server logs and counts it.
+
+        Raises:
+            ConnectionClosedError, ConnectionBrokenError: the connection is
+                closing or closed; ``coro`` is closed unrun.
+        """
+        if self._lifecycle >= _CLOSING:
+            coro.close()
+            block = self._send_block
+            raise block() if block is not None else _closed_by_us()
+        task = self._loop.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        tasks = self._tasks
+        tasks.discard(task)
+        if not task.cancelled():
+            exc = task.exception()
+            if exc is not None and not isinstance(
+                exc, (ConnectionBrokenError, ConnectionClosedError)
+            ):
+                self._task_failed(exc)  # type: ignore[arg-type]
+        if not tasks:
+            if self._close_pending:
+                self._close_pending = False
+                self.close()
+
+    def _task_failed(self, exc: Exception) -> None:
+        if self._handler_error is None:
+            self._handler_error = exc
+        for other in list(self._tasks):
+            other.cancel()
+        self._close_pending = False
+        self._input_ended(_reraise_factory(exc), quiet=False)
+        self.close()
+
+    async def _wait_tasks(self) -> None:
+        """Wait until every spawned task has finished (for the server's supervisor)."""
+        while self._tasks:
+            await asyncio.wait(set(self._tasks))
+
+    # ------------------------------------------------------------ flow control
+
+    @property
+    def read_pauses_on_write(self) -> bool:
+        """Whether reading pauses while this side's write buffer is over its high-water mark.
+
+        True on a server's connections: a handler that answers what it reads
+        then stops reading a peer that sends requests without reading the
+        replies. False on client connections (``fastnet.connect``): a client
+        that sends from one task while another receives must keep reading,
+        or it and its server would each wait for the other to read. A server
+        handler that sends independently of what it reads (a feed, a
+        duplex stream) sets it to False; its read backpressure still bounds
+        what it holds: reading pauses once ``READ_HIGH_FRAMES`` frames or
+        ``READ_HIGH_BYTES`` bytes wait unconsumed.
+        """
+        return self._read_pauses_on_write
+
+    @read_pauses_on_write.setter
+    def read_pauses_on_write(self, value: bool) -> None:
+        value = bool(value)
+        self._read_pauses_on_write = value
+        if value and self._write_paused:
+            self._pause_reading(_PAUSE_WRITE)
+        elif not value:
+            self._unpause_reading(_PAUSE_WRITE)
+
     # ------------------------------------------------------------------ close
 
     @property
+    def lifecycle(self) -> Lifecycle:
+        """Where the connection is: ``OPEN``, ``PEER_CLOSED``, ``CLOSING`` or ``CLOSED``."""
+        return self._lifecycle
+
+    @property
+    def peer_closed(self) -> bool:
+        """True once the peer has closed its side (sent FIN) or the connection is gone.
+
+        No frame arrives after what is already queued. On a client
+        connection the transport then closes: ``send`` raises
+        ``ConnectionBrokenError`` and ``wait_closed()`` returns. On a
+        server's connection, writing stays possible, so the handler can
+        still answer the last requests of a peer that half-closed.
+        """
+        return self._lifecycle is _PEER_CLOSED or self._lifecycle is _CLOSED
+
+    @property
     def closing(self) -> bool:
-        """True once the connection is closing or closed, by either side's doing."""
-        return self._closing or self._lost
+        """True once the connection is closing or closed, by either side's doing.
+
+        That includes a client connection whose server closed its side.
+        """
+        return self._lifecycle >= _CLOSING or (
+            self._lifecycle is _PEER_CLOSED and not self._half_close
+        )
 
     @property
     def shutting_down(self) -> bool:
@@ -269,9 +399,15 @@ class Connection(FrameProtocol):
         The transport still writes what it buffers before closing the socket.
         Receiving and sending raise ``ConnectionClosedError`` afterwards.
         """
-        if self._closing:
+        if self._lifecycle >= _CLOSING:
             return
-        if self._out and not self._lost:
+        if self._tasks:
+            # Spawned tasks still run: no more input, and the close happens
+            # when the last of them is done (_task_done), after their sends.
+            self._close_pending = True
+            self._input_ended(_closed_by_us, quiet=False)
+            return
+        if self._out and self._lifecycle is not _CLOSED:
             try:
                 self._flush()
             except Exception:  # the flush failed the connection and closed it
@@ -280,12 +416,15 @@ class Connection(FrameProtocol):
         self._transport.close()
 
     def abort(self) -> None:
-        """Close the connection at once, discarding unsent data."""
+        """Close the connection at once, discarding unsent data; cancel its spawned tasks."""
+        for task in list(self._tasks):
+            task.cancel()
+        self._close_pending = False
         self._abort()
 
     async def wait_closed(self) -> None:
         """Wait until the socket is closed (the transport called ``connection_lost``)."""
-        if self._lost:
+        if self._lifecycle is _CLOSED:
             return
         waiter = self._loop.create_future()
         self._closed_waiters.append(waiter)
@@ -311,6 +450,7 @@ async def connect(
     framing: Framing | None = None,
     unix: str | None = None,
     max_write_buffer: int = DEFAULT_MAX_WRITE_BUFFER,
+    half_close: bool = False,
     **kwargs: Any,
 ) -> Connection:
     """Open a client connection and return its ``Connection``.
@@ -320,6 +460,8 @@ async def connect(
         framing: the wire layout; ``LengthPrefixed()`` by default.
         unix: the path of a Unix domain socket to connect to instead.
         max_write_buffer: the hard limit of unsent bytes (see ``Connection``).
+        half_close: keep the connection open for sending after the server
+            closed its side (False: the connection closes, see ``peer_closed``).
         **kwargs: passed to ``loop.create_connection`` (``ssl``,
             ``local_addr``, ``happy_eyeballs_delay``...).
 
@@ -335,7 +477,9 @@ async def connect(
     spec: Framing = LengthPrefixed() if framing is None else framing
 
     def factory() -> Connection:
-        return Connection(spec, max_write_buffer=max_write_buffer)
+        conn = Connection(spec, max_write_buffer=max_write_buffer)
+        conn._half_close = half_close
+        return conn
 
     if unix is not None:
         _, conn = await loop.create_unix_connection(factory, unix, **kwargs)

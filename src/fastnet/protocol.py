@@ -64,6 +64,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
+import enum
 import functools
 import logging
 import os
@@ -86,6 +88,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_MAX_WRITE_BUFFER",
+    "Lifecycle",
     "LARGE_FRAME",
     "READ_HIGH_BYTES",
     "READ_HIGH_FRAMES",
@@ -127,6 +130,33 @@ DEFAULT_MAX_WRITE_BUFFER = 4 * 1024 * 1024
 _PAUSE_INBOX = 1  # the handler has too many frames queued
 _PAUSE_WRITE = 2  # the transport is over its write high-water mark
 _PAUSE_STOP = 4  # no more input wanted: shutdown, framing error, close
+
+
+class Lifecycle(enum.IntEnum):
+    """Where a connection is in its life; ``Connection.lifecycle`` tells.
+
+    One value per connection instead of a set of flags (h11's ``_state.py``
+    is the model): the transitions allowed are listed in ``_TRANSITIONS``,
+    and ``FrameProtocol._move_to`` refuses any other, so a bug that would
+    reopen a closed connection fails loudly instead of silently.
+    """
+
+    OPEN = 0  # both directions open
+    PEER_CLOSED = 1  # the peer sent FIN: no more input; this side may still write
+    CLOSING = 2  # this side is closing: close(), abort(), the end of the handler, a failed write
+    CLOSED = 3  # the transport called connection_lost: the socket is closed
+
+
+_TRANSITIONS: dict[Lifecycle, frozenset[Lifecycle]] = {
+    Lifecycle.OPEN: frozenset({Lifecycle.PEER_CLOSED, Lifecycle.CLOSING, Lifecycle.CLOSED}),
+    Lifecycle.PEER_CLOSED: frozenset({Lifecycle.CLOSING, Lifecycle.CLOSED}),
+    Lifecycle.CLOSING: frozenset({Lifecycle.CLOSED}),
+    Lifecycle.CLOSED: frozenset(),
+}
+_OPEN = Lifecycle.OPEN
+_PEER_CLOSED = Lifecycle.PEER_CLOSED
+_CLOSING = Lifecycle.CLOSING
+_CLOSED = Lifecycle.CLOSED
 
 # CPython's transport for sockets on selector loops (Unix); private, so looked
 # up softly: if it is renamed, payloads are joined, as on other transports.
@@ -366,7 +396,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
         "__weakref__",
         "_await_wakeup",
         "_closed_waiters",
-        "_closing",
+        "_close_pending",
         "_consumed_mark",
         "_decoded",
         "_decoder",
@@ -382,16 +412,19 @@ class FrameProtocol(asyncio.BufferedProtocol):
         "_header",
         "_inbox",
         "_loop",
-        "_lost",
+        "_lifecycle",
         "_max_write_buffer",
         "_on_frames",
         "_out",
-        "_peer_eof",
+        "_half_close",
         "_pos",
         "_read_fd",
+        "_read_pauses_on_write",
         "_read_paused",
         "_send_block",
         "_server",
+        "_tasks",
+        "_user_state",
         "_transport",
         "_wakeup",
         "_write_buffers",
@@ -464,16 +497,49 @@ class FrameProtocol(asyncio.BufferedProtocol):
         # A factory of the exception send() raises; None while sending is allowed.
         self._send_block: Callable[[], Exception] | None = None
 
-        self._closing = False  # close() or abort() was called, or a flush failed
-        self._peer_eof = False  # the peer closed its sending side
-        self._lost = False  # connection_lost happened
+        self._lifecycle = _OPEN
+        # Whether reading pauses while the transport is over its write
+        # high-water mark. A server connection's handler answers what it
+        # reads, so a peer that sends requests without reading the replies is
+        # stopped there. A client (or a handler that sends independently of
+        # what it reads) must keep reading: pausing would deadlock with a
+        # peer that itself waits for us to read before it reads our data.
+        # Its read backpressure (READ_HIGH_*) still bounds what it holds.
+        self._read_pauses_on_write = server is not None
+        # After the peer's FIN: keep the transport open for writing (True:
+        # a server answering the last requests of a half-closed client) or
+        # close it (False: a client, whose server has finished with it).
+        self._half_close = server is not None
         self._closed_waiters: list[asyncio.Future[None]] = []
+        # Tasks spawned with Connection.spawn, still running.
+        self._tasks: set[asyncio.Task[Any]] = set()
+        # close() was called while spawned tasks ran: close when they are done.
+        self._close_pending = False
+        self._user_state: Any = None
 
         self.bytes_in = 0
         self.frames_in = 0
         self.bytes_out = 0
         self.frames_out = 0
         self.writes = 0
+
+    @property
+    def _closing(self) -> bool:
+        # This side is closing or the socket is closed.
+        return self._lifecycle >= _CLOSING
+
+    @property
+    def _lost(self) -> bool:
+        return self._lifecycle is _CLOSED
+
+    def _move_to(self, state: Lifecycle) -> None:
+        """Change the lifecycle state; a transition the table does not allow raises."""
+        current = self._lifecycle
+        if state is current:
+            return
+        if state not in _TRANSITIONS[current]:
+            raise RuntimeError(f"connection cannot go from {current.name} to {state.name}")
+        self._lifecycle = state
 
     # ------------------------------------------------------ asyncio callbacks
 
@@ -647,7 +713,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._wakeup.wake_soon()
 
     def _framing_failed(self, exc: FrameError) -> None:
-        if self._closing:  # bad bytes after we closed (while lingering): just go
+        if self._lifecycle >= _CLOSING:  # bad bytes after we closed (lingering): just go
             self._transport.abort()
             return
         self._decoder_failed = True
@@ -664,9 +730,9 @@ class FrameProtocol(asyncio.BufferedProtocol):
             logger.debug("framing error from %s: %s", self.peer, exc)
 
     def eof_received(self) -> bool | None:
-        self._peer_eof = True
-        if self._closing:  # the peer's answer to our FIN (lingering close): done
+        if self._lifecycle >= _CLOSING:  # the peer's answer to our FIN (lingering close): done
             return False
+        self._move_to(_PEER_CLOSED)
         try:
             frames = self._decoder.eof()
         except FrameError as exc:  # the stream ended inside a frame
@@ -679,20 +745,34 @@ class FrameProtocol(asyncio.BufferedProtocol):
             if frames:
                 self._queue_frames(frames)
             self._input_ended(_peer_closed, pause=False)
-        # Keep the transport open for writing: the handler may still answer
-        # the last requests of a peer that closed its sending side.
-        return True
+        if self._half_close:
+            # Keep the transport open for writing: the handler may still
+            # answer the last requests of a peer that closed its sending side.
+            return True
+        # A client: the server is done with us. Sends now raise at once, and
+        # the transport closes (after writing what it holds), so
+        # wait_closed() returns and pending calls end instead of hanging.
+        if self._send_block is None or self._send_block is _write_buffer_full:
+            self._send_block = _peer_closed
+        self._out.clear()
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._lost = True
-        if self._closing:
+        closing = self._lifecycle >= _CLOSING
+        self._move_to(_CLOSED)
+        if closing:
             self._input_ended(_closed_by_us, quiet=False, pause=False)
         elif exc is None:
             self._input_ended(_peer_closed, pause=False)
         else:
             self._input_ended(_broken_factory(exc), pause=False)
         if self._send_block is None or self._send_block is _write_buffer_full:
-            self._send_block = _closed_by_us if self._closing else _broken_factory(exc)
+            if closing:
+                self._send_block = _closed_by_us
+            elif exc is None:
+                self._send_block = _peer_closed
+            else:
+                self._send_block = _broken_factory(exc)
         self._out.clear()
         self._wake_drain(exc)
         waiters, self._closed_waiters = self._closed_waiters, []
@@ -702,7 +782,8 @@ class FrameProtocol(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
-        self._pause_reading(_PAUSE_WRITE)
+        if self._read_pauses_on_write:
+            self._pause_reading(_PAUSE_WRITE)
 
     def resume_writing(self) -> None:
         self._write_paused = False
@@ -734,25 +815,25 @@ class FrameProtocol(asyncio.BufferedProtocol):
         pipelining client would lose answers. The caller bounds the wait and
         aborts a peer that never closes.
         """
-        if self._lost:
-            return
-        if self._closing:  # closed by the handler, or failed: the transport is closing
+        if self._lifecycle >= _CLOSING:  # closed by the handler, or failed, or lost
             return
         if self._out:
             try:
                 self._flush()
             except Exception:  # the flush failed the connection and closed it
                 return
+        peer_eof = self._lifecycle is _PEER_CLOSED
         self._mark_closing()
         transport = self._transport
         # Nothing to wait for when the peer already closed; nothing worth it
         # after a framing error (the decoder takes no more input) or a
         # handler error.
         failed = self._decoder_failed or self._handler_error is not None
-        if self._peer_eof or failed or not transport.can_write_eof():
+        if peer_eof or failed or not transport.can_write_eof():
             transport.close()
             return
         self._on_frames = _discard  # what still arrives is read and dropped
+        self._read_pauses_on_write = False  # read on, whatever our buffer holds
         self._read_paused = 0
         try:
             transport.write_eof()
@@ -773,7 +854,8 @@ class FrameProtocol(asyncio.BufferedProtocol):
     def _idle(self) -> bool:
         # The handler is waiting for frames: the idle timer runs only then,
         # like a read timeout that applies to a pending read.
-        return self._wakeup._callback is not None
+        # Tasks spawned on the connection are activity too.
+        return self._wakeup._callback is not None and not self._tasks
 
     def _caught_up(self) -> None:
         # The handler took every queued frame.
@@ -793,7 +875,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
     def _pause_reading(self, reason: int) -> None:
         paused = self._read_paused
         self._read_paused = paused | reason
-        if not paused and not self._lost:
+        if not paused and self._lifecycle is not _CLOSED:
             with contextlib.suppress(RuntimeError):  # a closing transport may refuse
                 self._transport.pause_reading()
 
@@ -803,7 +885,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
             return
         paused &= ~reason
         self._read_paused = paused
-        if not paused and not self._lost and not self._transport.is_closing():
+        if not paused and self._lifecycle is not _CLOSED and not self._transport.is_closing():
             self._transport.resume_reading()
 
     def _schedule_flush(self) -> None:
@@ -830,7 +912,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
             self._out = []
         # Nowhere to write once lost or closing (close() and _finish() flush
         # before they mark the connection closing); send() reports it.
-        if self._lost or self._closing or not out:
+        if self._lifecycle >= _CLOSING or not out:
             return
         transport = self._transport
         header = self._header
@@ -894,7 +976,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
             self._transport.write(self._encode_many(good))
         self._send_block = _reraise_factory(exc)
         self._input_ended(_reraise_factory(exc), quiet=False)
-        self._closing = True
+        self._move_to(_CLOSING)
         self._transport.close()
 
     def _wake_drain(self, exc: BaseException | None) -> None:
@@ -904,16 +986,17 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._drain_waiter = None
         if waiter.done():
             return
-        if exc is None and not self._lost:
+        if exc is None and self._lifecycle is not _CLOSED:
             waiter.set_result(None)
-        elif self._closing:
-            waiter.set_exception(_closed_by_us())
+        elif self._send_block is not None and self._send_block is not _write_buffer_full:
+            waiter.set_exception(self._send_block())  # why sending ended, as send() says
         else:
             waiter.set_exception(_broken_factory(exc)())
 
     def _mark_closing(self) -> None:
         """This side is closing: sends and receives (after the queued frames) now raise."""
-        self._closing = True
+        if self._lifecycle < _CLOSING:
+            self._move_to(_CLOSING)
         if self._send_block is None or self._send_block is _write_buffer_full:
             self._send_block = _closed_by_us
         self._input_ended(_closed_by_us, quiet=False, pause=False)
@@ -964,7 +1047,23 @@ def _broken_factory(cause: BaseException | None) -> Callable[[], Exception]:
 
 
 def _reraise_factory(exc: Exception) -> Callable[[], Exception]:
+    """A factory of fresh copies of ``exc``, each with no traceback, chained to the original.
+
+    Raising the same object again and again would grow its traceback with
+    every raise (and keep every frame it passed through alive). An
+    exception that cannot be copied is reported as a ``ConnectionClosedError``
+    caused by it.
+    """
+
     def factory() -> Exception:
-        return exc
+        try:
+            fresh = copy.copy(exc)
+        except Exception:
+            fresh = ConnectionClosedError(f"the connection failed: {exc!r}")
+        if fresh is exc or type(fresh) is not type(exc):
+            fresh = ConnectionClosedError(f"the connection failed: {exc!r}")
+        fresh.__traceback__ = None
+        fresh.__cause__ = exc
+        return fresh
 
     return factory

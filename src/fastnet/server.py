@@ -531,6 +531,15 @@ class Server:
                     await asyncio.wait((handler_task,), timeout=CANCEL_GRACE)
                     raise
                 self._handler_done(conn, handler_task)
+            # Tasks the handler spawned on the connection finish first (the
+            # drain timeout bounds this wait as it bounds the handler's).
+            try:
+                await conn._wait_tasks()
+            except asyncio.CancelledError:
+                conn.abort()
+                raise
+            if conn._handler_error is not None and self._task_handler is not None:
+                self._handler_failed(conn, conn._handler_error)  # a spawned task failed
             # Flush the replies, send FIN, and close once the peer has closed
             # too or gone quiet (a lingering close, see _linger). Wait for
             # that before freeing the slot, so max_connections counts open

@@ -1,0 +1,127 @@
+"""Connections that send and receive at once, on both sides, at 100,000 frames.
+
+Issue: a ``fastnet.connect()`` client whose one task sends (draining every 16
+frames) while another receives deadlocked against an echo server: the client
+paused reading while its own write buffer was over the high-water mark, and
+the server, whose replies then backed up, stopped reading too. The rule now:
+a client never pauses reading for its own write pressure (its read
+backpressure already bounds what it holds); a server connection does, unless
+its handler says it sends independently of what it reads
+(``conn.read_pauses_on_write = False``).
+
+Each test runs on both codec backends and both event loops (``arun``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from test_server_support import Runner, serving, wait_until
+
+import fastnet
+from fastnet.apps import echo, echo_task
+
+pytest_plugins = ["test_server_support"]
+
+FRAMES = 100_000
+PAYLOAD = 1000
+# The whole exchange takes about a second on an idle machine; a deadlock
+# waits forever, so the bound only has to be far above a loaded CI box's time (below the 30 s scenario bound of test_server_support).
+DEADLINE = 25.0
+
+
+def payload(i: int) -> bytes:
+    return i.to_bytes(4, "big") * (PAYLOAD // 4)
+
+
+async def duplex_client(port: int) -> int:
+    """Send FRAMES frames from one task while another receives and checks every echo."""
+    conn = await fastnet.connect("127.0.0.1", port)
+    received = 0
+
+    async def sender() -> None:
+        for i in range(FRAMES):
+            conn.send(payload(i))
+            if i % 16 == 15:
+                await conn.drain()
+        await conn.drain()
+
+    async def receiver() -> None:
+        nonlocal received
+        while received < FRAMES:
+            for frame in await conn.recv_batch():
+                assert frame == payload(received), f"frame {received} differs"
+                received += 1
+
+    async with conn:
+        await asyncio.wait_for(asyncio.gather(sender(), receiver()), DEADLINE)
+    return received
+
+
+def test_duplex_client_against_callback_echo(arun: Runner[Any]) -> None:
+    async def scenario() -> None:
+        async with serving(echo) as server:
+            assert await duplex_client(server.port) == FRAMES
+
+    arun(scenario())
+
+
+def test_duplex_client_against_task_echo(arun: Runner[Any]) -> None:
+    async def scenario() -> None:
+        async with serving(echo_task) as server:
+            assert await duplex_client(server.port) == FRAMES
+
+    arun(scenario())
+
+
+def test_duplex_server_handler_with_streams_client(arun: Runner[Any]) -> None:
+    # The server side: a handler whose spawned task streams FRAMES frames to
+    # the client while the handler receives the client's FRAMES frames, and a
+    # plain asyncio-streams client that also sends and receives at once.
+    done: dict[str, int] = {}
+
+    async def handler(conn: fastnet.Connection) -> None:
+        conn.read_pauses_on_write = False  # it sends independently of what it reads
+
+        async def produce() -> None:
+            for i in range(FRAMES):
+                conn.send(payload(i))
+                if i % 16 == 15:
+                    await conn.drain()
+            await conn.drain()
+
+        conn.spawn(produce())
+        count = 0
+        while count < FRAMES:
+            for frame in await conn.recv_batch():
+                assert frame == payload(count)
+                count += 1
+        done["server_received"] = count
+
+    async def scenario() -> None:
+        async with serving(handler) as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            header = PAYLOAD.to_bytes(4, "big")
+
+            async def send() -> None:
+                for i in range(FRAMES):
+                    writer.write(header + payload(i))
+                    if i % 16 == 15:
+                        await writer.drain()
+                await writer.drain()
+
+            async def receive() -> int:
+                for i in range(FRAMES):
+                    size = int.from_bytes(await reader.readexactly(4), "big")
+                    assert await reader.readexactly(size) == payload(i)
+                return FRAMES
+
+            _, got = await asyncio.wait_for(asyncio.gather(send(), receive()), DEADLINE)
+            assert got == FRAMES
+            await wait_until(lambda: "server_received" in done, timeout=DEADLINE)
+            assert done["server_received"] == FRAMES
+            writer.close()
+            await writer.wait_closed()
+
+    arun(scenario())

@@ -32,7 +32,6 @@ from .protocol import (
     Lifecycle,
     WriteBufferFull,
     _closed_by_us,
-    _reraise_factory,
     _write_buffer_full,
 )
 
@@ -319,8 +318,7 @@ class Connection(FrameProtocol):
         for other in list(self._tasks):
             other.cancel()
         self._close_pending = False
-        self._input_ended(_reraise_factory(exc), quiet=False)
-        self.close()
+        self.close()  # the handler's receive raises ConnectionClosedError; the server reports exc
 
     async def _wait_tasks(self) -> None:
         """Wait until every spawned task has finished (for the server's supervisor)."""

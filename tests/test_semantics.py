@@ -1,0 +1,282 @@
+"""The Connection contract that real applications rely on (issue: connection semantics).
+
+Peer close made visible, per-connection state, connection-scoped tasks
+(spawn) and fresh exceptions. Each test fails without the change it covers,
+and runs on both codec backends and both event loops (``arun``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import traceback
+from typing import Any
+
+import pytest
+from test_server_support import Runner, frame_bytes, serving, wait_until
+
+import fastnet
+from fastnet import ConnectionBrokenError, ConnectionClosedError, FrameTooLarge
+from fastnet.apps import echo
+from fastnet.connection import Lifecycle
+from fastnet.protocol import _reraise_factory
+
+pytest_plugins = ["test_server_support"]
+
+
+# ------------------------------------------------------------- peer close
+
+
+def test_a_client_sees_the_server_close(arun: Runner[Any]) -> None:
+    # The server answers one frame and returns; its side closes. The client
+    # must see it: peer_closed, closing, wait_closed() returns, send() raises,
+    # a pending recv() ends -- instead of waiting for a reply that cannot come.
+    async def one_reply(conn: fastnet.Connection) -> None:
+        conn.send(await conn.recv())
+
+    async def scenario() -> None:
+        async with serving(one_reply) as server:
+            conn = await fastnet.connect("127.0.0.1", server.port)
+            conn.send(b"ping")
+            assert await conn.recv() == b"ping"
+            with pytest.raises(ConnectionBrokenError):
+                await asyncio.wait_for(conn.recv(), 5)  # ends, does not hang
+            await asyncio.wait_for(conn.wait_closed(), 5)
+            assert conn.peer_closed
+            assert conn.closing
+            assert conn.lifecycle is Lifecycle.CLOSED
+            for _ in range(3):
+                with pytest.raises(ConnectionBrokenError):
+                    conn.send(b"more")
+            with pytest.raises(ConnectionBrokenError):
+                await conn.drain()
+
+    arun(scenario())
+
+
+def test_a_server_connection_still_answers_a_half_closed_peer(arun: Runner[Any]) -> None:
+    # The server side keeps half-close semantics: a client that sends its
+    # requests then shuts down its sending side still gets every reply.
+    seen: dict[str, Any] = {}
+
+    async def late_replier(conn: fastnet.Connection) -> None:
+        frames = [frame async for frame in conn]  # ends at the peer's FIN
+        seen["peer_closed"] = conn.peer_closed
+        seen["lifecycle"] = conn.lifecycle
+        conn.send_many(frames)
+
+    async def scenario() -> None:
+        async with serving(late_replier) as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(b"".join(frame_bytes(b"r%d" % i) for i in range(10)))
+            writer.write_eof()
+            data = await asyncio.wait_for(reader.read(), 5)
+            assert data == b"".join(frame_bytes(b"r%d" % i) for i in range(10))
+            assert seen == {"peer_closed": True, "lifecycle": Lifecycle.PEER_CLOSED}
+            writer.close()
+            await writer.wait_closed()
+
+    arun(scenario())
+
+
+def test_lifecycle_refuses_an_illegal_transition(arun: Runner[Any]) -> None:
+    async def scenario() -> None:
+        async with serving(echo) as server:
+            conn = await fastnet.connect("127.0.0.1", server.port)
+            conn.close()
+            await conn.wait_closed()
+            assert conn.lifecycle is Lifecycle.CLOSED
+            with pytest.raises(RuntimeError, match="CLOSED to OPEN"):
+                conn._move_to(Lifecycle.OPEN)
+
+    arun(scenario())
+
+
+# ------------------------------------------------------------------ state
+
+
+def test_connection_state_is_per_connection(arun: Runner[Any]) -> None:
+    names: list[str] = []
+    members: list[fastnet.Connection] = []
+
+    async def named(conn: fastnet.Connection) -> None:
+        conn.state.name = (await conn.recv()).decode()
+        members.append(conn)
+        async for frame in conn:
+            # another connection's state, read from this one's handler
+            conn.send(",".join(m.state.name for m in members).encode() + b":" + frame)
+
+    async def scenario() -> None:
+        async with serving(named) as server:
+            a = await fastnet.connect("127.0.0.1", server.port)
+            b = await fastnet.connect("127.0.0.1", server.port)
+            a.send(b"alice")
+            await wait_until(lambda: len(members) == 1)
+            b.send(b"bob")
+            await wait_until(lambda: len(members) == 2)
+            b.send(b"hi")
+            names.append((await b.recv()).decode())
+            a.close()
+            b.close()
+            await a.wait_closed()
+            await b.wait_closed()
+        assert names == ["alice,bob:hi"]
+
+    arun(scenario())
+
+
+# ------------------------------------------------------------------ spawn
+
+
+async def _slow_reply(conn: fastnet.Connection, frame: bytes, delay: float) -> None:
+    await asyncio.sleep(delay)
+    conn.send(frame)
+
+
+async def concurrent(conn: fastnet.Connection) -> None:
+    # A task per request: the usual way when each awaits a slow dependency.
+    async for frame in conn:
+        conn.spawn(_slow_reply(conn, frame, 0.3))
+
+
+def test_shutdown_waits_for_spawned_requests(arun: Runner[Any]) -> None:
+    # Four requests in flight when the server shuts down: all four replies
+    # arrive before the connection closes (before: 0 of 4, shutdown in 2 ms).
+    async def scenario() -> None:
+        server = fastnet.Server(concurrent, "127.0.0.1", 0, drain_timeout=5.0)
+        await server.start()
+        conn = await fastnet.connect("127.0.0.1", server.port)
+        conn.send_many([b"a", b"b", b"c", b"d"])
+        await wait_until(lambda: server.stats()["frames_in"] == 4)
+        shutdown = asyncio.ensure_future(server.shutdown())
+        replies = []
+        with pytest.raises(ConnectionBrokenError):
+            while True:
+                replies.append(await conn.recv())
+        await shutdown
+        assert sorted(replies) == [b"a", b"b", b"c", b"d"]
+
+    arun(scenario())
+
+
+def test_drain_timeout_cancels_spawned_tasks(arun: Runner[Any]) -> None:
+    cancelled: list[bool] = []
+
+    async def stuck(conn: fastnet.Connection) -> None:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+
+    async def handler(conn: fastnet.Connection) -> None:
+        await conn.recv()
+        conn.spawn(stuck(conn))
+
+    async def scenario() -> None:
+        server = fastnet.Server(handler, "127.0.0.1", 0, drain_timeout=0.2)
+        await server.start()
+        conn = await fastnet.connect("127.0.0.1", server.port)
+        conn.send(b"go")
+        await wait_until(lambda: server.stats()["frames_in"] == 1)
+        await asyncio.wait_for(server.shutdown(), 5)
+        assert cancelled == [True]
+        conn.abort()
+
+    arun(scenario())
+
+
+def test_the_idle_timeout_waits_for_spawned_tasks(arun: Runner[Any]) -> None:
+    # A request that takes 0.6 s, with idle_timeout=0.2: its reply arrives.
+    async def slow(conn: fastnet.Connection) -> None:
+        async for frame in conn:
+            conn.spawn(_slow_reply(conn, frame, 0.6))
+
+    async def scenario() -> None:
+        async with serving(slow, idle_timeout=0.2) as server:
+            conn = await fastnet.connect("127.0.0.1", server.port)
+            conn.send(b"slow")
+            assert await asyncio.wait_for(conn.recv(), 5) == b"slow"
+            assert server.stats()["idle_timeouts"] == 0
+            # with nothing running, the timeout applies again
+            with pytest.raises(ConnectionBrokenError):
+                await asyncio.wait_for(conn.recv(), 5)
+            assert server.stats()["idle_timeouts"] == 1
+
+    arun(scenario())
+
+
+def test_close_waits_for_spawned_tasks(arun: Runner[Any]) -> None:
+    async def handler(conn: fastnet.Connection) -> None:
+        frame = await conn.recv()
+        conn.spawn(_slow_reply(conn, frame, 0.2))
+        conn.close()  # closes once the reply has gone out
+        await conn.wait_closed()
+
+    async def scenario() -> None:
+        async with serving(handler) as server:
+            conn = await fastnet.connect("127.0.0.1", server.port)
+            conn.send(b"x")
+            assert await asyncio.wait_for(conn.recv(), 5) == b"x"
+            await asyncio.wait_for(conn.wait_closed(), 5)
+
+    arun(scenario())
+
+
+def test_a_failing_spawned_task_is_a_handler_error(
+    arun: Runner[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    async def boom(conn: fastnet.Connection) -> None:
+        raise KeyError("lost")
+
+    async def handler(conn: fastnet.Connection) -> None:
+        async for _ in conn:
+            conn.spawn(boom(conn))
+
+    async def scenario() -> None:
+        async with serving(handler) as server:
+            conn = await fastnet.connect("127.0.0.1", server.port)
+            conn.send(b"x")
+            await asyncio.wait_for(conn.wait_closed(), 5)
+            await wait_until(lambda: server.stats()["handler_errors"] == 1)
+
+    with caplog.at_level(logging.ERROR, logger="fastnet"):
+        arun(scenario())
+    assert any("KeyError" in r.getMessage() for r in caplog.records)
+
+
+def test_spawn_on_a_closed_connection_raises(arun: Runner[Any]) -> None:
+    async def scenario() -> None:
+        async with serving(echo) as server:
+            conn = await fastnet.connect("127.0.0.1", server.port)
+            conn.close()
+
+            async def never() -> None:
+                raise AssertionError("must not run")
+
+            coro = never()
+            with pytest.raises(ConnectionClosedError):
+                conn.spawn(coro)
+            assert coro.cr_frame is None  # closed, so no "never awaited" warning
+            await conn.wait_closed()
+
+    arun(scenario())
+
+
+# ------------------------------------------------------ fresh exceptions
+
+
+def test_reraise_factory_gives_a_fresh_exception_each_time() -> None:
+    original = FrameTooLarge(10, 5)
+    factory = _reraise_factory(original)
+    depths = []
+    for _ in range(3):
+        try:
+            raise factory()
+        except FrameTooLarge as exc:
+            assert exc is not original
+            assert exc.__cause__ is original
+            assert (exc.size, exc.limit) == (10, 5)
+            depths.append(len(traceback.extract_tb(exc.__traceback__)))
+    assert depths[0] == depths[1] == depths[2]  # no traceback piling up on one object
+    assert original.__traceback__ is None

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import ConnectionBrokenError, ConnectionBusyError, ConnectionClosedError
 from .framing import Framing, LengthPrefixed
+from .transports import TLS_STRATEGY
 from .protocol import (
     _CLOSED,
     _CLOSING,
@@ -31,11 +32,14 @@ from .protocol import (
     FrameProtocol,
     Lifecycle,
     WriteBufferFull,
+    _broken_factory,
     _closed_by_us,
     _write_buffer_full,
 )
 
 if TYPE_CHECKING:
+    import ssl
+
     from .server import Server
 
 __all__ = ["Connection", "Lifecycle", "WriteBufferFull", "connect"]
@@ -434,6 +438,54 @@ class Connection(FrameProtocol):
     async def __aexit__(self, *exc_info: object) -> None:
         self.close()
         await self.wait_closed()
+
+    async def start_tls(
+        self,
+        sslcontext: ssl.SSLContext,
+        *,
+        server_hostname: str | None = None,
+        ssl_handshake_timeout: float | None = None,
+    ) -> None:
+        """Upgrade the connection to TLS in place (STARTTLS), after the frames exchanged so far.
+
+        Queued frames are flushed first. Call it when the peer is about to
+        start its handshake (typically after a frame that says so): bytes
+        of the handshake that arrived before the call would be read as
+        frames. The connection then reads and writes through the TLS
+        transport, with the transport strategy chosen again for it (joined
+        writes, no reading on), so no fast path of the plain socket outlives
+        it.
+
+        Raises:
+            ssl.SSLError, OSError: the handshake failed; the connection is closed.
+            ConnectionClosedError, ConnectionBrokenError: the connection is
+                closed or broke.
+        """
+        await self.drain()
+        # From now on, plain joined writes and the transport's own reads: the
+        # TLS layer takes (and keeps) our get_buffer/buffer_updated when it
+        # is made, and must never meet a fast path of the raw socket.
+        self._use_strategy(TLS_STRATEGY)
+        server_side = self._server is not None
+        transport = await self._loop.start_tls(
+            self._transport,
+            self,
+            sslcontext,
+            server_side=server_side,
+            server_hostname=None if server_side else server_hostname,
+            ssl_handshake_timeout=ssl_handshake_timeout,
+        )
+        if transport is None:  # the connection was lost during the handshake
+            raise _broken_factory(None)()
+        self._set_transport(transport)
+
+    @property
+    def strategy(self) -> str:
+        """How fastnet drives the transport: ``selector``, ``uvloop``, ``tls`` or ``plain``.
+
+        See ``fastnet.transports``; chosen again when the transport changes.
+        """
+        return self._strategy.kind if self._strategy is not None else "plain"
 
     @property
     def transport(self) -> asyncio.Transport:

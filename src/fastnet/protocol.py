@@ -42,7 +42,7 @@ sends made anywhere else, from one ``loop.call_soon`` per batch.
 Length-prefixed payloads of ``LARGE_FRAME`` bytes or more are not copied into
 the joined buffer: their length field and the payload object itself go out
 as separate iovecs of one vectored write (uvloop's ``writelines``; on
-CPython's selector transport, ``_write_vectored``).
+CPython's selector transport, ``transports.write_vectored``).
 
 Flow control. Reading pauses while the handler has more than
 ``READ_HIGH_FRAMES`` frames or ``READ_HIGH_BYTES`` bytes queued, and resumes
@@ -66,14 +66,12 @@ import asyncio
 import contextlib
 import copy
 import enum
-import functools
 import logging
 import os
-import types
-from asyncio import AbstractEventLoop, CancelledError, selector_events
+from asyncio import AbstractEventLoop, CancelledError
 from collections.abc import Callable, Generator, Iterable, Sequence
 from contextvars import Context
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from .errors import (
     ConnectionBrokenError,
@@ -81,7 +79,10 @@ from .errors import (
     FrameError,
     WriteBufferFull,
 )
-from .framing import Framing
+from ._internals import current_task as _current_task
+from ._internals import fatal_error
+from .framing import Buffer, Framing
+from .transports import TransportStrategy, choose_strategy
 
 if TYPE_CHECKING:
     from .server import Server
@@ -98,7 +99,6 @@ __all__ = [
 
 logger = logging.getLogger("fastnet")
 
-Buffer = bytes | bytearray | memoryview
 
 # Read backpressure. A handler that takes whole batches never comes near these
 # marks: its inbox is empty each time it waits. They bound what a handler that
@@ -158,85 +158,6 @@ _PEER_CLOSED = Lifecycle.PEER_CLOSED
 _CLOSING = Lifecycle.CLOSING
 _CLOSED = Lifecycle.CLOSED
 
-# CPython's transport for sockets on selector loops (Unix); private, so looked
-# up softly: if it is renamed, payloads are joined, as on other transports.
-_SelectorSocketTransport = getattr(selector_events, "_SelectorSocketTransport", None)
-
-# Most buffers one vectored write takes. POSIX guarantees 16 (_XOPEN_IOV_MAX);
-# Linux and the BSDs take 1024. A longer list is joined instead.
-_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16
-if _IOV_MAX <= 0:
-    _IOV_MAX = 16
-
-
-def _selector_socket_fd(transport: asyncio.BaseTransport) -> int:
-    """The socket's descriptor if ``transport`` is CPython's selector socket transport, else -1.
-
-    There fastnet makes vectored writes and reads on by itself (writev,
-    readv on that descriptor); elsewhere it leaves all I/O to the transport.
-    """
-    if type(transport) is not _SelectorSocketTransport or not hasattr(os, "writev"):
-        return -1
-    sock = transport.get_extra_info("socket")
-    return -1 if sock is None else int(sock.fileno())
-
-
-def _vectored_writer(
-    transport: asyncio.BaseTransport, fd: int
-) -> Callable[[list[Buffer]], None] | None:
-    """A function writing a list of buffers as one vectored write, or None.
-
-    uvloop's ``writelines`` does that. CPython's selector transport joins the
-    buffers before 3.12, and from 3.12 its ``writelines`` has had bugs in
-    released versions: it did not pause the protocol at the high-water mark
-    (gh-127655: drain() never waited, the buffer grew without bound; fixed in
-    3.12.9 and 3.13.2), and it fails after the connection is lost
-    (gh-136234). So on that transport fastnet makes the vectored write itself
-    (``_write_vectored``) on ``fd`` (``_selector_socket_fd``), in every
-    version. Other transports (SSL, proactor) get None: their payloads are
-    joined.
-    """
-    if type(transport).__module__.startswith("uvloop"):
-        return transport.writelines  # type: ignore[attr-defined,no-any-return]
-    if fd >= 0:
-        return functools.partial(_write_vectored, cast(asyncio.WriteTransport, transport), fd)
-    return None
-
-
-def _write_vectored(transport: asyncio.WriteTransport, fd: int, buffers: list[Buffer]) -> None:
-    """Write ``buffers`` in order: writev(2) while the transport holds nothing unsent.
-
-    This is what the transport's own ``write`` does with one buffer (send at
-    once when its buffer is empty), with an iovec per buffer instead of a
-    joined copy. Only what the kernel did not take is joined and handed to
-    ``transport.write``, which buffers it and applies flow control.
-    """
-    if len(buffers) <= _IOV_MAX and not transport.get_write_buffer_size():
-        # An empty write runs the transport's own checks first: it raises
-        # RuntimeError after write_eof() or while loop.sendfile() runs (whose
-        # bytes ours would land among), as a write of the data would.
-        transport.write(b"")
-        if not transport.is_closing():
-            try:
-                sent = os.writev(fd, buffers)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError as exc:
-                # Report this error, not the EPIPE a second send would meet:
-                # the kernel reports a socket error such as ECONNRESET once.
-                transport._fatal_error(exc, "Fatal write error on socket transport")  # type: ignore[attr-defined]
-                return
-            for i, buf in enumerate(buffers):
-                size = len(buf)
-                if sent < size:
-                    buffers = [memoryview(buf)[sent:], *buffers[i + 1 :]]
-                    break
-                sent -= size
-            else:
-                return  # all of it went out
-    transport.write(b"".join(buffers))
-
-
 def _is_flat(frame: object) -> bool:
     """True if ``len(frame)`` counts bytes and the frame can be an iovec as it is.
 
@@ -258,13 +179,6 @@ READ_BURST = 16
 
 _EMPTY: Sequence[bytes] = ()  # the inbox when nothing is queued; never mutated
 
-# asyncio.current_task is C from Python 3.12; before, the Python function
-# wraps this dict lookup, which costs a call per read.
-_current_task: Callable[[AbstractEventLoop], object]
-if isinstance(asyncio.current_task, types.BuiltinFunctionType):
-    _current_task = asyncio.current_task
-else:
-    _current_task = asyncio.tasks._current_tasks.get  # type: ignore[attr-defined]
 _NoneType = type(None)
 
 
@@ -423,6 +337,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
         "_read_paused",
         "_send_block",
         "_server",
+        "_strategy",
         "_tasks",
         "_user_state",
         "_transport",
@@ -463,6 +378,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self.buffer_updated = self._received  # type: ignore[method-assign]
         self._decoded = decoder.buffer_updated
         self._read_fd = -1  # the socket's descriptor, for _read_burst; -1: not reading on
+        self._strategy: TransportStrategy | None = None  # connection_made chooses it
         encoder = framing.encoder
         self._encode_many: Callable[[Iterable[Buffer]], bytes] = encoder.encode_many
         # Only a length-prefixed encoder can write a length field apart from its payload.
@@ -547,16 +463,32 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._transport = transport  # type: ignore[assignment]
         self.peer = transport.get_extra_info("peername")
         self.local = transport.get_extra_info("sockname")
-        fd = _selector_socket_fd(transport)
-        self._write_buffers = _vectored_writer(transport, fd)
-        if fd >= 0:
-            self._read_fd = fd
-            self.buffer_updated = self._read_burst  # type: ignore[method-assign]
-        if self._write_buffers is None:
-            # Without vectored writes, [length field, payload] would cost two
-            # send calls and a 4-byte packet per large frame; copying the
-            # payload into one buffer is cheaper.
-            self._header = None
+        self._apply_strategy(transport)
+
+    def _apply_strategy(self, transport: asyncio.BaseTransport) -> None:
+        """Choose how to write and read on ``transport`` (transports.py); again on every change."""
+        self._use_strategy(choose_strategy(transport))
+
+    def _use_strategy(self, strategy: TransportStrategy) -> None:
+        self._strategy = strategy
+        self._write_buffers = strategy.write_buffers
+        self._read_fd = strategy.read_fd
+        self.buffer_updated = (  # type: ignore[method-assign]
+            self._read_burst if strategy.read_fd >= 0 else self._received
+        )
+        # Without vectored writes, [length field, payload] would cost two
+        # send calls and a 4-byte packet per large frame (or a TLS record of
+        # its own); copying the payload into one buffer is cheaper.
+        self._header = (
+            getattr(self._framing.encoder, "header", None)
+            if strategy.write_buffers is not None
+            else None
+        )
+
+    def _set_transport(self, transport: asyncio.BaseTransport) -> None:
+        """The connection now runs over ``transport`` (after ``start_tls``)."""
+        self._transport = transport  # type: ignore[assignment]
+        self._apply_strategy(transport)
 
     def _read_burst(self, nbytes: int) -> None:
         """``buffer_updated`` on CPython's selector transport: take the read, then read on.
@@ -592,7 +524,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                transport._fatal_error(exc, "Fatal read error on socket transport")  # type: ignore[attr-defined]
+                fatal_error(transport, exc, "Fatal read error on socket transport")
                 return
             if not nbytes:
                 return

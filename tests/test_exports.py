@@ -3,8 +3,9 @@
 ``fastnet._frame`` (Cython), ``fastnet._frame_py`` and ``src/fastnet/_frame.pyi``
 (likewise ``_outq``, ``_outq_py`` and ``_outq.pyi``) must export the same
 public names; each public class must have the same public methods and
-attributes in all three, with the same parameters (names, kinds, defaults), and the stub's annotations must be the twin's (the stub
-types the compiled module, and the twin is the reference). Any drift between
+attributes in all three, with the same parameters (names, kinds, defaults),
+and the stub's annotations must be the twin's (the stub types the compiled
+module, and the twin is the reference). Any drift between
 the backends shows up here before it shows up as a behaviour difference.
 
 Names are public when they do not start with an underscore. A module's public

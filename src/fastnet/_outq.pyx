@@ -53,7 +53,7 @@ cdef enum:
     # replies to a typical read of small frames (16 pipelined 64-byte frames
     # and their headers take 1.1 KiB) without regrowing, and costs a quiet
     # connection that sends only small frames no more than one page.
-    INITIAL_SIZE = 4096
+    INITIAL_BUFFER = 4096
     # Largest buffer kept once a batch is taken; a larger one goes back to
     # this size. 64 KiB is one default receive window (READ_SIZE in _frame):
     # the replies to a full read of small frames, the largest batch an echo
@@ -62,7 +62,11 @@ cdef enum:
     # batches are rare (large payloads go out unjoined) and pay one
     # allocation, small next to copying that many bytes. A connection that
     # once sent a large batch keeps at most this much.
-    KEEP_SIZE = 65536
+    KEEP_BUFFER = 65536
+
+# The same values, for Python code and tests (the twin's names).
+INITIAL_SIZE = INITIAL_BUFFER
+KEEP_SIZE = KEEP_BUFFER
 
 # Bounds unjoined_threshold as framing.MAX_SIZE_PARAMETER bounds sizes.
 MAX_THRESHOLD = 2**48
@@ -182,7 +186,7 @@ cdef class OutQueue:
         cdef char* grown
         if need <= self.size:
             return 0
-        size = self.size if self.size > INITIAL_SIZE else INITIAL_SIZE
+        size = self.size if self.size > INITIAL_BUFFER else INITIAL_BUFFER
         while size < need:
             if size > (<Py_ssize_t>1 << 61):
                 raise MemoryError()
@@ -353,9 +357,9 @@ cdef class OutQueue:
         self.used = self.queued_bytes = self.queued_frames = 0
         if PyList_GET_SIZE(self.refs):
             del self.refs[:]
-        if self.size > KEEP_SIZE:
-            smaller = <char*>PyMem_Realloc(self.buf, KEEP_SIZE)
+        if self.size > KEEP_BUFFER:
+            smaller = <char*>PyMem_Realloc(self.buf, KEEP_BUFFER)
             if smaller != NULL:  # else keep the larger block: still correct
                 self.buf = smaller
-                self.size = KEEP_SIZE
+                self.size = KEEP_BUFFER
         return 0

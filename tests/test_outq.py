@@ -638,3 +638,21 @@ def _run_ops(frame_impl: ModuleType, spec: Any, threshold: int, program: Any) ->
 def test_property_backends_agree(spec: Any, threshold: int, program: Any) -> None:
     c, py = importlib.import_module("fastnet._frame"), importlib.import_module("fastnet._frame_py")
     assert _run_ops(c, spec, threshold, program) == _run_ops(py, spec, threshold, program)
+
+
+@pytest.mark.c_extension
+def test_fuzz_harness_runs() -> None:
+    # The fuzz harness's check(), on fixed pseudo-random inputs: keeps it
+    # working between fuzzing runs, and adds 500 differential programs.
+    import importlib.util
+    import random
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "fuzz" / "fuzz_outq.py"
+    spec = importlib.util.spec_from_file_location("fuzz_outq", path)
+    assert spec is not None and spec.loader is not None
+    harness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(harness)
+    rng = random.Random(20261201)
+    for _ in range(500):
+        harness.check(rng.randbytes(rng.randrange(400)))

@@ -1,4 +1,4 @@
-"""Build the ``fastnet._frame`` extension; everything else lives in pyproject.toml.
+"""Build the extensions ``fastnet._frame`` and ``fastnet._outq``; the rest is in pyproject.toml.
 
 ``FASTNET_NO_EXTENSIONS=1`` (or a non-CPython interpreter) builds the
 pure-Python package. Otherwise a compiler failure fails the build: there is no
@@ -79,10 +79,11 @@ else:
     setup(
         ext_modules=[
             Extension(
-                "fastnet._frame",
-                ["src/fastnet/_frame.pyx"],
+                f"fastnet.{name}",
+                [f"src/fastnet/{name}.pyx"],
                 extra_compile_args=["-O3"] if sys.platform != "win32" else [],
             )
+            for name in ("_frame", "_outq")
         ],
         cmdclass={"build_ext": BuildExt},
     )

@@ -62,4 +62,16 @@ def codec(frame_impl: ModuleType, monkeypatch: pytest.MonkeyPatch) -> Iterator[M
     """Route ``fastnet.framing`` (and so every spec made in the test) to ``frame_impl``."""
     for name in BACKEND_NAMES:
         monkeypatch.setattr(framing, name, getattr(frame_impl, name))
+    monkeypatch.setattr(framing, "OutQueue", outq_module(frame_impl).OutQueue)
     yield frame_impl
+
+
+def outq_module(frame_impl: ModuleType) -> ModuleType:
+    """The OutQueue module of ``frame_impl``'s backend: ``_outq`` or ``_outq_py``."""
+    return _load("_outq" if frame_impl.__name__ == "fastnet._frame" else "_outq_py")
+
+
+@pytest.fixture
+def outq_impl(frame_impl: ModuleType) -> ModuleType:
+    """The OutQueue module of the backend under test (ids ``c`` and ``py``, as frame_impl)."""
+    return outq_module(frame_impl)

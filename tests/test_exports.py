@@ -1,10 +1,11 @@
-"""The compiled backend, its pure-Python twin and the stub describe one API.
+"""Each compiled module, its pure-Python twin and its stub describe one API.
 
 ``fastnet._frame`` (Cython), ``fastnet._frame_py`` and ``src/fastnet/_frame.pyi``
-must export the same public names; each public class must have the same
-public methods and attributes in all three, with the same parameters (names,
-kinds, defaults), and the stub's annotations must be the twin's (the stub
-types the compiled module, and the twin is the reference). Any drift between
+(likewise ``_outq``, ``_outq_py`` and ``_outq.pyi``) must export the same
+public names; each public class must have the same public methods and
+attributes in all three, with the same parameters (names, kinds, defaults),
+and the stub's annotations must be the twin's (the stub types the compiled
+module, and the twin is the reference). Any drift between
 the backends shows up here before it shows up as a behaviour difference.
 
 Names are public when they do not start with an underscore. A module's public
@@ -29,7 +30,7 @@ import pytest
 
 import fastnet
 
-STUB = Path(fastnet.__file__).with_name("_frame.pyi")
+STUB_DIR = Path(fastnet.__file__).parent
 
 
 @dataclass(frozen=True, eq=False)
@@ -340,66 +341,96 @@ def _diff(left_name: str, left: Any, right_name: str, right: Any) -> str:
     return "\n".join(lines)
 
 
-@pytest.fixture(scope="module")
-def twin() -> Api:
-    return module_api(importlib.import_module("fastnet._frame_py"))
+# Each compiled module, its pure-Python twin, and the public names its API must have.
+PAIRS = {
+    "_frame": (
+        "_frame_py",
+        {
+            "LengthPrefixedDecoder": {"feed", "get_buffer", "buffer_updated", "eof", "pending"},
+            "LengthPrefixedEncoder": {"encode", "encode_many"},
+            "LineDecoder": {"feed", "eof"},
+            "LineEncoder": {"encode", "encode_many"},
+        },
+    ),
+    "_outq": ("_outq_py", {"OutQueue": {"append", "extend", "take", "clear", "nbytes"}}),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(PAIRS))
+def compiled_name(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 @pytest.fixture(scope="module")
-def stub() -> Api:
-    assert STUB.is_file(), f"the stub of the compiled module is missing: {STUB}"
-    return stub_api(STUB)
+def twin_name(compiled_name: str) -> str:
+    return PAIRS[compiled_name][0]
 
 
 @pytest.fixture(scope="module")
-def compiled() -> Api:
+def twin(twin_name: str) -> Api:
+    return module_api(importlib.import_module(f"fastnet.{twin_name}"))
+
+
+@pytest.fixture(scope="module")
+def stub(compiled_name: str) -> Api:
+    path = STUB_DIR / f"{compiled_name}.pyi"
+    assert path.is_file(), f"the stub of the compiled module is missing: {path}"
+    return stub_api(path)
+
+
+@pytest.fixture(scope="module")
+def compiled(compiled_name: str) -> Api:
     try:
-        module = importlib.import_module("fastnet._frame")
+        module = importlib.import_module(f"fastnet.{compiled_name}")
     except ImportError as exc:
         pytest.fail(
-            f"fastnet._frame is not built ({exc}); build it (pip install -e ., or "
+            f"fastnet.{compiled_name} is not built ({exc}); build it (pip install -e ., or "
             "python setup.py build_ext --inplace) or run with --no-c-extensions"
         )
     return module_api(module)
 
 
-def test_twin_has_public_api(twin: Api) -> None:
+def test_twin_has_public_api(twin: Api, compiled_name: str) -> None:
     # An empty API would make every comparison below pass vacuously.
-    assert {"LengthPrefixedDecoder", "LineDecoder", "LengthPrefixedEncoder", "LineEncoder"} <= set(
-        twin
-    )
-    assert {"feed", "get_buffer", "buffer_updated", "eof", "pending"} <= set(
-        twin["LengthPrefixedDecoder"] or {}
-    )
+    expected = PAIRS[compiled_name][1]
+    assert set(expected) <= set(twin)
+    for name, members in expected.items():
+        assert members <= set(twin[name] or {}), name
 
 
-def test_stub_names_match_twin(stub: Api, twin: Api) -> None:
+def test_stub_names_match_twin(stub: Api, twin: Api, compiled_name: str, twin_name: str) -> None:
     assert sorted(stub) == sorted(twin), _diff(
-        "_frame.pyi", sorted(stub), "_frame_py", sorted(twin)
+        f"{compiled_name}.pyi", sorted(stub), twin_name, sorted(twin)
     )
 
 
-def test_stub_signatures_match_twin(stub: Api, twin: Api) -> None:
+def test_stub_signatures_match_twin(
+    stub: Api, twin: Api, compiled_name: str, twin_name: str
+) -> None:
     for name in sorted(set(stub) & set(twin)):
         assert stub[name] == twin[name], _diff(
-            f"_frame.pyi {name}", stub[name], f"_frame_py {name}", twin[name]
+            f"{compiled_name}.pyi {name}", stub[name], f"{twin_name} {name}", twin[name]
         )
 
 
 @pytest.mark.c_extension
-def test_compiled_names_match_twin(compiled: Api, twin: Api) -> None:
+def test_compiled_names_match_twin(
+    compiled: Api, twin: Api, compiled_name: str, twin_name: str
+) -> None:
     assert sorted(compiled) == sorted(twin), _diff(
-        "_frame", sorted(compiled), "_frame_py", sorted(twin)
+        compiled_name, sorted(compiled), twin_name, sorted(twin)
     )
 
 
 @pytest.mark.c_extension
-def test_compiled_signatures_match_twin(compiled: Api, twin: Api) -> None:
+def test_compiled_signatures_match_twin(
+    compiled: Api, twin: Api, compiled_name: str, twin_name: str
+) -> None:
     # Compiled signatures carry C types, not the twin's annotations: compare
     # names, kinds and defaults only.
     for name in sorted(set(compiled) & set(twin)):
         c, py = _without_annotations(compiled[name]), _without_annotations(twin[name])
-        assert c == py, _diff(f"_frame {name}", c, f"_frame_py {name}", py)
+        assert c == py, _diff(f"{compiled_name} {name}", c, f"{twin_name} {name}", py)
 
 
 def test_introspection_sees_a_difference() -> None:

@@ -195,6 +195,10 @@ def test_sdist_contents(sdist: Path) -> None:
         "src/fastnet/_frame.pxd",
         "src/fastnet/_frame.pyi",
         "src/fastnet/_frame_py.py",
+        "src/fastnet/_outq.pyx",
+        "src/fastnet/_outq.pxd",
+        "src/fastnet/_outq.pyi",
+        "src/fastnet/_outq_py.py",
         "src/fastnet/py.typed",
         "requirements/cython.txt",  # cibuildwheel's PIP_CONSTRAINT, read from the sdist
         "tests/conftest.py",
@@ -214,15 +218,20 @@ def test_wheel_contents(wheel: Path) -> None:
     assert not wheel.name.endswith("-none-any.whl"), f"{wheel.name} is not a platform wheel"
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
-    compiled = [n for n in names if n.startswith("fastnet/_frame.") and n.endswith((".so", ".pyd"))]
-    assert len(compiled) == 1, (
-        f"expected one compiled fastnet._frame in {wheel.name}: {sorted(names)}"
-    )
+    for module in ("_frame", "_outq"):
+        compiled = [
+            n for n in names if n.startswith(f"fastnet/{module}.") and n.endswith((".so", ".pyd"))
+        ]
+        assert len(compiled) == 1, (
+            f"expected one compiled fastnet.{module} in {wheel.name}: {sorted(names)}"
+        )
     for required in (
         "fastnet/py.typed",
         "fastnet/_frame.pyi",
         "fastnet/__init__.py",
         "fastnet/_frame_py.py",
+        "fastnet/_outq.pyi",
+        "fastnet/_outq_py.py",
     ):
         assert required in names, f"{required} is missing from {wheel.name}"
     unwanted = sorted(n for n in names if n.endswith((".c", ".h", ".html")))

@@ -6,8 +6,9 @@ makes streaming decoders (``spec.decoder()``) and encodes frames
 the backend classes ``LengthPrefixedDecoder``, ``LineDecoder``,
 ``LengthPrefixedEncoder`` and ``LineEncoder``, taken all from the Cython
 extension ``fastnet._frame`` or all from its pure-Python twin
-``fastnet._frame_py``; there is no hybrid mode. This module is the only one
-that imports either backend.
+``fastnet._frame_py``; there is no hybrid mode. ``OutQueue``, the queue of
+frames a connection sends, comes with them from ``fastnet._outq`` or
+``fastnet._outq_py``. This module is the only one that imports either backend.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ if TYPE_CHECKING or not USE_EXTENSIONS:
         LineDecoder,
         LineEncoder,
     )
+    from ._outq_py import OutQueue
 
     ACCELERATED = False
 else:
@@ -36,6 +38,7 @@ else:
             LineDecoder,
             LineEncoder,
         )
+        from ._outq import OutQueue
 
         ACCELERATED = True
     except ImportError:  # built without the extension (FASTNET_NO_EXTENSIONS at install)
@@ -45,6 +48,7 @@ else:
             LineDecoder,
             LineEncoder,
         )
+        from ._outq_py import OutQueue
 
         ACCELERATED = False
 

@@ -46,7 +46,7 @@ def test_header_of_negative_size_is_a_frame_error(
 
 def test_header_of_huge_size_is_too_large(frame_impl: ModuleType) -> None:
     with pytest.raises(FrameTooLarge):
-        frame_impl.LengthPrefixedEncoder(LengthPrefixed(max_frame=2**48)).header(2**70)
+        frame_impl.LengthPrefixedEncoder(LengthPrefixed(length_size=8, max_frame=2**48)).header(2**70)
 
 
 @pytest.mark.parametrize(

@@ -190,3 +190,20 @@ def test_reentrant_call_from_gc_callback_is_refused(frame_impl: ModuleType, trig
     assert frames == [b"one", b"two"]
     assert seen and set(seen) == {frame_impl.REENTRANT}
     assert decoder.eof() == [b"t"]
+
+
+@pytest.mark.parametrize("size", [10, 40_000])
+def test_window_stays_open_after_a_refused_count(frame_impl: ModuleType, size: int) -> None:
+    """buffer_updated() with a count larger than the window changes nothing: the window stays."""
+    spec = LengthPrefixed()
+    decoder = frame_impl.LengthPrefixedDecoder(spec)
+    wire = spec.encode(b"p" * size)
+    assert decoder.feed(wire[:6]) == []  # a large frame starts its direct receive
+    view = decoder.get_buffer(-1)
+    window, n = len(view), len(wire) - 6
+    assert window >= n
+    view[:n] = wire[6:]
+    view.release()
+    with pytest.raises(ValueError, match="outside the buffer"):
+        decoder.buffer_updated(window + 1)
+    assert decoder.buffer_updated(n) == [b"p" * size]

@@ -47,7 +47,8 @@ def test_header_of_negative_size_is_a_frame_error(
 
 def test_header_of_huge_size_is_too_large(frame_impl: ModuleType) -> None:
     with pytest.raises(FrameTooLarge):
-        frame_impl.LengthPrefixedEncoder(LengthPrefixed(length_size=8, max_frame=2**48)).header(2**70)
+        encoder = frame_impl.LengthPrefixedEncoder(LengthPrefixed(length_size=8, max_frame=2**48))
+        encoder.header(2**70)
 
 
 @pytest.mark.parametrize(
@@ -130,7 +131,7 @@ def _refused(call: Callable[[], object], seen: list[str]) -> None:
 
 
 def test_reentrant_call_from_inside_a_call_is_refused(frame_impl: ModuleType) -> None:
-    """Every entry point refuses a call made while the decoder is busy; the outer call is unharmed."""
+    """Every entry point refuses a call made mid-call; the outer call is unharmed."""
     spec = LengthPrefixed(length_size=1)
     decoder = frame_impl.LengthPrefixedDecoder(spec)
     seen: list[str] = []

@@ -37,7 +37,15 @@ block alive, so a view the caller still holds never points at freed memory,
 however the decoder has moved on.
 
 The pure-Python twin ``_frame_py.py`` is the reference for behaviour: the same
-frames, ``pending`` counts and errors for every input and every chunking.
+frames, ``pending`` counts and errors for every input and every chunking. The
+sizes that shape behaviour (window sizes, the direct-receive threshold) come
+from ``_tunables.py``, which both backends read.
+
+Built with ``FASTNET_DEBUG=1``, every public decoder call ends by checking
+the decoder's bookkeeping (``_debug_check``: offsets inside the arena, the
+open window inside its block, no memory held by a failed decoder) and raises
+``AssertionError`` on a violation; sanitizer and fuzzing builds use it.
+Release builds compile the checks out.
 """
 
 cimport cython

@@ -7,7 +7,11 @@ error that says what to do.
 
 Environment:
     FASTNET_NO_EXTENSIONS  any non-empty value: build no extension.
-    FASTNET_DEBUG          compile the extension's debug checks in.
+    FASTNET_DEBUG          any non-empty value: compile the extension's internal invariant
+                           checks in (arena offsets, windows, direct receive; see
+                           _debug_check in _frame.pyx), for sanitizer and fuzzing builds.
+                           Passed as the C macro FASTNET_DEBUG (1 or 0); a release build
+                           gets 0, and the compiler drops the checks.
     FASTNET_ANNOTATE       write Cython's annotated HTML next to the .pyx.
     FASTNET_LINETRACE      compile with line tracing, for coverage and profilers.
 """
@@ -59,7 +63,6 @@ class BuildExt(build_ext):
         self.distribution.ext_modules = cythonize(
             self.distribution.ext_modules,
             compiler_directives=directives,
-            compile_time_env={"FASTNET_DEBUG": bool(os.environ.get("FASTNET_DEBUG"))},
             annotate=bool(os.environ.get("FASTNET_ANNOTATE")),
         )
         super().finalize_options()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 from types import ModuleType
 
 import pytest
@@ -46,7 +47,8 @@ def test_header_of_negative_size_is_a_frame_error(
 
 def test_header_of_huge_size_is_too_large(frame_impl: ModuleType) -> None:
     with pytest.raises(FrameTooLarge):
-        frame_impl.LengthPrefixedEncoder(LengthPrefixed(max_frame=2**48)).header(2**70)
+        encoder = frame_impl.LengthPrefixedEncoder(LengthPrefixed(length_size=8, max_frame=2**48))
+        encoder.header(2**70)
 
 
 @pytest.mark.parametrize(
@@ -92,29 +94,117 @@ def test_multibyte_delimiter_too_long_detected_early(frame_impl: ModuleType) -> 
     assert fine.feed(b"D") == [b"abc"]
 
 
-def test_reentrant_call_from_gc_callback_is_refused(frame_impl: ModuleType) -> None:
-    """A gc callback using the decoder mid-call gets RuntimeError; the outer call is unharmed."""
-    spec = LengthPrefixed(length_size=1, max_frame=3)
-    decoder = frame_impl.LengthPrefixedDecoder(spec)
-    seen: list[type] = []
+class _Count(int):
+    """A byte count whose comparisons run ``hook``: Python code inside ``buffer_updated``.
 
-    def callback(phase: str, info: dict) -> None:
-        if phase == "start" and len(seen) < 50:
-            try:
-                decoder.feed(b"\x01z")
-            except Exception as exc:
-                seen.append(type(exc))
+    Both backends compare ``nbytes`` with the window after entering their
+    re-entrancy guard, so the hook runs in the middle of the decoder call on
+    every Python version, deterministically. (A gc callback fired by an
+    allocation inside the C code did this on CPython 3.10 and 3.11 only: since
+    3.12 the collector runs at the interpreter's safe points instead.)
+    """
 
-    threshold = gc.get_threshold()
-    gc.callbacks.append(callback)
-    gc.set_threshold(1)
+    hook: Callable[[], None]
+
+    def __ge__(self, other: object) -> bool:
+        self.hook()
+        return int(self) >= other  # type: ignore[operator]
+
+    def __le__(self, other: object) -> bool:
+        self.hook()
+        return int(self) <= other  # type: ignore[operator]
+
+
+def _count(value: int, hook: Callable[[], None]) -> _Count:
+    count = _Count(value)
+    count.hook = hook
+    return count
+
+
+def _refused(call: Callable[[], object], seen: list[str]) -> None:
     try:
-        with pytest.raises(FrameTooLarge) as info:
-            decoder.feed(spec.encode_many([b"a", b"bc"] * 20) + b"\x09")
+        call()
+    except RuntimeError as exc:
+        seen.append(str(exc))
+    else:
+        seen.append("accepted")
+
+
+def test_reentrant_call_from_inside_a_call_is_refused(frame_impl: ModuleType) -> None:
+    """Every entry point refuses a call made mid-call; the outer call is unharmed."""
+    spec = LengthPrefixed(length_size=1)
+    decoder = frame_impl.LengthPrefixedDecoder(spec)
+    seen: list[str] = []
+
+    def reenter() -> None:
+        _refused(lambda: decoder.feed(b"\x01z"), seen)
+        _refused(lambda: decoder.get_buffer(-1), seen)
+        _refused(lambda: decoder.buffer_updated(1), seen)
+        _refused(decoder.eof, seen)
+
+    stream = spec.encode_many([b"a", b"bc", b"def"]) + b"\x02g"
+    view = decoder.get_buffer(-1)
+    view[: len(stream)] = stream
+    view.release()
+    assert decoder.buffer_updated(_count(len(stream), reenter)) == [b"a", b"bc", b"def"]
+    assert seen and set(seen) == {frame_impl.REENTRANT}
+    assert decoder.pending == 2
+    assert decoder.feed(b"h") == [b"gh"]  # the guard is released: the decoder goes on
+
+
+@pytest.mark.parametrize("trigger", ["gc-callback", "finalizer"])
+def test_reentrant_call_from_gc_callback_is_refused(frame_impl: ModuleType, trigger: str) -> None:
+    """A gc callback or a __del__ that uses the decoder mid-call gets RuntimeError.
+
+    The collection is forced from inside the call (see ``_Count``), so it
+    happens mid-call on every Python version.
+    """
+    decoder = frame_impl.LineDecoder(Lines())
+    seen: list[str] = []
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            _refused(lambda: decoder.feed(b"x\n"), seen)
+
+    class Cycle:
+        def __init__(self) -> None:
+            self.me = self
+
+        def __del__(self) -> None:
+            _refused(lambda: decoder.feed(b"x\n"), seen)
+
+    def collect() -> None:
+        if trigger == "finalizer" and not seen:
+            Cycle()  # unreachable at once; only a collection finds it
+        gc.collect()
+
+    view = decoder.get_buffer(-1)
+    view[:9] = b"one\ntwo\nt"
+    view.release()
+    if trigger == "gc-callback":
+        gc.callbacks.append(callback)
+    try:
+        frames = decoder.buffer_updated(_count(9, collect))
     finally:
-        gc.set_threshold(*threshold)
-        gc.callbacks.remove(callback)
-    # Callbacks during the call are refused; later ones (after the error) see the failed decoder.
-    assert RuntimeError in seen
-    assert set(seen) <= {RuntimeError, FrameTooLarge}
-    assert info.value.frames == [b"a", b"bc"] * 20
+        if trigger == "gc-callback":
+            gc.callbacks.remove(callback)
+    assert frames == [b"one", b"two"]
+    assert seen and set(seen) == {frame_impl.REENTRANT}
+    assert decoder.eof() == [b"t"]
+
+
+@pytest.mark.parametrize("size", [10, 40_000])
+def test_window_stays_open_after_a_refused_count(frame_impl: ModuleType, size: int) -> None:
+    """buffer_updated() with a count larger than the window changes nothing: the window stays."""
+    spec = LengthPrefixed()
+    decoder = frame_impl.LengthPrefixedDecoder(spec)
+    wire = spec.encode(b"p" * size)
+    assert decoder.feed(wire[:6]) == []  # a large frame starts its direct receive
+    view = decoder.get_buffer(-1)
+    window, n = len(view), len(wire) - 6
+    assert window >= n
+    view[:n] = wire[6:]
+    view.release()
+    with pytest.raises(ValueError, match="outside the buffer"):
+        decoder.buffer_updated(window + 1)
+    assert decoder.buffer_updated(n) == [b"p" * size]

@@ -24,15 +24,21 @@ SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[Heal
 
 @st.composite
 def length_specs(draw: st.DrawFn) -> LengthPrefixed:
+    """Layouts that can be built: max_frame within what the field announces."""
     size = draw(st.sampled_from([1, 2, 3, 4, 8]))
     offset = draw(st.integers(0, 3))
+    adjustment = draw(st.integers(-8, 8))
+    largest = (1 << (8 * size)) - 1 + adjustment
+    max_frame = min(largest, draw(st.sampled_from([0, 7, 300, 40_000, 70_000, 8 << 20])))
+    max_frame = max(max_frame, adjustment)
+    strip = draw(st.one_of(st.none(), st.integers(0, offset + size + min(3, max_frame))))
     return LengthPrefixed(
         length_size=size,
         byteorder=draw(st.sampled_from(["big", "little"])),
         offset=offset,
-        adjustment=draw(st.integers(-8, 8)),
-        strip=draw(st.one_of(st.none(), st.integers(0, offset + size + 3))),
-        max_frame=draw(st.sampled_from([0, 7, 300, 40_000, 70_000, 8 << 20])),
+        adjustment=adjustment,
+        strip=strip,
+        max_frame=max_frame,
     )
 
 
@@ -61,6 +67,7 @@ def line_specs(draw: st.DrawFn) -> Lines:
         delimiter=draw(st.sampled_from([b"\n", b"\r\n", b"\x00", b"END", b"\n\n"])),
         max_length=draw(st.sampled_from([0, 1, 5, 20, 1000])),
         strip=draw(st.booleans()),
+        on_too_long=draw(st.sampled_from(["error", "skip"])),
     )
 
 
@@ -81,15 +88,19 @@ def transcript(decoder: Any, chunks: list[bytes], how: str, hint: int) -> list[t
     """Every call's outcome: frames and pending, or the error's type, args and frames.
 
     Window sizes are recorded too: which bytes the kernel may write where is
-    part of the contract (direct receive, the header-sized window after it).
+    part of the contract (direct receive, the header-sized window after it);
+    so is a line decoder's count of skipped over-long lines.
     """
     out: list[tuple] = []
 
+    def state() -> tuple:
+        return decoder.pending, decoder.missing, getattr(decoder, "skipped", None)
+
     def record(call: Any) -> None:
         try:
-            out.append(("ok", call(), decoder.pending, decoder.missing))
+            out.append(("ok", call(), *state()))
         except FrameError as exc:
-            out.append(("error", type(exc), exc.args, exc.frames, decoder.pending, decoder.missing))
+            out.append(("error", type(exc), exc.args, exc.frames, *state()))
 
     for chunk in chunks:
         if how == "feed":

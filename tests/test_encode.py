@@ -146,6 +146,69 @@ def test_length_prefixed_spec_validation(kwargs: dict, exc: type) -> None:
 
 
 @pytest.mark.parametrize(
+    "kwargs, names",
+    [
+        # The issue's case: a 2-byte field announces at most 65,535 bytes.
+        ({"length_size": 2, "max_frame": 100_000}, ["100000", "2-byte", "65535"]),
+        ({"length_size": 1, "max_frame": 256}, ["256", "1-byte", "255"]),
+        ({"length_size": 3, "max_frame": 1 << 24}, [str(1 << 24), "3-byte", str((1 << 24) - 1)]),
+        ({"length_size": 4, "max_frame": 1 << 32}, [str(1 << 32), "4-byte"]),
+        # The length counts the header: 6 of the field's 65,535 are not body.
+        ({"length_size": 2, "adjustment": -6, "max_frame": 65530}, ["65530", "-6", "65529"]),
+        ({"length_size": 1, "adjustment": -300}, ["-300", "negative"]),
+        # Every body is at least `adjustment` bytes: none would pass max_frame.
+        ({"adjustment": 10, "max_frame": 5}, ["adjustment 10", "max_frame 5"]),
+        # Every frame is shorter than what is to be stripped from it.
+        ({"max_frame": 2, "strip": 7}, ["strip 7", "max_frame 2"]),
+    ],
+)
+def test_impossible_layouts_are_refused_when_built(kwargs: dict, names: list[str]) -> None:
+    with pytest.raises(ValueError) as info:
+        LengthPrefixed(**kwargs)
+    for name in names:
+        assert name in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "kwargs, max_frame",
+    [
+        ({}, 8 * 1024 * 1024),
+        ({"length_size": 1}, 255),
+        ({"length_size": 2}, 65535),
+        ({"length_size": 2, "adjustment": -6}, 65529),
+        ({"length_size": 2, "adjustment": 6}, 65541),
+        ({"length_size": 3}, 8 * 1024 * 1024),
+        ({"length_size": 8}, 8 * 1024 * 1024),
+        ({"length_size": 2, "max_frame": 65535}, 65535),
+        ({"length_size": 3, "max_frame": (1 << 24) - 1}, (1 << 24) - 1),
+        ({"length_size": 8, "max_frame": 2**48}, 2**48),
+        ({"adjustment": 5, "max_frame": 5}, 5),
+        ({"max_frame": 2, "strip": 6}, 2),
+    ],
+)
+def test_default_max_frame_fits_the_field(kwargs: dict, max_frame: int) -> None:
+    spec = LengthPrefixed(**kwargs)
+    assert spec.max_frame == max_frame
+    assert type(spec.max_frame) is int
+    assert spec == LengthPrefixed(**{**kwargs, "max_frame": max_frame})
+
+
+def test_largest_allowed_frame_round_trips(frame_impl: ModuleType) -> None:
+    """What max_frame allows, the field can announce: encoding never fails on the field alone."""
+    for spec in (
+        LengthPrefixed(length_size=1),
+        LengthPrefixed(length_size=2, adjustment=-2),
+        LengthPrefixed(length_size=2, adjustment=3),
+    ):
+        encoder = frame_impl.LengthPrefixedEncoder(spec)
+        largest = b"L" * spec.max_frame
+        assert frame_impl.LengthPrefixedDecoder(spec).feed(encoder.encode(largest)) == [largest]
+        with pytest.raises(FrameTooLarge) as info:
+            encoder.encode(largest + b"+")
+        assert info.value.args == (spec.max_frame + 1, spec.max_frame)
+
+
+@pytest.mark.parametrize(
     "kwargs, exc",
     [
         ({"delimiter": b""}, ValueError),

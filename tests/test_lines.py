@@ -57,6 +57,21 @@ CASES = {
     ),
     "max-length-zero": (Lines(max_length=0), b"\n\nx\n\n", [b"", b"", b""], [FrameTooLarge]),
     "long-line": (Lines(max_length=1 << 20), b"q" * 300_000 + b"\nz\n", [b"q" * 300_000, b"z"], []),
+    # End of stream, as tokio-util's LinesCodec::decode_eof: a remainder of
+    # exactly b"\r" is no line; any other loses one trailing \r.
+    "lone-cr-at-eof": (Lines(), b"a\n\r", [b"a"], []),
+    "only-cr": (Lines(), b"\r", [], []),
+    "empty-line-then-cr": (Lines(), b"\r\n\r", [b""], []),
+    "two-cr-at-eof": (Lines(), b"a\n\r\r", [b"a", b"\r"], []),
+    "cr-x-at-eof": (Lines(), b"\rx", [b"\rx"], []),
+    "lone-cr-kept-without-strip": (Lines(strip=False), b"a\n\r", [b"a\n", b"\r"], []),
+    "lone-cr-kept-other-delimiter": (Lines(delimiter=b"\x00"), b"a\x00\r", [b"a", b"\r"], []),
+    "lone-cr-within-max-length-1": (Lines(max_length=1), b"\r", [], []),
+    # The \r counts towards max_length on the last line too (tokio: an error).
+    "lone-cr-over-max-length-0": (Lines(max_length=0), b"\r", [], [FrameTooLarge]),
+    "tail-cr-over-max-length": (Lines(max_length=3), b"abc\r", [], [FrameTooLarge]),
+    "tail-cr-at-max-length": (Lines(max_length=4), b"abc\r", [b"abc"], []),
+    "discarding-at-eof": (Lines(max_length=2), b"abcd\r", [], [FrameTooLarge]),
 }
 
 
@@ -68,6 +83,58 @@ def test_decode_table(frame_impl: ModuleType, name: str, how: str) -> None:
         decoder = frame_impl.LineDecoder(spec)
         frames, errors = collect(decoder, chunks, how)
         assert (frames, errors) == (expected_frames, expected_errors), f"{chunking} via {how}"
+
+
+@pytest.mark.parametrize("how", HOWS)
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_skip_mode_drops_what_error_mode_raises_for(
+    frame_impl: ModuleType, name: str, how: str
+) -> None:
+    """on_too_long="skip": the same lines, no error, and every dropped line counted."""
+    spec, stream, expected_frames, expected_errors = CASES[name]
+    skipping = Lines(spec.delimiter, spec.max_length, spec.strip, on_too_long="skip")
+    for chunking, chunks in chunkings(stream, seed=len(name)):
+        decoder = frame_impl.LineDecoder(skipping)
+        frames, errors = collect(decoder, chunks, how)
+        assert (frames, errors) == (expected_frames, []), f"{chunking} via {how}"
+        assert decoder.skipped == len(expected_errors), f"{chunking} via {how}"
+        raising = frame_impl.LineDecoder(spec)
+        collect(raising, chunks, how)
+        assert raising.skipped == len(expected_errors), f"{chunking} via {how}"
+
+
+def test_skip_mode_goes_on_in_the_same_call(frame_impl: ModuleType) -> None:
+    decoder = frame_impl.LineDecoder(Lines(max_length=3, on_too_long="skip"))
+    assert decoder.feed(b"a\n" + b"x" * 10 + b"\nb\nyyyy") == [b"a", b"b"]
+    assert decoder.skipped == 2  # the second over-long line is still arriving
+    assert decoder.pending == 0  # its bytes are dropped as they come
+    assert decoder.feed(b"yy\nc\n") == [b"c"]
+    assert decoder.eof() == []
+    assert decoder.skipped == 2
+    assert decoder.feed(b"zzzz") == []
+    assert decoder.skipped == 3
+    assert decoder.eof() == []
+
+
+def test_over_long_tail_at_eof_is_counted(frame_impl: ModuleType) -> None:
+    # Over-long only once the stream ends: the delimiter's first bytes turn out
+    # to be line bytes.
+    for mode, raised in (("error", [FrameTooLarge]), ("skip", [])):
+        decoder = frame_impl.LineDecoder(Lines(delimiter=b"END", max_length=3, on_too_long=mode))
+        assert decoder.feed(b"abcEN") == []
+        errors = []
+        try:
+            assert decoder.eof() == []
+        except FrameTooLarge as exc:
+            errors.append(type(exc))
+            assert exc.args == (5, 3)
+        assert (errors, decoder.skipped) == (raised, 1)
+
+
+def test_on_too_long_is_validated() -> None:
+    with pytest.raises(ValueError, match="on_too_long"):
+        Lines(on_too_long="drop")  # type: ignore[arg-type]
+    assert Lines().on_too_long == "error"
 
 
 def test_cr_and_lf_split_across_chunks(frame_impl: ModuleType) -> None:

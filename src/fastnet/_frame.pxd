@@ -59,6 +59,10 @@ cdef class LineDecoder(_Decoder):
     cdef bint crlf               # also remove one '\r' before a b'\n' delimiter
     cdef Py_ssize_t scanned      # bytes at the front of the buffer known to hold no delimiter start
     cdef bint discarding         # skipping an over-long line until its delimiter
+    cdef bint skip               # on_too_long="skip": drop over-long lines without raising
+    cdef Py_ssize_t skipped_lines  # over-long lines dropped so far (the skipped property)
+
+    cdef bint _too_long(self, Py_ssize_t size, list out) except -1
 
 
 cdef class LengthPrefixedEncoder:

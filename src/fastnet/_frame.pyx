@@ -37,7 +37,15 @@ block alive, so a view the caller still holds never points at freed memory,
 however the decoder has moved on.
 
 The pure-Python twin ``_frame_py.py`` is the reference for behaviour: the same
-frames, ``pending`` counts and errors for every input and every chunking.
+frames, ``pending`` counts and errors for every input and every chunking. The
+sizes that shape behaviour (window sizes, the direct-receive threshold) come
+from ``_tunables.py``, which both backends read.
+
+Built with ``FASTNET_DEBUG=1``, every public decoder call ends by checking
+the decoder's bookkeeping (``_debug_check``: offsets inside the arena, the
+open window inside its block, no memory held by a failed decoder) and raises
+``AssertionError`` on a violation; sanitizer and fuzzing builds use it.
+Release builds compile the checks out.
 """
 
 cimport cython
@@ -69,20 +77,17 @@ cdef extern from "Python.h":
     void* PySequence_Fast_GET_ITEM(object o, Py_ssize_t i)
 
 
-# Tunables, in one place.
+# Tunables both backends share live in _tunables.py, read once at import time
+# (see that module for why each has its value); C globals keep the hot path
+# free of Python lookups.
+from . import _tunables
+
+cdef Py_ssize_t READ_SIZE = _tunables.READ_SIZE
+cdef Py_ssize_t MAX_READ = _tunables.MAX_READ
+cdef Py_ssize_t DIRECT_THRESHOLD = _tunables.DIRECT_THRESHOLD
+
+# Tunables of the extension's own memory management (the twin has no arena).
 cdef enum:
-    # Window get_buffer() opens when the caller gives no size hint (asyncio
-    # passes -1): 64 KiB is what uvloop asks for and about what one recv() on
-    # loopback returns under load.
-    READ_SIZE = 65536
-    # Largest window get_buffer() opens for a size hint: a bigger recv() gains
-    # nothing, and the bound keeps size arithmetic far from overflow.
-    MAX_READ = 1 << 20
-    # Delivered frame size from which a length-prefixed frame is received
-    # straight into its final bytes object. Below it, one memcpy out of the
-    # arena is cheaper than the extra recv() that ends exactly at the frame
-    # boundary; 32 KiB is a measured-by-eye guess, not a tuned optimum.
-    DIRECT_THRESHOLD = 32768
     # Smallest arena allocated to hold an unfinished frame fed by feed():
     # a whole small frame fits without regrowing.
     MIN_ARENA = 256
@@ -96,6 +101,20 @@ cdef enum:
 # |adjustment| and max_frame bounded by 2**48 (framing.MAX_SIZE_PARAMETER),
 # every value below it gives a body that fits int64_t.
 cdef uint64_t LARGE_LENGTH = (<uint64_t>1) << 62
+
+# FASTNET_DEBUG=1 at build time (setup.py passes it as a C macro) compiles in
+# _debug_check, run at the end of every public decoder call. In a release
+# build the macro is 0: the C compiler drops the calls and the function.
+cdef extern from *:
+    """
+    #ifndef FASTNET_DEBUG
+    #define FASTNET_DEBUG 0
+    #endif
+    """
+    const bint FASTNET_DEBUG
+
+# Whether this build checks its invariants (tests and the sanitizer build read it).
+_DEBUG = bool(FASTNET_DEBUG)
 
 REENTRANT = "decoder called re-entrantly, from a callback inside one of its own calls"
 
@@ -168,6 +187,48 @@ cdef inline Py_ssize_t _find(const char* data, Py_ssize_t start, Py_ssize_t n,
             return p - data
         p += 1
     return -1
+
+
+cdef int _debug_check(_Decoder d) except -1:
+    """The bookkeeping every public call leaves behind (FASTNET_DEBUG builds only)."""
+    cdef LineDecoder lines
+    if d.arena is None:
+        if d.rpos != 0 or d.wpos != 0:
+            raise AssertionError(f"no arena, yet rpos={d.rpos} wpos={d.wpos}")
+    elif not 0 <= d.rpos <= d.wpos <= d.arena.size:
+        raise AssertionError(f"rpos={d.rpos} wpos={d.wpos} arena of {d.arena.size} bytes")
+    elif d.arena.owner is not None or d.arena.data == NULL:
+        raise AssertionError("the arena is not a PyMem block")
+    if d.direct is not None:
+        if (d.direct_block is None or d.direct_block.owner is not d.direct
+                or d.direct_block.data != PyBytes_AS_STRING(d.direct)
+                or d.direct_block.size != PyBytes_GET_SIZE(d.direct)):
+            raise AssertionError("the direct block does not export the direct frame")
+        if not 0 <= d.direct_filled < d.direct_block.size:
+            raise AssertionError(f"direct frame filled {d.direct_filled} of {d.direct_block.size}")
+        if d.wpos != d.rpos:
+            raise AssertionError("bytes buffered in the arena during a direct receive")
+    elif d.direct_block is not None:
+        raise AssertionError("a direct block without a direct frame")
+    if d.window >= 0:
+        if d.direct is not None:
+            if d.window != d.direct_block.size - d.direct_filled:
+                raise AssertionError(f"window {d.window} is not the missing payload")
+        elif d.arena is None or d.wpos + d.window > d.arena.size:
+            raise AssertionError(f"window {d.window} past the arena at wpos={d.wpos}")
+    elif d.window != -1:
+        raise AssertionError(f"window {d.window}")
+    if d.error is not None:
+        raise AssertionError("an error was found and not raised")
+    if d.failed is not None and (d.arena is not None or d.direct is not None):
+        raise AssertionError("a failed decoder holds memory")
+    if isinstance(d, LineDecoder):
+        lines = <LineDecoder>d
+        if not 0 <= lines.scanned <= d.wpos - d.rpos:
+            raise AssertionError(f"scanned={lines.scanned} of {d.wpos - d.rpos} buffered bytes")
+        if lines.discarding and lines.scanned:
+            raise AssertionError("scanned while discarding")
+    return 0
 
 
 cdef class _Decoder:
@@ -314,6 +375,10 @@ cdef class _Decoder:
             n -= used
         if self.wpos == self.rpos:
             # Nothing buffered: decode in place, keep only the unfinished tail.
+            # An empty arena left by a window that was never filled (get_buffer,
+            # then feed or eof) goes too: the tail, if any, gets a block its size.
+            if self.arena is not None:
+                self._release()
             used = self._decode(data, n, out)
             self._store(data + used, n - used)
         else:
@@ -352,6 +417,8 @@ cdef class _Decoder:
                 PyBuffer_Release(&view)
         finally:
             self.busy = False
+            if FASTNET_DEBUG:
+                _debug_check(self)
 
     def get_buffer(self, sizehint=-1):
         """Return a writable buffer for the next receive (asyncio.BufferedProtocol).
@@ -393,6 +460,8 @@ cdef class _Decoder:
             return PyMemoryView_FromObject(block)
         finally:
             self.busy = False
+            if FASTNET_DEBUG:
+                _debug_check(self)
 
     def buffer_updated(self, nbytes):
         """Take ``nbytes`` written into the last ``get_buffer`` and return complete frames.
@@ -431,6 +500,8 @@ cdef class _Decoder:
             return out
         finally:
             self.busy = False
+            if FASTNET_DEBUG:
+                _debug_check(self)
 
 
 cdef class LengthPrefixedDecoder(_Decoder):
@@ -513,6 +584,8 @@ cdef class LengthPrefixedDecoder(_Decoder):
             return frames
         finally:
             self.busy = False
+            if FASTNET_DEBUG:
+                _debug_check(self)
 
 
 cdef class LineDecoder(_Decoder):
@@ -528,11 +601,25 @@ cdef class LineDecoder(_Decoder):
         self.max_length = spec.max_length
         self.strip = spec.strip
         self.crlf = spec.strip and spec.delimiter == b"\n"
+        self.skip = spec.on_too_long == "skip"
         self.arena_limit = max(READ_SIZE, spec.max_length + self.dlen)
+
+    @property
+    def skipped(self):
+        """The number of over-long lines dropped so far (raised, or skipped silently)."""
+        return self.skipped_lines
+
+    cdef bint _too_long(self, Py_ssize_t size, list out) except -1:
+        """Count an over-long line; True when decoding must stop to raise for it."""
+        self.skipped_lines += 1
+        if self.skip:
+            return False
+        self.error = FrameTooLarge(size, self.max_length, frames=out)
+        return True
 
     cdef Py_ssize_t _decode(self, const char* data, Py_ssize_t n, list out) except -1:
         cdef Py_ssize_t pos = 0
-        cdef Py_ssize_t end, partial
+        cdef Py_ssize_t end, partial, size
         cdef Py_ssize_t keep = self.dlen - 1  # a delimiter may straddle two receives
         cdef const char* delimiter = PyBytes_AS_STRING(self.delimiter)
         while True:
@@ -549,17 +636,23 @@ cdef class LineDecoder(_Decoder):
                 partial = min(keep, n - pos)
                 while partial > 0 and memcmp(data + n - partial, delimiter, partial) != 0:
                     partial -= 1
-                if n - pos - partial > self.max_length:
-                    self.error = FrameTooLarge(n - pos - partial, self.max_length, frames=out)
+                size = n - pos - partial
+                if size > self.max_length:
                     self.discarding = True
                     self.scanned = 0
-                    return max(pos, n - keep)
+                    pos = max(pos, n - keep)
+                    if self._too_long(size, out):
+                        return pos
+                    continue
                 self.scanned = max(0, n - pos - keep)
                 return pos
             self.scanned = 0
             if end - pos > self.max_length:
-                self.error = FrameTooLarge(end - pos, self.max_length, frames=out)
-                return end + self.dlen
+                size = end - pos
+                pos = end + self.dlen
+                if self._too_long(size, out):
+                    return pos
+                continue
             if not self.strip:
                 out.append(PyBytes_FromStringAndSize(data + pos, end + self.dlen - pos))
             elif self.crlf and end > pos and data[end - 1] == b'\r':
@@ -573,12 +666,14 @@ cdef class LineDecoder(_Decoder):
 
         Returns:
             The lines still buffered, then the unterminated tail, if any, as a
-            last frame (for ``b"\\n"`` without a trailing ``\\r``). The decoder
-            is empty afterwards and may be fed a new stream.
+            last frame (for ``b"\\n"`` without a trailing ``\\r``; a tail of
+            exactly ``b"\\r"`` is no line, as in tokio-util's LinesCodec). The
+            decoder is empty afterwards and may be fed a new stream.
 
         Raises:
             FrameTooLarge: a buffered line or the tail is longer than
-                ``max_length``; ``frames`` holds the lines before it.
+                ``max_length``; ``frames`` holds the lines before it. Never
+                with ``on_too_long="skip"``: such lines are dropped and counted.
 
         Error handling:
             After an over-long buffered line, call ``eof()`` again to decode
@@ -597,13 +692,20 @@ cdef class LineDecoder(_Decoder):
             if discarding or not tail:
                 return frames
             if size > self.max_length:
+                self.skipped_lines += 1
+                if self.skip:
+                    return frames
                 raise FrameTooLarge(size, self.max_length, frames=frames)
             if self.crlf and tail[size - 1] == 13:
                 tail = tail[:size - 1]
+                if size == 1:
+                    return frames
             frames.append(tail)
             return frames
         finally:
             self.busy = False
+            if FASTNET_DEBUG:
+                _debug_check(self)
 
 
 cdef struct _Payload:

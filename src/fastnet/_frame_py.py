@@ -4,7 +4,11 @@ Strategy: a decoder keeps the bytes that belong to no delivered frame in one
 ``bytearray``. Each ``feed`` appends, cuts every complete frame from the front,
 and keeps a copy of the unfinished tail only, so no large buffer outlives a
 large frame. ``get_buffer`` hands out a fresh
-receive buffer and ``buffer_updated`` feeds what arrived in it. Decoders never
+receive buffer and ``buffer_updated`` feeds what arrived in it. The buffer
+behind a window of a large frame's missing bytes (which may be megabytes) is
+an anonymous ``mmap``: the kernel commits its pages only as bytes are
+written into it, as it does for the extension's frame object, so a bare
+header announcing a large frame costs no memory up front. Decoders never
 return ``None``: an incomplete frame stays buffered and the call returns the
 frames completed so far, possibly none. Work per call is linear in the bytes
 received: a line decoder remembers how far it has searched for a delimiter.
@@ -16,9 +20,11 @@ input and every chunking; the test suite runs against both.
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from ._tunables import DIRECT_THRESHOLD, MAX_READ, READ_SIZE
 from .errors import (
     FrameError,
     FrameTooLarge,
@@ -30,7 +36,7 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from .framing import LengthPrefixed, Lines
+    from .framing import Buffer, LengthPrefixed, Lines
 
 __all__ = [
     "LengthPrefixedDecoder",
@@ -38,21 +44,6 @@ __all__ = [
     "LineDecoder",
     "LineEncoder",
 ]
-
-Buffer = bytes | bytearray | memoryview
-
-# Size of the receive buffer get_buffer() hands out when the caller gives no
-# size hint (asyncio passes -1); 64 KiB is what uvloop asks for and what one
-# recv() on loopback typically returns under load.
-READ_SIZE = 65536
-
-# While a length-prefixed frame whose delivered size is at least this is
-# unfinished, get_buffer() hands out exactly its missing bytes (the extension
-# receives such frames straight into their final object; see _frame.pyx).
-DIRECT_THRESHOLD = 32768
-
-# Largest window get_buffer() opens for a size hint: a bigger recv() gains nothing.
-MAX_READ = 1 << 20
 
 REENTRANT = "decoder called re-entrantly, from a callback inside one of its own calls"
 
@@ -83,8 +74,10 @@ class _Decoder:
         self._peek_size = 0
         # Receive buffer behind the open window; kept between reads only
         # while a large frame is unfinished, so a slow sender costs no
-        # reallocation per read.
-        self._scratch: bytearray | None = None
+        # reallocation per read. Dropped whenever a call closes the window
+        # with no large frame under way, so a decoder that is not reading
+        # keeps no receive buffer.
+        self._scratch: bytearray | mmap.mmap | None = None
         self._window = -1  # size of the open get_buffer() window; -1: none
         self._failed: FrameError | None = None
         self._busy = False  # inside a public call (a re-entrant call raises)
@@ -123,15 +116,19 @@ class _Decoder:
 
     def _pull(self, data: Buffer) -> list[bytes]:
         """feed() without the guard."""
-        self._check()
-        self._window = -1
-        self._peek = False
-        self._buf += _contiguous(data)
-        out: list[bytes] = []
-        exc = self._decode(out)
-        if exc is not None:
-            raise exc
-        return out
+        try:
+            self._check()
+            self._window = -1
+            self._peek = False
+            self._buf += _contiguous(data)
+            out: list[bytes] = []
+            exc = self._decode(out)
+            if exc is not None:
+                raise exc
+            return out
+        finally:
+            if not self._direct_missing():
+                self._scratch = None
 
     def feed(self, data: Buffer) -> list[bytes]:
         """Append ``data`` to the stream and return the frames it completes.
@@ -190,7 +187,9 @@ class _Decoder:
                 want = self._peek_size
             scratch = self._scratch
             if scratch is None or len(scratch) < want:
-                scratch = self._scratch = bytearray(want)
+                # mmap: pages are committed as the kernel writes them, not
+                # zero-filled up front (a bare header may announce max_frame).
+                scratch = self._scratch = mmap.mmap(-1, want) if missing else bytearray(want)
             self._window = want
             return memoryview(scratch)[:want]
         finally:
@@ -218,13 +217,11 @@ class _Decoder:
             scratch = self._scratch
             assert scratch is not None
             missing = self._direct_missing()
-            with memoryview(scratch) as view:
-                frames = self._pull(view[:nbytes])
+            with memoryview(scratch) as view, view[:nbytes] as received:
+                frames = self._pull(received)
             self._peek = 0 < missing == nbytes
             return frames
         finally:
-            if not self._direct_missing():
-                self._scratch = None
             self._busy = False
 
 
@@ -319,7 +316,16 @@ class LineDecoder(_Decoder):
         spec: the ``fastnet.Lines`` layout to decode.
     """
 
-    __slots__ = ("_crlf", "_delimiter", "_discarding", "_max", "_scanned", "_strip")
+    __slots__ = (
+        "_crlf",
+        "_delimiter",
+        "_discarding",
+        "_max",
+        "_scanned",
+        "_skip",
+        "_skipped",
+        "_strip",
+    )
 
     def __init__(self, spec: Lines) -> None:
         super().__init__()
@@ -327,10 +333,23 @@ class LineDecoder(_Decoder):
         self._max = spec.max_length
         self._strip = spec.strip
         self._crlf = spec.strip and spec.delimiter == b"\n"
+        self._skip = spec.on_too_long == "skip"
+        # Over-long lines dropped so far (the skipped property).
+        self._skipped = 0
         # Bytes at the front of the buffer known to hold no delimiter start.
         self._scanned = 0
         # True after an over-long line, until its delimiter has gone by.
         self._discarding = False
+
+    @property
+    def skipped(self) -> int:
+        """The number of over-long lines dropped so far (raised, or skipped silently)."""
+        return self._skipped
+
+    def _too_long(self, size: int, out: list[bytes]) -> FrameError | None:
+        """Count an over-long line; the error to raise for it, or None to go on."""
+        self._skipped += 1
+        return None if self._skip else FrameTooLarge(size, self._max, frames=out)
 
     def _decode(self, out: list[bytes]) -> FrameError | None:
         buf = self._buf
@@ -340,7 +359,7 @@ class LineDecoder(_Decoder):
         pos = 0
         exc: FrameError | None = None
         with memoryview(buf) as view:
-            while True:
+            while exc is None:
                 if self._discarding:
                     end = buf.find(delimiter, pos)
                     if end < 0:
@@ -355,19 +374,21 @@ class LineDecoder(_Decoder):
                     partial = min(keep, n - pos)
                     while partial > 0 and buf[n - partial : n] != delimiter[:partial]:
                         partial -= 1
-                    if n - pos - partial > self._max:
-                        exc = FrameTooLarge(n - pos - partial, self._max, frames=out)
+                    size = n - pos - partial
+                    if size > self._max:
                         self._discarding = True
-                        pos = max(pos, n - keep)
                         self._scanned = 0
-                    else:
-                        self._scanned = max(0, n - pos - keep)
+                        pos = max(pos, n - keep)
+                        exc = self._too_long(size, out)
+                        continue
+                    self._scanned = max(0, n - pos - keep)
                     break
                 self._scanned = 0
                 if end - pos > self._max:
-                    exc = FrameTooLarge(end - pos, self._max, frames=out)
+                    size = end - pos
                     pos = end + len(delimiter)
-                    break
+                    exc = self._too_long(size, out)
+                    continue
                 if not self._strip:
                     out.append(view[pos : end + len(delimiter)].tobytes())
                 elif self._crlf and end > pos and buf[end - 1] == 13:
@@ -384,12 +405,14 @@ class LineDecoder(_Decoder):
 
         Returns:
             The lines still buffered, then the unterminated tail, if any, as a
-            last frame (for ``b"\\n"`` without a trailing ``\\r``). The decoder
-            is empty afterwards and may be fed a new stream.
+            last frame (for ``b"\\n"`` without a trailing ``\\r``; a tail of
+            exactly ``b"\\r"`` is no line, as in tokio-util's LinesCodec). The
+            decoder is empty afterwards and may be fed a new stream.
 
         Raises:
             FrameTooLarge: a buffered line or the tail is longer than
-                ``max_length``; ``frames`` holds the lines before it.
+                ``max_length``; ``frames`` holds the lines before it. Never
+                with ``on_too_long="skip"``: such lines are dropped and counted.
 
         Error handling:
             After an over-long buffered line, call ``eof()`` again to decode
@@ -406,9 +429,14 @@ class LineDecoder(_Decoder):
             if discarding or not tail:
                 return frames
             if len(tail) > self._max:
+                self._skipped += 1
+                if self._skip:
+                    return frames
                 raise FrameTooLarge(len(tail), self._max, frames=frames)
             if self._crlf and tail[-1] == 13:
                 tail = tail[:-1]
+                if not tail:
+                    return frames
             frames.append(tail)
             return frames
         finally:

@@ -9,6 +9,10 @@ extension ``fastnet._frame`` or all from its pure-Python twin
 ``fastnet._frame_py``; there is no hybrid mode. ``OutQueue``, the queue of
 frames a connection sends, comes with them from ``fastnet._outq`` or
 ``fastnet._outq_py``. This module is the only one that imports either backend.
+
+It also holds what the asyncio layer shares with the codecs: the ``Buffer``
+type of a payload, and the sizes both backends use (``READ_SIZE``,
+``MAX_READ``, ``DIRECT_THRESHOLD``, defined once in ``_tunables``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ from typing import TYPE_CHECKING, Literal
 
 from . import _frame_py
 from ._compat import USE_EXTENSIONS
+from ._tunables import DIRECT_THRESHOLD as DIRECT_THRESHOLD
+from ._tunables import MAX_READ as MAX_READ
+from ._tunables import READ_SIZE as READ_SIZE
 
 if TYPE_CHECKING or not USE_EXTENSIONS:
     from ._frame_py import (
@@ -64,6 +71,7 @@ if ACCELERATED:
     LineEncoderC = LineEncoder
 
 Buffer = bytes | bytearray | memoryview
+"""A payload: any flat bytes-like object the codecs and ``Connection.send`` accept."""
 
 # 8 MiB: large enough for any RPC message or file chunk a framed protocol
 # normally carries, small enough that a hostile header cannot make a server
@@ -80,6 +88,21 @@ DEFAULT_MAX_LINE_LENGTH = 64 * 1024
 MAX_SIZE_PARAMETER = 2**48
 
 LENGTH_SIZES = (1, 2, 3, 4, 8)
+
+# What a Lines decoder does with a line longer than max_length: raise
+# FrameTooLarge (then skip it), or skip it silently; both count it.
+ON_TOO_LONG = ("error", "skip")
+
+
+class _DefaultMaxFrame(int):
+    """The type of ``LengthPrefixed.max_frame``'s default, told apart from an explicit value.
+
+    A default too large for a short length field is lowered to what the field
+    can announce; the same value given explicitly is an error.
+    """
+
+
+_DEFAULT_MAX_FRAME = _DefaultMaxFrame(DEFAULT_MAX_FRAME_SIZE)
 
 
 def _check_int(name: str, value: object, low: int, high: int) -> int:
@@ -105,6 +128,15 @@ class LengthPrefixed:
     ``strip=None`` means ``offset + length_size``, the body alone.
     ``max_frame`` bounds the body (``L + adjustment``); it is checked as soon as
     the header is complete, before any buffer grows for the announced size.
+    By default it is ``DEFAULT_MAX_FRAME_SIZE`` (8 MiB), or the largest body
+    the field can announce when that is less (65,535 bytes for a 2-byte field
+    with no adjustment).
+
+    A layout in which frames the limit allows cannot be written, or in which
+    no frame is valid, is refused when the spec is made: a ``max_frame``
+    larger than the field can announce (``2 ** (8 * length_size) - 1 +
+    adjustment``), an ``adjustment`` larger than ``max_frame`` (every body
+    would be too large), or a ``strip`` longer than the longest frame.
 
     Encoding writes the length field first, holding ``len(payload) -
     adjustment``, then the payload; ``offset`` and ``strip`` describe what a
@@ -121,7 +153,8 @@ class LengthPrefixed:
         max_frame: largest body accepted or produced.
 
     Raises:
-        TypeError, ValueError: for a parameter of the wrong type or range.
+        TypeError, ValueError: for a parameter of the wrong type or range, or
+            an impossible combination (the message names the values).
     """
 
     length_size: int = 4
@@ -129,7 +162,7 @@ class LengthPrefixed:
     offset: int = 0
     adjustment: int = 0
     strip: int | None = None
-    max_frame: int = DEFAULT_MAX_FRAME_SIZE
+    max_frame: int = _DEFAULT_MAX_FRAME
     encoder: LengthPrefixedEncoder = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -142,7 +175,33 @@ class LengthPrefixed:
         if self.strip is not None:
             _check_int("strip", self.strip, 0, MAX_SIZE_PARAMETER)
         _check_int("max_frame", self.max_frame, 0, MAX_SIZE_PARAMETER)
+        self._check_layout()
         object.__setattr__(self, "encoder", LengthPrefixedEncoder(self))
+
+    def _check_layout(self) -> None:
+        """Resolve the default ``max_frame``; refuse a layout no frame fits."""
+        # The field holds 0 .. 2**(8*size)-1; the body is that plus adjustment.
+        largest = (1 << (8 * self.length_size)) - 1 + self.adjustment
+        field = f"a {self.length_size}-byte length field with adjustment {self.adjustment}"
+        if largest < 0:
+            raise ValueError(f"{field} announces only negative body sizes")
+        if type(self.max_frame) is _DefaultMaxFrame:
+            object.__setattr__(self, "max_frame", min(DEFAULT_MAX_FRAME_SIZE, largest))
+        elif self.max_frame > largest:
+            raise ValueError(
+                f"max_frame {self.max_frame} does not fit {field}: "
+                f"the largest body it can announce is {largest} bytes"
+            )
+        if self.adjustment > self.max_frame:
+            raise ValueError(
+                f"adjustment {self.adjustment} exceeds max_frame {self.max_frame}: "
+                "every body would be too large"
+            )
+        if self.strip_size > self.header_size + self.max_frame:
+            raise ValueError(
+                f"strip {self.strip_size} exceeds the longest frame, header "
+                f"{self.header_size} + max_frame {self.max_frame} bytes"
+            )
 
     @property
     def header_size(self) -> int:
@@ -186,15 +245,22 @@ class Lines:
     well, so ``\\r\\n`` and ``\\n`` both end a line (tokio-util's LinesCodec
     behaves this way). ``max_length`` counts the bytes before the delimiter,
     a stripped ``\\r`` included. As soon as more than ``max_length`` bytes have
-    arrived without a delimiter the decoder raises ``FrameTooLarge``; it then
-    discards input through the next delimiter and goes on decoding. At end of
-    stream an unterminated tail is returned as a last frame.
+    arrived without a delimiter, the line is over-long: the decoder discards
+    input through the next delimiter and goes on decoding. With
+    ``on_too_long="error"`` (the default) it raises ``FrameTooLarge`` for the
+    line first (the next call goes on); with ``"skip"`` it raises nothing.
+    Either way the decoder's ``skipped`` property counts the dropped lines.
+    At end of stream an unterminated tail is returned as a last frame (a
+    tail of exactly ``b"\\r"`` before a ``b"\\n"`` delimiter is none, as in
+    tokio-util's LinesCodec).
 
     Args:
         delimiter: non-empty bytes that end a frame.
         max_length: longest line accepted or produced, delimiter excluded.
         strip: remove the delimiter (and, for ``b"\\n"``, a ``\\r`` before it)
             from decoded frames; ``False`` keeps the wire bytes.
+        on_too_long: ``"error"`` or ``"skip"``: what decoding does with an
+            over-long line (encoding always raises ``FrameTooLarge``).
 
     Raises:
         TypeError, ValueError: for a parameter of the wrong type or range.
@@ -203,6 +269,7 @@ class Lines:
     delimiter: bytes = b"\n"
     max_length: int = DEFAULT_MAX_LINE_LENGTH
     strip: bool = True
+    on_too_long: Literal["error", "skip"] = "error"
     encoder: LineEncoder = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -211,6 +278,8 @@ class Lines:
         _check_int("max_length", self.max_length, 0, MAX_SIZE_PARAMETER)
         if not isinstance(self.strip, bool):
             raise TypeError(f"strip must be a bool, not {type(self.strip).__name__}")
+        if self.on_too_long not in ON_TOO_LONG:
+            raise ValueError(f"on_too_long must be one of {ON_TOO_LONG}, got {self.on_too_long!r}")
         object.__setattr__(self, "encoder", LineEncoder(self))
 
     def decoder(self) -> LineDecoder:

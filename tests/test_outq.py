@@ -503,13 +503,22 @@ def test_framing_exports_outqueue_of_its_backend(
 
 # --- properties (hypothesis) --------------------------------------------------
 
+def _layout_or_none(**kwargs: Any) -> LengthPrefixed | None:
+    # LengthPrefixed refuses layouts no frame fits (a 1-byte field cannot
+    # announce 600 bytes): those are skipped, not tested.
+    try:
+        return LengthPrefixed(**kwargs)
+    except ValueError:
+        return None
+
+
 lp_specs = st.builds(
-    LengthPrefixed,
+    _layout_or_none,
     length_size=st.sampled_from([1, 2, 3, 4, 8]),
     byteorder=st.sampled_from(["big", "little"]),
     adjustment=st.integers(-10, 4),
     max_frame=st.integers(0, 600),
-)
+).filter(lambda spec: spec is not None)
 line_specs = st.builds(
     Lines,
     delimiter=st.sampled_from([b"\n", b"\r\n", b"\x00", b"END", b"aa"]),

@@ -7,7 +7,8 @@ build cannot pass as a pure-Python run.
 
 ``codec`` goes one step further for the asyncio layer: it makes
 ``fastnet.framing`` hand out the chosen backend's decoders and encoders for
-the duration of a test, so a whole server runs on either backend in-process.
+the duration of a test (with the same backend's ``OutQueue`` and connection
+core), so a whole server runs on either backend in-process.
 """
 
 from __future__ import annotations
@@ -63,12 +64,18 @@ def codec(frame_impl: ModuleType, monkeypatch: pytest.MonkeyPatch) -> Iterator[M
     for name in BACKEND_NAMES:
         monkeypatch.setattr(framing, name, getattr(frame_impl, name))
     monkeypatch.setattr(framing, "OutQueue", outq_module(frame_impl).OutQueue)
+    monkeypatch.setattr(framing, "ConnectionCore", core_module(frame_impl).ConnectionCore)
     yield frame_impl
 
 
 def outq_module(frame_impl: ModuleType) -> ModuleType:
     """The OutQueue module of ``frame_impl``'s backend: ``_outq`` or ``_outq_py``."""
     return _load("_outq" if frame_impl.__name__ == "fastnet._frame" else "_outq_py")
+
+
+def core_module(frame_impl: ModuleType) -> ModuleType:
+    """The connection core of ``frame_impl``'s backend: ``_core`` or ``_core_py``."""
+    return _load("_core" if frame_impl.__name__ == "fastnet._frame" else "_core_py")
 
 
 @pytest.fixture

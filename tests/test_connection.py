@@ -351,10 +351,10 @@ def test_large_payloads_are_not_copied_where_writes_are_vectored(
         big = b"B" * (64 * 1024)
         conn.send_many([b"a", b"b", big, b"c"])
         await conn.drain()
-        if writelines_ok:  # [a b joined] [length field] [the payload itself] [c]
+        if writelines_ok:  # [a b joined, length field] [the payload itself] [c]
             ((name, buffers),) = transport.calls
-            assert name == "writelines" and len(buffers) == 4
-            assert buffers[2] is big
+            assert name == "writelines" and len(buffers) == 3
+            assert buffers[1] is big
         else:  # one joined write
             ((name, buffers),) = transport.calls
             assert name == "write"
@@ -457,8 +457,8 @@ def test_a_handler_that_never_drains_gets_write_buffer_full(arun: Runner[Any]) -
         async with serving(flooder, max_write_buffer=limit) as server:
             _, writer = await asyncio.open_connection("127.0.0.1", server.port)
             await wait_until(lambda: "error" in state, timeout=20)
-            # Bounded by the limit plus one batch (one 16 KiB frame here).
-            assert limit < state["buffered"] <= limit + 16388
+            # Checked at send, exactly: the frame that did not fit was refused.
+            assert limit - 16388 < state["buffered"] <= limit
             assert "drain" in str(state["error"])
             await wait_until(lambda: server.stats()["handler_errors"] == 1)
             writer.close()
@@ -500,21 +500,50 @@ def test_a_client_that_sends_without_reading_leaves_server_memory_bounded(
     arun(scenario())
 
 
-def test_a_frame_that_cannot_be_encoded_fails_only_its_connection(arun: Runner[Any]) -> None:
+def test_a_frame_that_cannot_be_encoded_is_refused_at_send(arun: Runner[Any]) -> None:
+    # The error is raised by send() in the caller, with nothing queued: the
+    # frames before and after it go out and the connection stays usable.
     outcome: dict[str, Any] = {}
 
     async def handler(conn: fastnet.Connection) -> None:
         async for frame in conn:
             if frame == b"big":
                 conn.send(b"before")
-                conn.send(b"x" * 2000)  # over max_frame
-                conn.send(b"after")
                 try:
-                    await conn.recv()
+                    conn.send(b"x" * 2000)  # over max_frame
                 except FrameTooLarge as exc:
                     outcome["error"] = exc
-                    raise
+                try:
+                    conn.send_many([b"ok", b"y" * 2000])  # all or nothing
+                except FrameTooLarge as exc:
+                    outcome["many"] = exc
+                conn.send(b"after")
+                continue
             conn.send(frame)
+
+    async def scenario() -> None:
+        framing = fastnet.LengthPrefixed(max_frame=1000)
+        async with serving(handler, framing=framing) as server:
+            conn = await fastnet.connect("127.0.0.1", server.port, framing=framing)
+            conn.send(b"big")
+            assert await conn.recv() == b"before"
+            assert await conn.recv() == b"after"
+            assert isinstance(outcome["error"], FrameTooLarge)
+            assert isinstance(outcome["many"], FrameTooLarge)
+            assert await roundtrip(conn, [b"fine"]) == [b"fine"]
+            assert server.stats()["handler_errors"] == 0
+            conn.close()
+            await conn.wait_closed()
+
+    arun(scenario())
+
+
+def test_a_callback_reply_that_cannot_be_encoded_fails_only_its_connection(
+    arun: Runner[Any],
+) -> None:
+    @fastnet.callback_handler
+    def handler(conn: fastnet.Connection, frames: list[bytes]) -> list[bytes]:
+        return [b"x" * 2000 if f == b"big" else f for f in frames]
 
     async def scenario() -> None:
         framing = fastnet.LengthPrefixed(max_frame=1000)
@@ -522,10 +551,8 @@ def test_a_frame_that_cannot_be_encoded_fails_only_its_connection(arun: Runner[A
             good = await fastnet.connect("127.0.0.1", server.port, framing=framing)
             bad = await fastnet.connect("127.0.0.1", server.port, framing=framing)
             bad.send(b"big")
-            assert await bad.recv() == b"before"
             with pytest.raises(ConnectionBrokenError):
                 await bad.recv()
-            assert isinstance(outcome["error"], FrameTooLarge)
             assert await roundtrip(good, [b"fine"]) == [b"fine"]
             await wait_until(lambda: server.stats()["handler_errors"] == 1)
             for conn in (good, bad):
@@ -709,8 +736,9 @@ def test_asyncio_vectored_write_sends_payload_objects_unjoined(
             wire = b"".join(frame_bytes(p) for batch in batches for p in batch)
             assert await _read_exactly(theirs, len(wire)) == wire
             await conn.drain()
-            assert [len(c) for c in writev.calls] == [4, 2], "one writev per batch while unbuffered"
-            assert writev.calls[0][2] is big and writev.calls[1][1] is huge, "a payload was copied"
+            # [a + big's length field] [big] [b's frame], then [length field] [huge]
+            assert [len(c) for c in writev.calls] == [3, 2], "one writev per batch while unbuffered"
+            assert writev.calls[0][1] is big and writev.calls[1][1] is huge, "a payload was copied"
             conn.close()
             await conn.wait_closed()
         finally:

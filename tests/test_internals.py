@@ -23,7 +23,7 @@ from test_server_support import HAVE_UVLOOP, Runner, serving
 
 import fastnet
 from fastnet import _internals
-from fastnet.protocol import _AwaitWakeup, _Wakeup
+from fastnet._wakeup import _AwaitWakeup, _Wakeup
 from fastnet.server import new_event_loop, run_coroutine
 from fastnet.transports import choose_strategy
 

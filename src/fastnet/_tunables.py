@@ -10,7 +10,21 @@ observable behaviour; a change here changes both backends at once.
 
 from __future__ import annotations
 
-__all__ = ["DIRECT_THRESHOLD", "MAX_READ", "READ_SIZE"]
+__all__ = [
+    "DEFAULT_MAX_WRITE_BUFFER",
+    "DIRECT_THRESHOLD",
+    "LARGE_FRAME",
+    "MAX_READ",
+    "PAUSE_INBOX",
+    "PAUSE_STOP",
+    "PAUSE_WRITE",
+    "READ_BURST",
+    "READ_HIGH_BYTES",
+    "READ_HIGH_FRAMES",
+    "READ_LOW_BYTES",
+    "READ_LOW_FRAMES",
+    "READ_SIZE",
+]
 
 # Window get_buffer() opens when the caller gives no size hint (asyncio passes
 # -1): 64 KiB is what uvloop asks for and about what one recv() on loopback
@@ -28,3 +42,44 @@ MAX_READ = 1 << 20
 # the extra recv() that ends exactly at the frame boundary; 32 KiB is a
 # measured-by-eye guess, not a tuned optimum.
 DIRECT_THRESHOLD = 32768
+
+# ---------------------------------------------------------------------------
+# The connection core (fastnet._core and fastnet._core_py) reads these too.
+
+# Read backpressure. A handler that takes whole batches never comes near these
+# marks: its inbox is empty each time it waits. They bound what a handler that
+# consumes frame by frame, or not at all, lets pile up: 4096 frames is about
+# four 64 KiB reads of 64-byte frames; 4 MiB is sixty-four 64 KiB reads, or
+# half a maximum-size (8 MiB) frame, so reading pauses after such a frame
+# until the handler has taken it. Resuming at a quarter of the mark
+# (hysteresis) avoids a pause/resume pair of system calls per read.
+READ_HIGH_FRAMES = 4096
+READ_LOW_FRAMES = READ_HIGH_FRAMES // 4
+READ_HIGH_BYTES = 4 * 1024 * 1024
+READ_LOW_BYTES = READ_HIGH_BYTES // 4
+
+# Length-prefixed payloads this large are written as [length field, payload]
+# instead of being copied into one joined buffer. It equals the decoder's
+# direct-receive threshold, so a large frame received straight into its final
+# bytes object is echoed without ever being copied in user space. Below it,
+# copying a few KiB costs less than an extra iovec (or, without vectored
+# writes, an extra system call and packet). A judgement call.
+LARGE_FRAME = DIRECT_THRESHOLD
+
+# Default hard limit of a connection's unsent bytes (queued and in the
+# transport's buffer), past which send() raises WriteBufferFull: 64 times
+# asyncio's and uvloop's default write high-water mark (64 KiB), room for the
+# bursts of a handler that drains now and then, while one that never drains
+# holds at most a few MiB.
+DEFAULT_MAX_WRITE_BUFFER = 4 * 1024 * 1024
+
+# Most extra reads the core makes per readiness event on CPython's selector
+# transport while receiving runs of large frames, so a connection streaming
+# large frames cannot keep the loop from the others for long (libuv reads up
+# to 32 times per event, small reads included).
+READ_BURST = 16
+
+# Why reading is paused (bit flags); it resumes when none is left.
+PAUSE_INBOX = 1  # the handler has too many frames queued
+PAUSE_WRITE = 2  # the transport is over its write high-water mark
+PAUSE_STOP = 4  # no more input wanted: shutdown, framing error, close

@@ -17,30 +17,15 @@ import types
 from collections.abc import Coroutine, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .errors import ConnectionBrokenError, ConnectionBusyError, ConnectionClosedError
-from .framing import Framing, LengthPrefixed
-from .transports import TLS_STRATEGY
-from .protocol import (
-    _CLOSED,
-    _CLOSING,
-    _EMPTY,
-    _PAUSE_INBOX,
-    _PAUSE_WRITE,
-    _PEER_CLOSED,
-    DEFAULT_MAX_WRITE_BUFFER,
-    Buffer,
-    FrameProtocol,
-    Lifecycle,
-    WriteBufferFull,
-    _broken_factory,
-    _closed_by_us,
-    _write_buffer_full,
-)
+from . import _reasons, framing
+from ._tunables import DEFAULT_MAX_WRITE_BUFFER, PAUSE_WRITE
+from .errors import ConnectionBrokenError, ConnectionClosedError, WriteBufferFull
+from .framing import Buffer, Framing, LengthPrefixed
+from .lifecycle import CLOSED, CLOSING, PEER_CLOSED, Lifecycle
+from .protocol import FrameProtocol
 
 if TYPE_CHECKING:
     import ssl
-
-    from .server import Server
 
 __all__ = ["Connection", "Lifecycle", "WriteBufferFull", "connect"]
 
@@ -85,31 +70,46 @@ class Connection(FrameProtocol):
         ``async for`` ends quietly in all those cases, except after the
         handler's own ``close()``. ``send``, ``send_many`` and ``drain`` raise
         ``ConnectionClosedError`` after ``close()`` and
-        ``ConnectionBrokenError`` after the connection broke; ``send`` and
-        ``send_many`` raise ``WriteBufferFull`` while the transport holds
-        more than ``max_write_buffer`` unsent bytes (a handler that never
-        drains cannot grow memory without bound). These are checked when a
-        batch starts (the first send after a flush). A frame the framing
-        cannot encode (over ``max_frame``, a line containing its delimiter,
-        not bytes-like) fails the connection when its batch is flushed: the
-        frames before it are written, the error is raised by the call that
-        flushed or by the next call on the connection, and the connection is
-        closed.
+        ``ConnectionBrokenError`` after the connection broke or, on a client,
+        after the server closed its side. Each frame is checked when it is
+        sent: ``send`` and ``send_many`` raise ``WriteBufferFull`` when the
+        frame would take the unsent bytes (queued, and in the transport's
+        buffer) past ``max_write_buffer`` (a handler that never drains cannot
+        grow memory without bound; ``try_send`` returns False instead), and
+        ``FrameError``/``TypeError`` for a frame the framing cannot encode
+        (over ``max_frame``, a line containing its delimiter, not
+        bytes-like). Either way nothing is queued and the connection stays
+        usable.
+
+    Args:
+        framing: the wire layout.
+        server: the ``Server`` it belongs to (servers pass it), or None.
+        max_write_buffer: the hard limit of unsent bytes.
     """
 
     __slots__ = ()
 
-    def __init__(
-        self,
-        framing: Framing,
-        *,
-        server: Server | None = None,
-        max_write_buffer: int = DEFAULT_MAX_WRITE_BUFFER,
-    ) -> None:
-        super().__init__(framing, server=server, max_write_buffer=max_write_buffer)
+    def __new__(cls, *args: Any, **kwargs: Any) -> Connection:
+        # Every connection's class puts the connection core of the backend
+        # in use (fastnet._core or _core_py, chosen by fastnet.framing)
+        # first, so the transport calls the core's methods directly.
+        core = framing.ConnectionCore
+        if issubclass(cls, core):
+            return super().__new__(cls)  # type: ignore[no-any-return]
+        return core.__new__(_implementation(core, cls))  # type: ignore[no-any-return]
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            framing: Framing,
+            *,
+            server: Server | None = None,
+            max_write_buffer: int = DEFAULT_MAX_WRITE_BUFFER,
+        ) -> None: ...
 
     def __repr__(self) -> str:
-        state = self._lifecycle.name.lower().replace("_", "-")
+        state = Lifecycle(self._lifecycle).name.lower().replace("_", "-")
         return f"<fastnet.Connection {state} peer={self.peer!r} local={self.local!r}>"
 
     # ---------------------------------------------------------------- receive
@@ -127,24 +127,9 @@ class Connection(FrameProtocol):
             ConnectionBusyError: another task is receiving on this connection.
         """
         while True:
-            inbox = self._inbox
-            pos = self._pos
-            if pos < len(inbox):
-                self._inbox = _EMPTY
-                self._pos = 0
-                if self._read_paused & _PAUSE_INBOX:
-                    self._caught_up()
-                return inbox if pos == 0 else inbox[pos:]  # type: ignore[return-value]
-            # Nothing queued. The handler is about to wait for the peer, so
-            # everything it sent in reply goes out now, as one write.
-            self._inbox = _EMPTY
-            self._pos = 0
-            if self._out:
-                self._flush()
-            wakeup = self._wakeup
-            if self._end is not None or wakeup._callback is not None or self._read_paused:
-                self._before_wait()
-            wakeup._asyncio_future_blocking = True
+            batch = self._take_batch()
+            if batch is not None:
+                return batch
             await self._await_wakeup
 
     async def recv(self) -> bytes:
@@ -154,21 +139,9 @@ class Connection(FrameProtocol):
             as ``recv_batch``.
         """
         while True:
-            inbox = self._inbox
-            pos = self._pos
-            if pos < len(inbox):
-                self._pos = pos + 1
-                if self._read_paused:
-                    self._consumed_one(inbox[pos])
-                return inbox[pos]
-            self._inbox = _EMPTY
-            self._pos = 0
-            if self._out:
-                self._flush()
-            wakeup = self._wakeup
-            if self._end is not None or wakeup._callback is not None or self._read_paused:
-                self._before_wait()
-            wakeup._asyncio_future_blocking = True
+            frame = self._take_one(False)
+            if frame is not None:
+                return frame
             await self._await_wakeup
 
     def __aiter__(self) -> Connection:
@@ -176,68 +149,22 @@ class Connection(FrameProtocol):
 
     async def __anext__(self) -> bytes:
         while True:
-            inbox = self._inbox
-            pos = self._pos
-            if pos < len(inbox):
-                self._pos = pos + 1
-                if self._read_paused:
-                    self._consumed_one(inbox[pos])
-                return inbox[pos]
-            self._inbox = _EMPTY
-            self._pos = 0
-            if self._out:
-                self._flush()
-            wakeup = self._wakeup
-            if self._end is not None or wakeup._callback is not None or self._read_paused:
-                if self._end is not None and self._end_quiet:
-                    raise StopAsyncIteration
-                self._before_wait()
-            wakeup._asyncio_future_blocking = True
+            frame = self._take_one(True)
+            if frame is not None:
+                return frame
             await self._await_wakeup
-
-    def _before_wait(self) -> None:
-        """The rare checks before waiting for input: end of input, busy, paused."""
-        end = self._end
-        if end is not None:
-            raise end()
-        if self._wakeup._callback is not None:
-            raise ConnectionBusyError("another task is already receiving on this connection")
-        # The handler has caught up: resume reading if backpressure paused it.
-        if self._read_paused & _PAUSE_INBOX:
-            self._caught_up()
 
     # ------------------------------------------------------------------- send
 
-    def send(self, frame: Buffer) -> None:
-        """Queue one frame; it is written with the rest of its batch.
+    if TYPE_CHECKING:  # implemented by the connection core (_core_py.py documents them)
 
-        Raises:
-            ConnectionClosedError, ConnectionBrokenError, WriteBufferFull:
-                see the class docstring.
-        """
-        out = self._out
-        if not out:
-            block = self._send_block
-            if block is not None:
-                raise block()
-            if not self._delivering and not self._flush_scheduled:
-                self._schedule_flush()
-        out.append(frame)
-
-    def send_many(self, frames: Iterable[Buffer]) -> None:
-        """Queue several frames, in order; they are written with the rest of their batch.
-
-        Raises:
-            as ``send``.
-        """
-        out = self._out
-        if not out:
-            block = self._send_block
-            if block is not None:
-                raise block()
-            if not self._delivering and not self._flush_scheduled:
-                self._schedule_flush()
-        out.extend(frames)
+        def send(self, frame: Buffer) -> None: ...
+        def send_many(self, frames: Iterable[Buffer]) -> None: ...
+        def try_send(self, frame: Buffer) -> bool: ...
+        @property
+        def write_buffer_size(self) -> int: ...
+        @property
+        def writable(self) -> bool: ...
 
     async def drain(self) -> None:
         """Flush queued frames, then wait while the write buffer is over its high-water mark.
@@ -250,7 +177,7 @@ class Connection(FrameProtocol):
         if self._out:
             self._flush()
         block = self._send_block
-        if block is not None and block is not _write_buffer_full:
+        if block is not None:
             raise block()
         if not self._write_paused:
             return
@@ -293,10 +220,10 @@ class Connection(FrameProtocol):
             ConnectionClosedError, ConnectionBrokenError: the connection is
                 closing or closed; ``coro`` is closed unrun.
         """
-        if self._lifecycle >= _CLOSING:
+        if self._lifecycle >= CLOSING:
             coro.close()
             block = self._send_block
-            raise block() if block is not None else _closed_by_us()
+            raise block() if block is not None else _reasons.closed_by_us()
         task = self._loop.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
@@ -352,16 +279,16 @@ class Connection(FrameProtocol):
         value = bool(value)
         self._read_pauses_on_write = value
         if value and self._write_paused:
-            self._pause_reading(_PAUSE_WRITE)
+            self._pause_reading(PAUSE_WRITE)
         elif not value:
-            self._unpause_reading(_PAUSE_WRITE)
+            self._unpause_reading(PAUSE_WRITE)
 
     # ------------------------------------------------------------------ close
 
     @property
     def lifecycle(self) -> Lifecycle:
         """Where the connection is: ``OPEN``, ``PEER_CLOSED``, ``CLOSING`` or ``CLOSED``."""
-        return self._lifecycle
+        return Lifecycle(self._lifecycle)
 
     @property
     def peer_closed(self) -> bool:
@@ -373,7 +300,7 @@ class Connection(FrameProtocol):
         server's connection, writing stays possible, so the handler can
         still answer the last requests of a peer that half-closed.
         """
-        return self._lifecycle is _PEER_CLOSED or self._lifecycle is _CLOSED
+        return self._lifecycle == PEER_CLOSED or self._lifecycle == CLOSED
 
     @property
     def closing(self) -> bool:
@@ -381,8 +308,8 @@ class Connection(FrameProtocol):
 
         That includes a client connection whose server closed its side.
         """
-        return self._lifecycle >= _CLOSING or (
-            self._lifecycle is _PEER_CLOSED and not self._half_close
+        return self._lifecycle >= CLOSING or (
+            self._lifecycle == PEER_CLOSED and not self._half_close
         )
 
     @property
@@ -401,15 +328,15 @@ class Connection(FrameProtocol):
         The transport still writes what it buffers before closing the socket.
         Receiving and sending raise ``ConnectionClosedError`` afterwards.
         """
-        if self._lifecycle >= _CLOSING:
+        if self._lifecycle >= CLOSING:
             return
         if self._tasks:
             # Spawned tasks still run: no more input, and the close happens
             # when the last of them is done (_task_done), after their sends.
             self._close_pending = True
-            self._input_ended(_closed_by_us, quiet=False)
+            self._input_ended(_reasons.closed_by_us, quiet=False)
             return
-        if self._out and self._lifecycle is not _CLOSED:
+        if self._out and self._lifecycle != CLOSED:
             try:
                 self._flush()
             except Exception:  # the flush failed the connection and closed it
@@ -426,7 +353,7 @@ class Connection(FrameProtocol):
 
     async def wait_closed(self) -> None:
         """Wait until the socket is closed (the transport called ``connection_lost``)."""
-        if self._lifecycle is _CLOSED:
+        if self._lifecycle == CLOSED:
             return
         waiter = self._loop.create_future()
         self._closed_waiters.append(waiter)
@@ -465,7 +392,7 @@ class Connection(FrameProtocol):
         # From now on, plain joined writes and the transport's own reads: the
         # TLS layer takes (and keeps) our get_buffer/buffer_updated when it
         # is made, and must never meet a fast path of the raw socket.
-        self._use_strategy(TLS_STRATEGY)
+        self._plain_strategy_for_tls()
         server_side = self._server is not None
         transport = await self._loop.start_tls(
             self._transport,
@@ -476,7 +403,7 @@ class Connection(FrameProtocol):
             ssl_handshake_timeout=ssl_handshake_timeout,
         )
         if transport is None:  # the connection was lost during the handshake
-            raise _broken_factory(None)()
+            raise _reasons.broken_factory(None)()
         self._set_transport(transport)
 
     @property
@@ -538,3 +465,23 @@ async def connect(
             raise TypeError("connect() needs a port, or unix=PATH")
         _, conn = await loop.create_connection(factory, host, port, **kwargs)
     return conn
+
+
+# The methods the core implements, visible on Connection itself for help()
+# and documentation tools (each connection's class finds the core's first).
+for _name in ("send", "send_many", "try_send", "write_buffer_size", "writable"):
+    setattr(Connection, _name, getattr(framing.ConnectionCore, _name))
+del _name
+
+_implementations: dict[tuple[type, type], type] = {}
+
+
+def _implementation(core: type, cls: type) -> type:
+    """The class of a connection of class ``cls`` on ``core``: ``(core, cls)``, made once."""
+    impl = _implementations.get((core, cls))
+    if impl is None:
+        impl = type(cls.__name__, (core, cls), {"__slots__": (), "__module__": cls.__module__})
+        impl.__qualname__ = cls.__qualname__
+        impl.__doc__ = cls.__doc__
+        _implementations[core, cls] = impl
+    return impl

@@ -34,6 +34,7 @@ if TYPE_CHECKING or not USE_EXTENSIONS:
         LineDecoder,
         LineEncoder,
     )
+    from ._core_py import ConnectionCore
     from ._outq_py import OutQueue
 
     ACCELERATED = False
@@ -45,6 +46,7 @@ else:
             LineDecoder,
             LineEncoder,
         )
+        from ._core import ConnectionCore
         from ._outq import OutQueue
 
         ACCELERATED = True
@@ -55,6 +57,7 @@ else:
             LineDecoder,
             LineEncoder,
         )
+        from ._core_py import ConnectionCore
         from ._outq_py import OutQueue
 
         ACCELERATED = False
@@ -236,6 +239,15 @@ class LengthPrefixed:
         """
         return self.encoder.encode_many(payloads)
 
+    @property
+    def overhead(self) -> int:
+        """Wire bytes ``encode`` adds to a payload: the length field."""
+        return self.length_size
+
+    def out_queue(self, unjoined_threshold: int = 0) -> OutQueue:
+        """Return a new ``OutQueue`` encoding for this layout (see ``OutQueue``)."""
+        return OutQueue(self.encoder, unjoined_threshold)
+
 
 @dataclass(frozen=True)
 class Lines:
@@ -303,6 +315,15 @@ class Lines:
                 when any payload is rejected.
         """
         return self.encoder.encode_many(payloads)
+
+    @property
+    def overhead(self) -> int:
+        """Wire bytes ``encode`` adds to a payload: the delimiter."""
+        return len(self.delimiter)
+
+    def out_queue(self, unjoined_threshold: int = 0) -> OutQueue:
+        """Return a new ``OutQueue`` encoding these lines (the threshold is ignored)."""
+        return OutQueue(self.encoder, unjoined_threshold)
 
 
 Framing = LengthPrefixed | Lines

@@ -1,658 +1,185 @@
-"""``FrameProtocol``: the transport-facing half of a connection.
+"""``FrameProtocol``: the once-per-connection half of a connection's asyncio protocol.
 
-``fastnet.Connection`` (connection.py) subclasses it and adds what a handler
-calls; this module holds the machinery those calls rest on: the receive path,
-the wake-up of the handler task, the write path and flow control. One object
-per connection is both the asyncio protocol and the handler's Connection, so
-a read costs no hop between objects.
+A connection is one object with three layers (see docs/design.md, "Layout"):
 
-Strategy: the Python work on a busy connection is fixed per *read*, never per
-frame.
-
-Receiving. ``get_buffer`` is the decoder's own bound method, stored on the
-instance, so the kernel receives into the decoder's buffer (or, for a large
-frame, into the frame's final bytes object) with no Python code in between.
-``buffer_updated`` makes one decoder call, bumps two counters, stores the
-returned frame list as the inbox (not a copy; appended to only when the
-handler is behind), and resumes the handler task once.
-
-Reading on. A large frame takes two reads: one of its header (the decoder's
-window after a large frame is header-sized), one of its payload, straight
-into the frame. CPython's selector transport makes one read per readiness
-event and goes back to the selector in between. There, fastnet reads on
-itself (``_read_burst``) through runs of large frames: after a read that
-began a large frame, or filled the rest of one, up to ``READ_BURST`` more
-reads, stopping at a short read, when reading pauses, or when the
-connection closes. Reads of small frames never read on, so a client
-pipelining small frames cannot hold the loop longer than one read.
-
-Waking. A handler waiting for frames is suspended on a ``_Wakeup``: a
-reusable, future-like object (asyncio's duck-typed Future protocol). No Future
-is created per read, and ``buffer_updated`` resumes the task directly, the
-way a callback protocol would run its code there, instead of scheduling it
-for the loop's next iteration. The handler then runs until it waits again;
-waiting flushes its replies, so a read costs one write, made from inside the
-read callback.
-
-Sending. Frames queue in ``_out`` and leave as ONE
-``transport.write(encoder.encode_many(frames))`` (see ``_flush``). The flush
-happens when the handler waits for input or drains, on close, at the end of
-``buffer_updated`` for whatever the resumed handler left queued, and, for
-sends made anywhere else, from one ``loop.call_soon`` per batch.
-Length-prefixed payloads of ``LARGE_FRAME`` bytes or more are not copied into
-the joined buffer: their length field and the payload object itself go out
-as separate iovecs of one vectored write (uvloop's ``writelines``; on
-CPython's selector transport, ``transports.write_vectored``).
-
-Flow control. Reading pauses while the handler has more than
-``READ_HIGH_FRAMES`` frames or ``READ_HIGH_BYTES`` bytes queued, and resumes
-once it is down to a quarter of that. Reading also pauses while the transport
-is over its write high-water mark, so a peer that sends requests without
-reading the replies stops being read: the replies to what was already
-received are all a request/response handler can queue. Past
-``max_write_buffer`` unsent bytes, ``send`` raises ``WriteBufferFull``, which
-bounds handlers that produce without receiving.
+- the **core** (``fastnet._core``, in Cython, or its twin ``_core_py``):
+  the per-read and per-send path: ``get_buffer``/``buffer_updated``, the
+  inbox and the wake-up of the handler, the out queue and the write, flow
+  control, the counters;
+- **this module**: what happens once per connection or less, in Python for
+  both backends: choosing the transport strategy (``connection_made``, and
+  again after ``start_tls``), the end of the input (the peer's FIN, a framing
+  error, a failed callback handler), the lifecycle state and its
+  transitions, the graceful finish that the server's supervisor starts;
+- ``Connection`` (connection.py): what a handler calls.
 
 Ending. A framing error first delivers the frames that preceded the bad
 bytes, then stops reading and ends the input. The end of the stream delivers
-the decoder's last frames and keeps the transport open for writing, so the
-handler can still answer. Either way the handler sees the end after the
-queued frames (``async for`` ends, ``recv`` raises).
+the decoder's last frames; a server's connection stays open for writing, so
+the handler can still answer, and a client's closes. Either way the handler
+sees the end after the queued frames (``async for`` ends, ``recv`` raises).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import copy
-import enum
 import logging
-import os
-from asyncio import AbstractEventLoop, CancelledError
-from collections.abc import Callable, Generator, Iterable, Sequence
-from contextvars import Context
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .errors import (
-    ConnectionBrokenError,
-    ConnectionClosedError,
-    FrameError,
-    WriteBufferFull,
+from . import _reasons
+from ._tunables import (
+    DEFAULT_MAX_WRITE_BUFFER,
+    LARGE_FRAME,
+    PAUSE_INBOX,
+    PAUSE_STOP,
+    PAUSE_WRITE,
+    READ_HIGH_BYTES,
+    READ_HIGH_FRAMES,
 )
-from ._internals import current_task as _current_task
-from ._internals import fatal_error
-from .framing import Buffer, Framing
-from .transports import TransportStrategy, choose_strategy
+from .errors import ConnectionBrokenError, ConnectionClosedError, FrameError, WriteBufferFull
+from .lifecycle import CLOSED, CLOSING, PEER_CLOSED, Lifecycle, check_transition
+from .transports import TLS_STRATEGY, TransportStrategy, choose_strategy
 
 if TYPE_CHECKING:
-    from .server import Server
+    from ._core_py import ConnectionCore
+
+    _Base = ConnectionCore
+else:
+    _Base = object
 
 __all__ = [
     "DEFAULT_MAX_WRITE_BUFFER",
-    "Lifecycle",
     "LARGE_FRAME",
     "READ_HIGH_BYTES",
     "READ_HIGH_FRAMES",
     "FrameProtocol",
+    "Lifecycle",
     "WriteBufferFull",
 ]
 
 logger = logging.getLogger("fastnet")
 
-
-# Read backpressure. A handler that takes whole batches never comes near these
-# marks: its inbox is empty each time it waits. They bound what a handler that
-# consumes frame by frame, or not at all, lets pile up: 4096 frames is about
-# four 64 KiB reads of 64-byte frames; 4 MiB is sixty-four 64 KiB reads, or
-# half a maximum-size (8 MiB) frame, so reading pauses after such a frame
-# until the handler has taken it. Resuming at a quarter of the mark
-# (hysteresis) avoids a pause/resume pair of system calls per read.
-READ_HIGH_FRAMES = 4096
-READ_LOW_FRAMES = READ_HIGH_FRAMES // 4
-READ_HIGH_BYTES = 4 * 1024 * 1024
-READ_LOW_BYTES = READ_HIGH_BYTES // 4
-
-# Length-prefixed payloads this large are written as [length field, payload]
-# instead of being copied into one joined buffer. It equals the decoder's
-# direct-receive threshold, so a large frame received straight into its final
-# bytes object is echoed without ever being copied in user space. Below it,
-# copying a few KiB costs less than an extra iovec (or, without vectored
-# writes, an extra system call and packet). A judgement call.
-LARGE_FRAME = 32 * 1024
-
-# Default hard limit of a transport's unsent bytes, past which send() raises
-# WriteBufferFull: 64 times asyncio's and uvloop's default write high-water
-# mark (64 KiB), room for the bursts of a handler that drains now and then,
-# while one that never drains holds at most a few MiB.
-DEFAULT_MAX_WRITE_BUFFER = 4 * 1024 * 1024
-
-# Why reading is paused (bit flags); it resumes when none is left.
-_PAUSE_INBOX = 1  # the handler has too many frames queued
-_PAUSE_WRITE = 2  # the transport is over its write high-water mark
-_PAUSE_STOP = 4  # no more input wanted: shutdown, framing error, close
+# Names the tests and older code use.
+_PAUSE_INBOX = PAUSE_INBOX
+_PAUSE_WRITE = PAUSE_WRITE
+_reraise_factory = _reasons.reraise_factory
 
 
-class Lifecycle(enum.IntEnum):
-    """Where a connection is in its life; ``Connection.lifecycle`` tells.
+class FrameProtocol(asyncio.BufferedProtocol, _Base):  # type: ignore[misc]
+    """The asyncio protocol of one framed connection, apart from its per-read core.
 
-    One value per connection instead of a set of flags (h11's ``_state.py``
-    is the model): the transitions allowed are listed in ``_TRANSITIONS``,
-    and ``FrameProtocol._move_to`` refuses any other, so a bug that would
-    reopen a closed connection fails loudly instead of silently.
-    """
-
-    OPEN = 0  # both directions open
-    PEER_CLOSED = 1  # the peer sent FIN: no more input; this side may still write
-    CLOSING = 2  # this side is closing: close(), abort(), the end of the handler, a failed write
-    CLOSED = 3  # the transport called connection_lost: the socket is closed
-
-
-_TRANSITIONS: dict[Lifecycle, frozenset[Lifecycle]] = {
-    Lifecycle.OPEN: frozenset({Lifecycle.PEER_CLOSED, Lifecycle.CLOSING, Lifecycle.CLOSED}),
-    Lifecycle.PEER_CLOSED: frozenset({Lifecycle.CLOSING, Lifecycle.CLOSED}),
-    Lifecycle.CLOSING: frozenset({Lifecycle.CLOSED}),
-    Lifecycle.CLOSED: frozenset(),
-}
-_OPEN = Lifecycle.OPEN
-_PEER_CLOSED = Lifecycle.PEER_CLOSED
-_CLOSING = Lifecycle.CLOSING
-_CLOSED = Lifecycle.CLOSED
-
-def _is_flat(frame: object) -> bool:
-    """True if ``len(frame)`` counts bytes and the frame can be an iovec as it is.
-
-    Not so for an ``array('i')`` or a memoryview of one (``len`` counts
-    items), nor for a non-contiguous view: those are encoded (copied), which
-    counts their bytes or raises the encoder's error.
-    """
-    try:
-        with memoryview(frame) as view:  # type: ignore[arg-type]
-            return view.ndim == 1 and view.itemsize == 1 and view.c_contiguous
-    except TypeError:  # not a buffer at all: the encoder reports it
-        return False
-
-
-# Most extra reads _read_burst makes per readiness event, so a connection
-# streaming large frames cannot keep the loop from the others for long
-# (libuv reads up to 32 times per event, small reads included).
-READ_BURST = 16
-
-_EMPTY: Sequence[bytes] = ()  # the inbox when nothing is queued; never mutated
-
-_NoneType = type(None)
-
-
-class _Wakeup:
-    """A reusable, future-like object the handler task awaits for input.
-
-    An asyncio Task suspends on any object with ``_asyncio_future_blocking``
-    and ``add_done_callback`` (the duck-typed Future protocol that
-    ``asyncio.isfuture`` recognises) and resumes when the callback it
-    registered runs: it then calls ``result()`` and sends ``None`` into the
-    coroutine. ``FrameProtocol.buffer_updated`` runs that callback at once,
-    in the task's context, instead of through ``call_soon``; it falls back
-    to ``call_soon`` if a task is already running (a protocol callback
-    invoked from inside a task, which asyncio's and uvloop's transports
-    never do).
-
-    To stay cheap, ``result`` is the C builtin ``NoneType`` (calling it
-    returns None) except after ``cancel``, when it raises ``CancelledError``
-    once. Cancelling the waiting task calls ``cancel``, which schedules the
-    callback the ordinary way.
-    """
-
-    __slots__ = (
-        "_asyncio_future_blocking",
-        "_callback",
-        "_cancel_message",
-        "_context",
-        "_loop",
-        "result",
-    )
-
-    def __init__(self, loop: AbstractEventLoop) -> None:
-        self._loop = loop  # read by asyncio.futures._get_loop and the C Task
-        self._asyncio_future_blocking = False
-        self._callback: Callable[[Any], object] | None = None
-        self._context: Context | None = None
-        self._cancel_message: object = None
-        self.result: Callable[[], None] = _NoneType
-
-    def add_done_callback(
-        self, fn: Callable[[Any], object], *, context: Context | None = None
-    ) -> None:
-        self._callback = fn
-        self._context = context
-
-    def remove_done_callback(self, fn: Callable[[Any], object]) -> int:
-        if self._callback is fn:
-            self._callback = None
-            return 1
-        return 0
-
-    def wake_soon(self) -> None:
-        """Resume the waiting task, if any, from the loop's next iteration."""
-        callback = self._callback
-        if callback is not None:
-            self._callback = None
-            self._loop.call_soon(callback, self, context=self._context)
-
-    def cancel(self, msg: object = None) -> bool:
-        if self._callback is None:
-            return False
-        self._cancel_message = msg
-        self.result = self._raise_cancelled
-        self.wake_soon()
-        return True
-
-    def _raise_cancelled(self) -> None:
-        self.result = _NoneType
-        msg, self._cancel_message = self._cancel_message, None
-        raise CancelledError() if msg is None else CancelledError(msg)
-
-    def done(self) -> bool:
-        return self._callback is None
-
-    def cancelled(self) -> bool:
-        return self.result is not _NoneType
-
-    def exception(self) -> BaseException | None:
-        return None
-
-    # No get_loop(): without it, asyncio reads ``_loop`` directly, which
-    # saves a Python call on every wait.
-
-
-class _AwaitWakeup(tuple):  # type: ignore[type-arg]
-    """``(wakeup,)`` made awaitable: ``await`` iterates the tuple, in C.
-
-    The tuple iterator yields the ``_Wakeup`` to the Task once and is
-    exhausted when the Task resumes the coroutine, so awaiting costs no
-    Python call (a generator-based ``__await__`` would cost one per await
-    and one per resume).
+    Subclassed by ``fastnet.Connection``; the connection core (``_core``)
+    comes first in every connection's class, so its ``buffer_updated``,
+    ``get_buffer``, ``pause_writing`` and ``resume_writing`` are what the
+    transport calls. See the module docstring.
     """
 
     __slots__ = ()
-    if TYPE_CHECKING:
 
-        def __await__(self) -> Generator[Any, None, None]: ...
-
-    else:
-        __await__ = tuple.__iter__
-
-
-class FrameProtocol(asyncio.BufferedProtocol):
-    """The asyncio protocol of one framed connection: decode, wake, write, flow control.
-
-    Subclassed by ``fastnet.Connection``, which is what handlers use; see
-    the module docstring for the design.
-
-    Args:
-        framing: the wire layout (``LengthPrefixed`` or ``Lines``).
-        server: the ``Server`` this connection belongs to (counters,
-            shutdown, logging), or None on the client side.
-        max_write_buffer: the hard limit of unsent bytes (see ``WriteBufferFull``).
-
-    Attributes:
-        bytes_in, frames_in: received bytes and decoded frames (counted per read).
-        bytes_out, frames_out, writes: sent bytes and frames, and the
-            transport writes that carried them (counted per flush).
-        peer, local: the peer's and this side's addresses, as the socket
-            module gives them (``(host, port)`` for TCP).
-    """
-
-    # ``get_buffer`` is a slot holding the decoder's bound method: it shadows
-    # BufferedProtocol.get_buffer, so the transport calls the decoder straight
-    # away (uvloop reads this attribute once, when the transport is made).
-    # ``buffer_updated`` is a slot too, holding ``_received`` or, on CPython's
-    # selector transport, ``_read_burst`` (uvloop reads it once, too).
-    __slots__ = (
-        "__weakref__",
-        "_await_wakeup",
-        "_closed_waiters",
-        "_close_pending",
-        "_consumed_mark",
-        "_decoded",
-        "_decoder",
-        "_decoder_failed",
-        "_delivering",
-        "_drain_waiter",
-        "_encode_many",
-        "_end",
-        "_end_quiet",
-        "_flush_scheduled",
-        "_framing",
-        "_handler_error",
-        "_header",
-        "_inbox",
-        "_loop",
-        "_lifecycle",
-        "_max_write_buffer",
-        "_on_frames",
-        "_out",
-        "_half_close",
-        "_pos",
-        "_read_fd",
-        "_read_pauses_on_write",
-        "_read_paused",
-        "_send_block",
-        "_server",
-        "_strategy",
-        "_tasks",
-        "_user_state",
-        "_transport",
-        "_wakeup",
-        "_write_buffers",
-        "_write_paused",
-        "buffer_updated",
-        "bytes_in",
-        "bytes_out",
-        "frames_in",
-        "frames_out",
-        "get_buffer",
-        "local",
-        "peer",
-        "writes",
-    )
-
-    def __init__(
-        self,
-        framing: Framing,
-        *,
-        server: Server | None = None,
-        max_write_buffer: int = DEFAULT_MAX_WRITE_BUFFER,
-    ) -> None:
-        loop = asyncio.get_running_loop()
-        self._loop = loop
-        self._framing = framing
-        self._server = server
-        self._max_write_buffer = max_write_buffer
-        self._transport: asyncio.Transport = None  # type: ignore[assignment]  # connection_made
-        self.peer: Any = None
-        self.local: Any = None
-
-        decoder = framing.decoder()
-        self._decoder = decoder
-        self._decoder_failed = False  # a framing error: the decoder takes no more input
-        self.get_buffer = decoder.get_buffer  # type: ignore[method-assign]
-        self.buffer_updated = self._received  # type: ignore[method-assign]
-        self._decoded = decoder.buffer_updated
-        self._read_fd = -1  # the socket's descriptor, for _read_burst; -1: not reading on
-        self._strategy: TransportStrategy | None = None  # connection_made chooses it
-        encoder = framing.encoder
-        self._encode_many: Callable[[Iterable[Buffer]], bytes] = encoder.encode_many
-        # Only a length-prefixed encoder can write a length field apart from its payload.
-        self._header: Callable[[int], bytes] | None = getattr(encoder, "header", None)
-        # Writes a list of buffers as one vectored write; None where the
-        # transport cannot (connection_made decides).
-        self._write_buffers: Callable[[list[Buffer]], None] | None = None
-
-        # Receive side: the inbox is a list of frames, ``_pos`` the next one.
-        self._inbox: Sequence[bytes] = _EMPTY
-        self._pos = 0
-        self._wakeup = _Wakeup(loop)
-        self._await_wakeup = _AwaitWakeup((self._wakeup,))
-        self._delivering = False  # the handler is being resumed inside buffer_updated
-        self._read_paused = 0  # _PAUSE_* flags
-        self._consumed_mark = 0  # bytes_in when the handler last caught up
-        # Why no more frames will come: a factory of the exception recv()
-        # raises, and whether ``async for`` ends quietly; None while input may
-        # still come.
-        self._end: Callable[[], Exception] | None = None
-        self._end_quiet = True
-        # A callback handler (server.CallbackHandler): called with each batch
-        # inside buffer_updated instead of waking a task; its exception, if any.
-        self._on_frames: Callable[[Any, list[bytes]], Iterable[Buffer] | None] | None = None
-        self._handler_error: Exception | None = None
-
-        # Send side.
-        self._out: list[Buffer] = []
-        self._flush_scheduled = False
-        self._write_paused = False
-        self._drain_waiter: asyncio.Future[None] | None = None
-        # A factory of the exception send() raises; None while sending is allowed.
-        self._send_block: Callable[[], Exception] | None = None
-
-        self._lifecycle = _OPEN
-        # Whether reading pauses while the transport is over its write
-        # high-water mark. A server connection's handler answers what it
-        # reads, so a peer that sends requests without reading the replies is
-        # stopped there. A client (or a handler that sends independently of
-        # what it reads) must keep reading: pausing would deadlock with a
-        # peer that itself waits for us to read before it reads our data.
-        # Its read backpressure (READ_HIGH_*) still bounds what it holds.
-        self._read_pauses_on_write = server is not None
-        # After the peer's FIN: keep the transport open for writing (True:
-        # a server answering the last requests of a half-closed client) or
-        # close it (False: a client, whose server has finished with it).
-        self._half_close = server is not None
-        self._closed_waiters: list[asyncio.Future[None]] = []
-        # Tasks spawned with Connection.spawn, still running.
-        self._tasks: set[asyncio.Task[Any]] = set()
-        # close() was called while spawned tasks ran: close when they are done.
-        self._close_pending = False
-        self._user_state: Any = None
-
-        self.bytes_in = 0
-        self.frames_in = 0
-        self.bytes_out = 0
-        self.frames_out = 0
-        self.writes = 0
+    # ------------------------------------------------------------ lifecycle
 
     @property
     def _closing(self) -> bool:
-        # This side is closing or the socket is closed.
-        return self._lifecycle >= _CLOSING
+        # This side is closing, or the socket is closed.
+        return self._lifecycle >= CLOSING
 
     @property
     def _lost(self) -> bool:
-        return self._lifecycle is _CLOSED
+        return self._lifecycle == CLOSED
 
-    def _move_to(self, state: Lifecycle) -> None:
+    def _move_to(self, state: int) -> None:
         """Change the lifecycle state; a transition the table does not allow raises."""
-        current = self._lifecycle
-        if state is current:
-            return
-        if state not in _TRANSITIONS[current]:
-            raise RuntimeError(f"connection cannot go from {current.name} to {state.name}")
-        self._lifecycle = state
+        check_transition(self._lifecycle, state)
+        self._lifecycle = int(state)
 
     # ------------------------------------------------------ asyncio callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]
         self.peer = transport.get_extra_info("peername")
         self.local = transport.get_extra_info("sockname")
-        self._apply_strategy(transport)
-
-    def _apply_strategy(self, transport: asyncio.BaseTransport) -> None:
-        """Choose how to write and read on ``transport`` (transports.py); again on every change."""
-        self._use_strategy(choose_strategy(transport))
+        self._use_transport(transport, choose_strategy(transport))
 
     def _use_strategy(self, strategy: TransportStrategy) -> None:
-        self._strategy = strategy
-        self._write_buffers = strategy.write_buffers
-        self._read_fd = strategy.read_fd
-        self.buffer_updated = (  # type: ignore[method-assign]
-            self._read_burst if strategy.read_fd >= 0 else self._received
-        )
-        # Without vectored writes, [length field, payload] would cost two
-        # send calls and a 4-byte packet per large frame (or a TLS record of
-        # its own); copying the payload into one buffer is cheaper.
-        self._header = (
-            getattr(self._framing.encoder, "header", None)
-            if strategy.write_buffers is not None
-            else None
-        )
+        self._use_transport(self._transport, strategy)
 
     def _set_transport(self, transport: asyncio.BaseTransport) -> None:
-        """The connection now runs over ``transport`` (after ``start_tls``)."""
-        self._transport = transport  # type: ignore[assignment]
-        self._apply_strategy(transport)
+        """The connection now runs over ``transport`` (after ``start_tls``): choose again."""
+        self._use_transport(transport, choose_strategy(transport))
 
-    def _read_burst(self, nbytes: int) -> None:
-        """``buffer_updated`` on CPython's selector transport: take the read, then read on.
+    def _plain_strategy_for_tls(self) -> None:
+        # Before a TLS handshake: joined writes and the transport's own reads.
+        self._use_transport(self._transport, TLS_STRATEGY)
 
-        Only through large frames: after a read that began one (its payload
-        has most likely arrived with its header) or that filled the rest of
-        one (the next header most likely follows), read again at once, with
-        ``os.readv`` on the socket, instead of returning to the selector for
-        each read. What the transport's read path would do with the outcome
-        is done here too: an error fails the transport its way; the end of
-        the stream stays in the socket, where the transport's next read
-        finds it.
-        """
-        decoder = self._decoder
-        missing = decoder.missing  # what this read's window was for, if a large frame's
-        self._received(nbytes)
-        transport = self._transport
-        fd = self._read_fd
-        for _ in range(READ_BURST):
-            if missing:
-                if nbytes < missing:
-                    return  # a short read: the socket is most likely drained
-            elif not decoder.missing:
-                return  # no large frame begun: small frames are not read on
-            # Not when reading is paused (backpressure, shutdown, a framing
-            # error), nor once the connection is closing.
-            if self._read_paused or not transport.is_reading():
-                return
-            missing = decoder.missing
-            buf = decoder.get_buffer(-1)
-            try:
-                nbytes = os.readv(fd, (buf,))
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                fatal_error(transport, exc, "Fatal read error on socket transport")
-                return
-            if not nbytes:
-                return
-            self._received(nbytes)
-
-    def _received(self, nbytes: int) -> None:
-        """``buffer_updated``: decode ``nbytes`` just received and deliver the frames."""
-        self.bytes_in += nbytes
+    def eof_received(self) -> bool | None:
+        if self._lifecycle >= CLOSING:  # the peer's answer to our FIN (lingering close): done
+            return False
+        self._move_to(PEER_CLOSED)
         try:
-            frames = self._decoded(nbytes)
-        except FrameError as exc:
-            self._framing_failed(exc)
-            return
-        if not frames:
-            return
-        self.frames_in += len(frames)
-        on_frames = self._on_frames
-        if on_frames is not None:
-            # A callback handler runs here and now, and its sends leave as one
-            # write right after. (Inlined: this is the fastest path there is.)
-            self._delivering = True
-            try:
-                replies = on_frames(self, frames)
-            except Exception as exc:
-                self._callback_failed(exc)
-                return
-            self._delivering = False
-            if self._out:
-                if replies is not None:
-                    self._out.extend(replies)
-                replies = None
-            elif replies is not None and type(replies) is not list:
-                replies = list(replies)
-            # try/except rather than contextlib.suppress: this runs on every read.
-            try:  # noqa: SIM105
-                self._flush(replies)
-            except Exception:  # the flush failed the connection (see _encode_failed)
-                pass
-            return
-        # Queue the frames: the inbox is the decoder's list unless the handler
-        # has not finished the previous one.
-        inbox = self._inbox
-        if self._pos == len(inbox):
-            self._inbox = frames
-            self._pos = 0
-            self._consumed_mark = self.bytes_in - nbytes
+            frames = self._decoder.eof()
+        except FrameError as exc:  # the stream ended inside a frame
+            self._decoder_failed = True
+            if exc.frames:
+                self._queue_frames(exc.frames)
+            self._report_frame_error(exc)
+            self._input_ended(_reasons.broken_factory(exc), pause=False)
         else:
-            inbox.extend(frames)  # type: ignore[attr-defined]  # a decoder's list
-        # Resume the waiting handler here and now; it runs until it waits
-        # again (flushing its replies as it does) or awaits something else.
-        wakeup = self._wakeup
-        callback = wakeup._callback
-        if callback is not None:
-            wakeup._callback = None
-            if _current_task(self._loop) is None:
-                context = wakeup._context
-                self._delivering = True
-                if context is None:
-                    callback(wakeup)
-                else:
-                    context.run(callback, wakeup)
-                self._delivering = False
-                if self._out:  # replies left by a handler that awaited something else
-                    try:  # noqa: SIM105 - a hot path, see above
-                        self._flush()
-                    except Exception:  # kept in _send_block for the handler's next call
-                        pass
-            else:
-                self._loop.call_soon(callback, wakeup, context=wakeup._context)
-        # Backpressure: the handler is far behind.
-        unconsumed = len(self._inbox) - self._pos
-        if unconsumed and (
-            unconsumed > READ_HIGH_FRAMES or self.bytes_in - self._consumed_mark > READ_HIGH_BYTES
-        ):
-            self._pause_reading(_PAUSE_INBOX)
+            if frames:
+                self._queue_frames(frames)
+            self._input_ended(_reasons.peer_closed, pause=False)
+        if self._half_close:
+            # Keep the transport open for writing: the handler may still
+            # answer the last requests of a peer that closed its sending side.
+            return True
+        # A client: the server is done with us. Sends now raise at once, and
+        # the transport closes (after writing what it holds), so
+        # wait_closed() returns and pending calls end instead of hanging.
+        if self._send_block is None:
+            self._send_block = _reasons.peer_closed
+        self._out.clear()
+        return False
 
-    def _call_on_frames(self, frames: list[bytes]) -> None:
-        # buffer_updated's callback-handler branch, for frames queued outside a read.
-        self._delivering = True
-        try:
-            replies = self._on_frames(self, frames)  # type: ignore[misc]
-        except Exception as exc:
-            self._callback_failed(exc)
-            return
-        self._delivering = False
-        if replies is not None:
-            self._out.extend(replies)
-        if self._out:
-            with contextlib.suppress(Exception):  # the flush failed the connection
-                self._flush()
+    def connection_lost(self, exc: Exception | None) -> None:
+        closing = self._lifecycle >= CLOSING
+        self._move_to(CLOSED)
+        if closing:
+            self._input_ended(_reasons.closed_by_us, quiet=False, pause=False)
+        elif exc is None:
+            self._input_ended(_reasons.peer_closed, pause=False)
+        else:
+            self._input_ended(_reasons.broken_factory(exc), pause=False)
+        if self._send_block is None:
+            if closing:
+                self._send_block = _reasons.closed_by_us
+            elif exc is None:
+                self._send_block = _reasons.peer_closed
+            else:
+                self._send_block = _reasons.broken_factory(exc)
+        self._out.clear()
+        self._wake_drain(exc)
+        waiters, self._closed_waiters = self._closed_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # --------------------------------------------------- rare events of a read
 
     def _callback_failed(self, exc: Exception) -> None:
-        self._delivering = False
+        """A callback handler raised (or returned a reply that cannot be encoded)."""
         self._out.clear()
         if not isinstance(exc, (ConnectionBrokenError, ConnectionClosedError)):
             self._handler_error = exc
-        self._input_ended(_reraise_factory(exc), quiet=False)
-
-    async def _wait_input_end(self) -> None:
-        """Wait until no more frames will come (for callback handlers' supervisors)."""
-        wakeup = self._wakeup
-        while self._end is None:
-            wakeup._asyncio_future_blocking = True
-            await self._await_wakeup
-
-    def _queue_frames(self, frames: list[bytes]) -> None:
-        """Queue frames outside a read (end of stream, frames before an error) and wake."""
-        self.frames_in += len(frames)
-        if self._on_frames is not None:
-            self._call_on_frames(frames)
-            return
-        inbox = self._inbox
-        if self._pos == len(inbox):
-            self._inbox = frames
-            self._pos = 0
-        else:
-            inbox.extend(frames)  # type: ignore[attr-defined]
-        self._wakeup.wake_soon()
+        self._input_ended(_reasons.reraise_factory(exc), quiet=False)
 
     def _framing_failed(self, exc: FrameError) -> None:
-        if self._lifecycle >= _CLOSING:  # bad bytes after we closed (lingering): just go
+        if self._lifecycle >= CLOSING:  # bad bytes after we closed (lingering): just go
             self._transport.abort()
             return
         self._decoder_failed = True
         if exc.frames:  # complete frames that preceded the bad bytes: deliver them first
             self._queue_frames(exc.frames)
         self._report_frame_error(exc)
-        self._input_ended(_broken_factory(exc))
+        self._input_ended(_reasons.broken_factory(exc))
 
     def _report_frame_error(self, exc: FrameError) -> None:
         server = self._server
@@ -661,70 +188,12 @@ class FrameProtocol(asyncio.BufferedProtocol):
         else:
             logger.debug("framing error from %s: %s", self.peer, exc)
 
-    def eof_received(self) -> bool | None:
-        if self._lifecycle >= _CLOSING:  # the peer's answer to our FIN (lingering close): done
-            return False
-        self._move_to(_PEER_CLOSED)
-        try:
-            frames = self._decoder.eof()
-        except FrameError as exc:  # the stream ended inside a frame
-            self._decoder_failed = True
-            if exc.frames:
-                self._queue_frames(exc.frames)
-            self._report_frame_error(exc)
-            self._input_ended(_broken_factory(exc), pause=False)
-        else:
-            if frames:
-                self._queue_frames(frames)
-            self._input_ended(_peer_closed, pause=False)
-        if self._half_close:
-            # Keep the transport open for writing: the handler may still
-            # answer the last requests of a peer that closed its sending side.
-            return True
-        # A client: the server is done with us. Sends now raise at once, and
-        # the transport closes (after writing what it holds), so
-        # wait_closed() returns and pending calls end instead of hanging.
-        if self._send_block is None or self._send_block is _write_buffer_full:
-            self._send_block = _peer_closed
-        self._out.clear()
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        closing = self._lifecycle >= _CLOSING
-        self._move_to(_CLOSED)
-        if closing:
-            self._input_ended(_closed_by_us, quiet=False, pause=False)
-        elif exc is None:
-            self._input_ended(_peer_closed, pause=False)
-        else:
-            self._input_ended(_broken_factory(exc), pause=False)
-        if self._send_block is None or self._send_block is _write_buffer_full:
-            if closing:
-                self._send_block = _closed_by_us
-            elif exc is None:
-                self._send_block = _peer_closed
-            else:
-                self._send_block = _broken_factory(exc)
-        self._out.clear()
-        self._wake_drain(exc)
-        waiters, self._closed_waiters = self._closed_waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-        if self._read_pauses_on_write:
-            self._pause_reading(_PAUSE_WRITE)
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        if self._send_block is _write_buffer_full:
-            self._send_block = None
-        self._unpause_reading(_PAUSE_WRITE)
-        self._wake_drain(None)
-
-    # ------------------------------------------------------------ mechanics
+    async def _wait_input_end(self) -> None:
+        """Wait until no more frames will come (for callback handlers' supervisors)."""
+        wakeup = self._wakeup
+        while self._end is None:
+            wakeup._asyncio_future_blocking = True
+            await self._await_wakeup
 
     def _input_ended(
         self, exc_factory: Callable[[], Exception], *, quiet: bool = True, pause: bool = True
@@ -734,8 +203,10 @@ class FrameProtocol(asyncio.BufferedProtocol):
             self._end = exc_factory
             self._end_quiet = quiet
         if pause:
-            self._pause_reading(_PAUSE_STOP)
+            self._pause_reading(PAUSE_STOP)
         self._wakeup.wake_soon()
+
+    # ------------------------------------------------- ending the connection
 
     def _finish(self) -> None:
         """End the connection gracefully (the server does this when the handler is done).
@@ -747,14 +218,11 @@ class FrameProtocol(asyncio.BufferedProtocol):
         pipelining client would lose answers. The caller bounds the wait and
         aborts a peer that never closes.
         """
-        if self._lifecycle >= _CLOSING:  # closed by the handler, or failed, or lost
+        if self._lifecycle >= CLOSING:  # closed by the handler, or failed, or lost
             return
         if self._out:
-            try:
-                self._flush()
-            except Exception:  # the flush failed the connection and closed it
-                return
-        peer_eof = self._lifecycle is _PEER_CLOSED
+            self._flush()
+        peer_eof = self._lifecycle == PEER_CLOSED
         self._mark_closing()
         transport = self._transport
         # Nothing to wait for when the peer already closed; nothing worth it
@@ -775,141 +243,19 @@ class FrameProtocol(asyncio.BufferedProtocol):
 
     def _begin_shutdown(self) -> None:
         """The server is shutting down: stop reading; end the input after the queued frames."""
-        self._input_ended(_shutting_down)
+        self._input_ended(_reasons.shutting_down)
 
     def _idle_timeout(self) -> None:
         """Close a connection whose handler waited ``idle_timeout`` with no byte received."""
-        self._input_ended(_idle_closed)
+        self._input_ended(_reasons.idle_closed)
         self._abort()
 
     @property
     def _idle(self) -> bool:
-        # The handler is waiting for frames: the idle timer runs only then,
-        # like a read timeout that applies to a pending read.
-        # Tasks spawned on the connection are activity too.
+        # The handler is waiting for frames (the idle timer runs only then,
+        # like a read timeout that applies to a pending read) and no task
+        # spawned on the connection is running.
         return self._wakeup._callback is not None and not self._tasks
-
-    def _caught_up(self) -> None:
-        # The handler took every queued frame.
-        self._consumed_mark = self.bytes_in
-        self._unpause_reading(_PAUSE_INBOX)
-
-    def _consumed_one(self, frame: bytes) -> None:
-        # recv() took one frame while reading is paused for some reason.
-        if self._read_paused & _PAUSE_INBOX:
-            self._consumed_mark += len(frame)
-            if (
-                len(self._inbox) - self._pos <= READ_LOW_FRAMES
-                and self.bytes_in - self._consumed_mark <= READ_LOW_BYTES
-            ):
-                self._unpause_reading(_PAUSE_INBOX)
-
-    def _pause_reading(self, reason: int) -> None:
-        paused = self._read_paused
-        self._read_paused = paused | reason
-        if not paused and self._lifecycle is not _CLOSED:
-            with contextlib.suppress(RuntimeError):  # a closing transport may refuse
-                self._transport.pause_reading()
-
-    def _unpause_reading(self, reason: int) -> None:
-        paused = self._read_paused
-        if not paused & reason:
-            return
-        paused &= ~reason
-        self._read_paused = paused
-        if not paused and self._lifecycle is not _CLOSED and not self._transport.is_closing():
-            self._transport.resume_reading()
-
-    def _schedule_flush(self) -> None:
-        # First frame of a batch sent outside buffer_updated's resumption of
-        # the handler: make sure it goes out even if nobody waits for input.
-        self._flush_scheduled = True
-        self._loop.call_soon(self._scheduled_flush)
-
-    def _scheduled_flush(self) -> None:
-        self._flush_scheduled = False
-        if self._out:
-            with contextlib.suppress(Exception):  # kept in _send_block for the handler's next call
-                self._flush()
-
-    def _flush(self, out: list[Buffer] | None = None) -> None:
-        """Write every queued frame (or ``out``, if given): one encode_many and one write.
-
-        Raises:
-            FrameError, TypeError: a frame cannot be encoded; the frames
-                before it were written and the connection is failed.
-        """
-        if out is None:
-            out = self._out
-            self._out = []
-        # Nowhere to write once lost or closing (close() and _finish() flush
-        # before they mark the connection closing); send() reports it.
-        if self._lifecycle >= _CLOSING or not out:
-            return
-        transport = self._transport
-        header = self._header
-        n = len(out)
-        if header is not None and (
-            len(out[0]) >= LARGE_FRAME if n == 1 else max(map(len, out)) >= LARGE_FRAME
-        ):
-            size = self._flush_large(out, header)
-        else:
-            try:
-                data = self._encode_many(out)
-            except Exception as exc:
-                self._encode_failed(out, exc)
-                raise
-            transport.write(data)
-            size = len(data)
-        self.frames_out += n
-        self.bytes_out += size
-        self.writes += 1
-        if (
-            self._write_paused
-            and self._send_block is None
-            and transport.get_write_buffer_size() > self._max_write_buffer
-        ):
-            self._send_block = _write_buffer_full
-
-    def _flush_large(self, out: list[Buffer], header: Callable[[int], bytes]) -> int:
-        """Write a batch holding large payloads without copying them."""
-        buffers: list[Buffer] = []
-        start = 0
-        encode_many = self._encode_many
-        try:
-            for i, frame in enumerate(out):
-                size = len(frame)
-                if size >= LARGE_FRAME and (type(frame) is bytes or _is_flat(frame)):
-                    if i > start:
-                        buffers.append(encode_many(out[start:i]))
-                    buffers.append(header(size))
-                    buffers.append(frame)
-                    start = i + 1
-            if start < len(out):
-                buffers.append(encode_many(out[start:]))
-        except Exception as exc:
-            self._encode_failed(out, exc)
-            raise
-        size = sum(map(len, buffers))
-        assert self._write_buffers is not None  # else no _header, and no call here
-        self._write_buffers(buffers)
-        return size
-
-    def _encode_failed(self, out: list[Buffer], exc: Exception) -> None:
-        """Write the frames before the one that cannot be encoded, then fail the connection."""
-        good: list[Buffer] = []
-        for frame in out:
-            try:
-                self._encode_many((frame,))
-            except Exception:
-                break
-            good.append(frame)
-        if good:
-            self._transport.write(self._encode_many(good))
-        self._send_block = _reraise_factory(exc)
-        self._input_ended(_reraise_factory(exc), quiet=False)
-        self._move_to(_CLOSING)
-        self._transport.close()
 
     def _wake_drain(self, exc: BaseException | None) -> None:
         waiter = self._drain_waiter
@@ -918,20 +264,20 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._drain_waiter = None
         if waiter.done():
             return
-        if exc is None and self._lifecycle is not _CLOSED:
+        if exc is None and self._lifecycle != CLOSED:
             waiter.set_result(None)
-        elif self._send_block is not None and self._send_block is not _write_buffer_full:
+        elif self._send_block is not None:
             waiter.set_exception(self._send_block())  # why sending ended, as send() says
         else:
-            waiter.set_exception(_broken_factory(exc)())
+            waiter.set_exception(_reasons.broken_factory(exc)())
 
     def _mark_closing(self) -> None:
         """This side is closing: sends and receives (after the queued frames) now raise."""
-        if self._lifecycle < _CLOSING:
-            self._move_to(_CLOSING)
-        if self._send_block is None or self._send_block is _write_buffer_full:
-            self._send_block = _closed_by_us
-        self._input_ended(_closed_by_us, quiet=False, pause=False)
+        if self._lifecycle < CLOSING:
+            self._move_to(CLOSING)
+        if self._send_block is None:
+            self._send_block = _reasons.closed_by_us
+        self._input_ended(_reasons.closed_by_us, quiet=False, pause=False)
 
     def _abort(self) -> None:
         self._out.clear()
@@ -939,63 +285,5 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._transport.abort()
 
 
-def _discard(conn: FrameProtocol, frames: list[bytes]) -> None:
+def _discard(conn: Any, frames: list[bytes]) -> None:
     """The ``_on_frames`` of a connection that is closing: input is dropped."""
-
-
-# The exceptions that end a connection's input or output, as factories: a
-# fresh exception per raise keeps tracebacks from piling up on one object.
-
-
-def _closed_by_us() -> Exception:
-    return ConnectionClosedError("the connection is closed")
-
-
-def _peer_closed() -> Exception:
-    return ConnectionBrokenError("the peer closed the connection")
-
-
-def _shutting_down() -> Exception:
-    return ConnectionClosedError("the server is shutting down")
-
-
-def _idle_closed() -> Exception:
-    return ConnectionClosedError("closed after the idle timeout")
-
-
-def _write_buffer_full() -> Exception:
-    return WriteBufferFull("the write buffer is over its limit; await drain() before sending more")
-
-
-def _broken_factory(cause: BaseException | None) -> Callable[[], Exception]:
-    def factory() -> Exception:
-        if cause is None:
-            return ConnectionBrokenError("the connection was lost")
-        exc = ConnectionBrokenError(f"the connection broke: {cause}")
-        exc.__cause__ = cause
-        return exc
-
-    return factory
-
-
-def _reraise_factory(exc: Exception) -> Callable[[], Exception]:
-    """A factory of fresh copies of ``exc``, each with no traceback, chained to the original.
-
-    Raising the same object again and again would grow its traceback with
-    every raise (and keep every frame it passed through alive). An
-    exception that cannot be copied is reported as a ``ConnectionClosedError``
-    caused by it.
-    """
-
-    def factory() -> Exception:
-        try:
-            fresh = copy.copy(exc)
-        except Exception:
-            fresh = ConnectionClosedError(f"the connection failed: {exc!r}")
-        if fresh is exc or type(fresh) is not type(exc):
-            fresh = ConnectionClosedError(f"the connection failed: {exc!r}")
-        fresh.__traceback__ = None
-        fresh.__cause__ = exc
-        return fresh
-
-    return factory

@@ -45,7 +45,9 @@ from typing import Any, TypeVar
 from .connection import Connection
 from .errors import ConnectionBrokenError, ConnectionClosedError, FrameError
 from .framing import Framing, LengthPrefixed
-from .protocol import DEFAULT_MAX_WRITE_BUFFER, Buffer, FrameProtocol
+from ._tunables import DEFAULT_MAX_WRITE_BUFFER
+from .framing import Buffer
+from .protocol import FrameProtocol
 
 __all__ = [
     "DEFAULT_BACKLOG",

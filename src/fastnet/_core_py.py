@@ -1,0 +1,616 @@
+"""Pure-Python twin of ``fastnet._core``: the per-read and per-send path of a connection.
+
+Strategy: the Python work on a busy connection is fixed per *read*, never per
+frame, and all of it lives in ``ConnectionCore``; the extension compiles the
+same logic to C (``_core.pyx``), and both must behave identically, call for
+call (the connection tests run on both).
+
+Receiving. ``get_buffer`` is the decoder's own bound method, stored on the
+instance, so the kernel receives into the decoder's buffer (or, for a large
+frame, into the frame's final bytes object) with nothing in between.
+``buffer_updated`` makes one decoder call and bumps two counters; then it
+either calls a callback handler with the batch and writes its replies at
+once, or stores the batch as the inbox (not a copy; appended to only when
+the handler is behind) and resumes the waiting handler task right there,
+through its ``_Wakeup``. On CPython's selector transport it reads on through
+runs of large frames (``read_fd``, at most ``READ_BURST`` more reads).
+
+Receiving, handler side. ``_take_batch`` and ``_take_one`` are the
+synchronous halves of ``recv_batch``/``recv``/``async for``: they return
+what is queued, or flush the handler's replies, check why it may not wait
+(input ended, another receiver, backpressure to lift) and arm the wake-up,
+returning None: the coroutine then awaits the wake-up.
+
+Sending. ``send``/``send_many``/``try_send`` validate and encode each frame
+into the ``OutQueue`` as it is sent (a bad frame raises in the caller, with
+nothing queued) and check the write-buffer limit exactly: the queued bytes,
+plus what the transport holds, plus this frame. Everything queued leaves as
+one write (``_flush``): when the handler waits for input or drains, at the
+end of the read callback that resumed it, or from one ``call_soon`` per batch
+for sends made elsewhere.
+
+Flow control. Reading pauses while the handler has more than
+``READ_HIGH_FRAMES`` frames or ``READ_HIGH_BYTES`` bytes queued, and resumes
+once it is down to a quarter; on a server's connections it also pauses while
+the transport is over its write high-water mark (``read_pauses_on_write``).
+
+Everything that happens once per connection or less (connection_made, the
+end of input, closing) is in ``protocol.FrameProtocol``, in Python, for both
+backends; the core calls it for the rare events (a framing error, a failed
+callback).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from . import _reasons
+from ._internals import current_task, fatal_error
+from ._tunables import (
+    DEFAULT_MAX_WRITE_BUFFER,
+    LARGE_FRAME,
+    PAUSE_INBOX,
+    PAUSE_WRITE,
+    READ_BURST,
+    READ_HIGH_BYTES,
+    READ_HIGH_FRAMES,
+    READ_LOW_BYTES,
+    READ_LOW_FRAMES,
+)
+from ._wakeup import _AwaitWakeup, _Wakeup
+from .errors import ConnectionBusyError, FrameError
+from .lifecycle import CLOSED, CLOSING, OPEN
+
+__all__ = ["ConnectionCore"]
+
+Buffer = bytes | bytearray | memoryview
+
+_EMPTY: Sequence[bytes] = ()  # the inbox when nothing is queued; never mutated
+
+
+class ConnectionCore:
+    """The per-read and per-send state and path of one framed connection.
+
+    The first base of every ``fastnet.Connection`` class; see the module
+    docstring. Its methods other than ``send``, ``send_many``, ``try_send``,
+    ``write_buffer_size`` and ``writable`` are for the transport and for
+    fastnet's own layers.
+
+    Args:
+        framing: the wire layout (``LengthPrefixed`` or ``Lines``); its
+            decoder and out queue must come from this backend.
+        server: the ``Server`` this connection belongs to, or None on the
+            client side.
+        max_write_buffer: the hard limit of unsent bytes.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_await_wakeup",
+        "_close_pending",
+        "_closed_waiters",
+        "_consumed_mark",
+        "_decoded",
+        "_decoder",
+        "_decoder_failed",
+        "_delivering",
+        "_drain_waiter",
+        "_end",
+        "_end_quiet",
+        "_flush_scheduled",
+        "_framing",
+        "_half_close",
+        "_handler_error",
+        "_high_water",
+        "_inbox",
+        "_lifecycle",
+        "_loop",
+        "_max_write_buffer",
+        "_on_frames",
+        "_out",
+        "_overhead",
+        "_pos",
+        "_read_fd",
+        "_read_paused",
+        "_read_pauses_on_write",
+        "_send_block",
+        "_server",
+        "_strategy",
+        "_tasks",
+        "_transport",
+        "_user_state",
+        "_wakeup",
+        "_write",
+        "_write_buffers",
+        "_write_paused",
+        "bytes_in",
+        "bytes_out",
+        "frames_in",
+        "frames_out",
+        "get_buffer",
+        "local",
+        "peer",
+        "writes",
+    )
+
+    def __init__(
+        self,
+        framing: Any,
+        server: Any = None,
+        max_write_buffer: int = DEFAULT_MAX_WRITE_BUFFER,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._framing = framing
+        self._server = server
+        self._max_write_buffer = max_write_buffer
+        self._transport: Any = None  # connection_made
+        self._write: Callable[[Any], None] | None = None  # transport.write
+        self._high_water = 0  # the transport's write high-water mark
+        self.peer: Any = None
+        self.local: Any = None
+
+        decoder = framing.decoder()
+        self._decoder = decoder
+        self._decoder_failed = False  # a framing error: the decoder takes no more input
+        self.get_buffer = decoder.get_buffer
+        self._decoded = decoder.buffer_updated
+        self._read_fd = -1  # the socket fastnet reads on itself; -1: never (transports.py)
+        self._strategy: Any = None  # connection_made chooses it
+        # Writes a list of buffers as one vectored write; None: join them.
+        self._write_buffers: Callable[[list[Buffer]], None] | None = None
+        self._out = framing.out_queue(0)
+        # Wire bytes a frame adds to its payload: the length field or the delimiter.
+        self._overhead: int = framing.overhead
+
+        # Receive side: the inbox is a list of frames, ``_pos`` the next one.
+        self._inbox: Sequence[bytes] = _EMPTY
+        self._pos = 0
+        self._wakeup = _Wakeup(loop)
+        self._await_wakeup = _AwaitWakeup((self._wakeup,))
+        self._delivering = False  # the handler is running inside buffer_updated
+        self._read_paused = 0  # PAUSE_* flags
+        self._consumed_mark = 0  # bytes_in when the handler last caught up
+        # Why no more frames will come: a factory of the exception recv()
+        # raises, and whether ``async for`` ends quietly; None while input may
+        # still come.
+        self._end: Callable[[], Exception] | None = None
+        self._end_quiet = True
+        # A callback handler: called with each batch inside buffer_updated
+        # instead of waking a task; its exception, or a spawned task's, if any.
+        self._on_frames: Callable[[Any, list[bytes]], Iterable[Buffer] | None] | None = None
+        self._handler_error: Exception | None = None
+
+        # Send side.
+        self._flush_scheduled = False
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        # A factory of the exception send() raises; None while sending is allowed.
+        self._send_block: Callable[[], Exception] | None = None
+
+        self._lifecycle = OPEN  # lifecycle.py; FrameProtocol._move_to changes it
+        # Reading pauses while the transport is over its write high-water
+        # mark: on a server's connections (Connection.read_pauses_on_write).
+        self._read_pauses_on_write = server is not None
+        # After the peer's FIN: keep writing (a server) or close (a client).
+        self._half_close = server is not None
+        self._closed_waiters: list[asyncio.Future[None]] = []
+        self._tasks: set[asyncio.Task[Any]] = set()  # Connection.spawn
+        self._close_pending = False  # close() waits for the spawned tasks
+        self._user_state: Any = None
+
+        self.bytes_in = 0
+        self.frames_in = 0
+        self.bytes_out = 0
+        self.frames_out = 0
+        self.writes = 0
+
+    # ------------------------------------------------------------ receiving
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """Decode ``nbytes`` just received and deliver the frames; read on through large frames."""
+        if self._read_fd < 0:
+            self._received(nbytes)
+            return
+        # CPython's selector transport: after a read that began a large frame
+        # (its payload has most likely arrived with its header) or that
+        # filled the rest of one (the next header most likely follows), read
+        # again at once with os.readv instead of going back to the selector.
+        # Reads of small frames never read on. An error fails the transport
+        # its way; the end of the stream stays in the socket for the
+        # transport's next read to find.
+        decoder = self._decoder
+        missing = decoder.missing  # what this read's window was for, if a large frame's
+        self._received(nbytes)
+        transport = self._transport
+        fd = self._read_fd
+        for _ in range(READ_BURST):
+            if missing:
+                if nbytes < missing:
+                    return  # a short read: the socket is most likely drained
+            elif not decoder.missing:
+                return  # no large frame begun
+            # Not when reading is paused, nor once the connection is closing.
+            if self._read_paused or not transport.is_reading() or self._read_fd < 0:
+                return
+            missing = decoder.missing
+            buf = decoder.get_buffer(-1)
+            try:
+                nbytes = os.readv(fd, (buf,))
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                fatal_error(transport, exc, "Fatal read error on socket transport")
+                return
+            if not nbytes:
+                return
+            self._received(nbytes)
+
+    def _received(self, nbytes: int) -> None:
+        self.bytes_in += nbytes
+        try:
+            frames = self._decoded(nbytes)
+        except FrameError as exc:
+            self._framing_failed(exc)  # type: ignore[attr-defined]
+            return
+        if not frames:
+            return
+        self.frames_in += len(frames)
+        on_frames = self._on_frames
+        if on_frames is not None:
+            # A callback handler runs here and now; its replies leave as one
+            # write right after.
+            self._deliver(on_frames, frames)
+            return
+        # Queue the frames: the inbox is the decoder's list unless the handler
+        # has not finished the previous one.
+        inbox = self._inbox
+        if self._pos == len(inbox):
+            self._inbox = frames
+            self._pos = 0
+            self._consumed_mark = self.bytes_in - nbytes
+        else:
+            inbox.extend(frames)  # type: ignore[attr-defined]  # a decoder's list
+        self._resume_receiver()
+        # Backpressure: the handler is far behind.
+        unconsumed = len(self._inbox) - self._pos
+        if unconsumed and (
+            unconsumed > READ_HIGH_FRAMES or self.bytes_in - self._consumed_mark > READ_HIGH_BYTES
+        ):
+            self._pause_reading(PAUSE_INBOX)
+
+    def _deliver(self, on_frames: Callable[..., Any], frames: list[bytes]) -> None:
+        # Call a callback handler with a batch; queue and write its replies.
+        self._delivering = True
+        try:
+            replies = on_frames(self, frames)
+            if replies is not None:
+                self._out.extend(replies)  # validated here: a bad reply is the handler's error
+        except Exception as exc:
+            self._delivering = False
+            self._callback_failed(exc)  # type: ignore[attr-defined]
+            return
+        self._delivering = False
+        if self._out:
+            self._flush()
+
+    def _resume_receiver(self) -> None:
+        # Resume the handler task waiting for frames, here and now: it runs
+        # until it waits again (flushing its replies as it does) or awaits
+        # something else, whose replies are flushed right after.
+        wakeup = self._wakeup
+        callback = wakeup._callback
+        if callback is None:
+            return
+        wakeup._callback = None
+        if current_task(self._loop) is None:
+            context = wakeup._context
+            self._delivering = True
+            try:
+                if context is None:
+                    callback(wakeup)
+                else:
+                    context.run(callback, wakeup)
+            finally:
+                self._delivering = False
+            if self._out:
+                self._flush()
+        else:  # a protocol callback made from inside a task: no nesting
+            self._loop.call_soon(callback, wakeup, context=wakeup._context)
+
+    def _queue_frames(self, frames: list[bytes]) -> None:
+        """Queue frames outside a read (end of stream, frames before an error) and wake."""
+        self.frames_in += len(frames)
+        on_frames = self._on_frames
+        if on_frames is not None:
+            self._deliver(on_frames, frames)
+            return
+        inbox = self._inbox
+        if self._pos == len(inbox):
+            self._inbox = frames
+            self._pos = 0
+        else:
+            inbox.extend(frames)  # type: ignore[attr-defined]
+        self._wakeup.wake_soon()
+
+    def _take_batch(self) -> list[bytes] | None:
+        """``recv_batch`` without the wait: every queued frame, or None after arming the wake-up.
+
+        Raises:
+            ConnectionBrokenError, ConnectionClosedError: no frame is queued
+                and none will come.
+            ConnectionBusyError: another task is receiving.
+        """
+        inbox = self._inbox
+        pos = self._pos
+        if pos < len(inbox):
+            self._inbox = _EMPTY
+            self._pos = 0
+            if self._read_paused & PAUSE_INBOX:
+                self._caught_up()
+            return inbox if pos == 0 else inbox[pos:]  # type: ignore[return-value]
+        self._prepare_wait(False)
+        return None
+
+    def _take_one(self, quiet_end: bool) -> bytes | None:
+        """``recv`` (``async for`` with ``quiet_end``) without the wait: a frame, or None.
+
+        Raises:
+            StopAsyncIteration: ``quiet_end`` and the input ended quietly.
+            as ``_take_batch`` otherwise.
+        """
+        inbox = self._inbox
+        pos = self._pos
+        if pos < len(inbox):
+            self._pos = pos + 1
+            frame = inbox[pos]
+            if self._read_paused & PAUSE_INBOX:
+                self._consumed_one(frame)
+            return frame
+        self._prepare_wait(quiet_end)
+        return None
+
+    def _prepare_wait(self, quiet_end: bool) -> None:
+        # Nothing queued. The handler is about to wait for the peer, so
+        # everything it sent goes out now, as one write.
+        self._inbox = _EMPTY
+        self._pos = 0
+        if self._out:
+            self._flush()
+        wakeup = self._wakeup
+        end = self._end
+        if end is not None:
+            if quiet_end and self._end_quiet:
+                raise StopAsyncIteration
+            raise end()
+        if wakeup._callback is not None:
+            raise ConnectionBusyError("another task is already receiving on this connection")
+        # The handler has caught up: resume reading if backpressure paused it.
+        if self._read_paused & PAUSE_INBOX:
+            self._caught_up()
+        wakeup._asyncio_future_blocking = True
+
+    def _caught_up(self) -> None:
+        # The handler took every queued frame.
+        self._consumed_mark = self.bytes_in
+        self._unpause_reading(PAUSE_INBOX)
+
+    def _consumed_one(self, frame: bytes) -> None:
+        # recv() took one frame while reading is paused for the inbox.
+        self._consumed_mark += len(frame)
+        if (
+            len(self._inbox) - self._pos <= READ_LOW_FRAMES
+            and self.bytes_in - self._consumed_mark <= READ_LOW_BYTES
+        ):
+            self._unpause_reading(PAUSE_INBOX)
+
+    def _pause_reading(self, reason: int) -> None:
+        paused = self._read_paused
+        self._read_paused = paused | reason
+        if not paused and self._lifecycle != CLOSED and self._transport is not None:
+            try:
+                self._transport.pause_reading()
+            except RuntimeError:  # a closing transport may refuse
+                pass
+
+    def _unpause_reading(self, reason: int) -> None:
+        paused = self._read_paused
+        if not paused & reason:
+            return
+        paused &= ~reason
+        self._read_paused = paused
+        if not paused and self._lifecycle != CLOSED and not self._transport.is_closing():
+            self._transport.resume_reading()
+
+    # -------------------------------------------------------------- sending
+
+    def send(self, frame: Buffer) -> None:
+        """Queue one frame; it is written with the rest of its batch.
+
+        The frame is checked and encoded now: a frame the framing cannot
+        encode (over ``max_frame``, a line holding its delimiter, not
+        bytes-like) raises here, with nothing queued, and the connection
+        stays usable.
+
+        Raises:
+            FrameError, TypeError: the frame cannot be encoded.
+            WriteBufferFull: the frame would take the unsent bytes (queued
+                and in the transport's buffer) past ``max_write_buffer``.
+                (A frame larger than the limit itself is accepted when
+                nothing else is unsent.)
+            ConnectionClosedError, ConnectionBrokenError: the connection is
+                closed or broke.
+        """
+        block = self._send_block
+        if block is not None:
+            raise block()
+        out = self._out
+        size = _payload_size(frame) + self._overhead
+        if self._write_paused or out.nbytes + size > self._max_write_buffer - self._high_water:
+            self._check_room_for(size)  # near the limit: the exact check
+        was_empty = not out
+        out.append(frame)
+        if was_empty and not self._delivering and not self._flush_scheduled:
+            self._schedule_flush()
+
+    def send_many(self, frames: Iterable[Buffer]) -> None:
+        """Queue several frames, in order; they are written with the rest of their batch.
+
+        All or nothing: if one frame cannot be encoded, or the frames would
+        take the write buffer past its limit, none is queued.
+
+        Raises:
+            as ``send``.
+        """
+        block = self._send_block
+        if block is not None:
+            raise block()
+        out = self._out
+        if type(frames) is not list:
+            frames = list(frames)
+        size = 0
+        for frame in frames:
+            size += _payload_size(frame) + self._overhead
+        if self._write_paused or out.nbytes + size > self._max_write_buffer - self._high_water:
+            self._check_room_for(size)
+        was_empty = not out
+        out.extend(frames)
+        if was_empty and out and not self._delivering and not self._flush_scheduled:
+            self._schedule_flush()
+
+    def try_send(self, frame: Buffer) -> bool:
+        """Queue one frame if the write buffer can take it; never raise ``WriteBufferFull``.
+
+        For fan-out: sending one message to many connections, a slow reader
+        among them must not fail the sender. Returns False, with nothing
+        queued, where ``send`` would raise ``WriteBufferFull``; what to do
+        then (drop the message, close the slow connection) is the caller's
+        choice.
+
+        Raises:
+            FrameError, TypeError, ConnectionClosedError, ConnectionBrokenError:
+                as ``send``.
+        """
+        block = self._send_block
+        if block is not None:
+            raise block()
+        out = self._out
+        size = _payload_size(frame) + self._overhead
+        if self._write_paused or out.nbytes + size > self._max_write_buffer - self._high_water:
+            if not self._has_room(size):
+                return False
+        was_empty = not out
+        out.append(frame)
+        if was_empty and not self._delivering and not self._flush_scheduled:
+            self._schedule_flush()
+        return True
+
+    @property
+    def write_buffer_size(self) -> int:
+        """Bytes sent and not yet written to the socket: queued frames plus the transport's buffer."""
+        return self._unsent()
+
+    @property
+    def writable(self) -> bool:
+        """True while the connection is open for sending and below its write high-water mark.
+
+        The cheap question before sending to another connection: False means
+        its peer is not keeping up (or it is closing), so a fan-out can skip
+        it or use ``try_send``.
+        """
+        return self._send_block is None and not self._write_paused
+
+    def _unsent(self) -> int:
+        transport = self._transport
+        buffered = 0 if transport is None else transport.get_write_buffer_size()
+        return int(self._out.nbytes) + buffered
+
+    def _check_room_for(self, size: int) -> None:
+        if not self._has_room(size):
+            raise _reasons.write_buffer_full(size, self._max_write_buffer)
+
+    def _has_room(self, size: int) -> bool:
+        # The limit bounds what piles up: a frame (or batch) larger than the
+        # limit itself still goes when nothing else is waiting.
+        unsent = self._unsent()
+        return unsent == 0 or unsent + size <= self._max_write_buffer
+
+    def _schedule_flush(self) -> None:
+        # First frame of a batch sent outside buffer_updated's resumption of
+        # the handler: make sure it goes out even if nobody waits for input.
+        self._flush_scheduled = True
+        self._loop.call_soon(self._scheduled_flush)
+
+    def _scheduled_flush(self) -> None:
+        self._flush_scheduled = False
+        if self._out:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Write every queued frame: one write (vectored where large payloads are unjoined)."""
+        out = self._out
+        if self._lifecycle >= CLOSING:
+            # Nowhere to write once closing (close() and _finish() flush
+            # before they mark the connection closing); send() reports it.
+            out.clear()
+            return
+        n = out.nframes
+        size = out.nbytes
+        data = out.take()
+        if data is None:
+            return
+        if type(data) is bytes:
+            self._write(data)  # type: ignore[misc]
+        else:
+            write_buffers = self._write_buffers
+            if write_buffers is not None:
+                write_buffers(data)
+            else:
+                self._write(b"".join(data))  # type: ignore[misc]
+        self.frames_out += n
+        self.bytes_out += size
+        self.writes += 1
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        if self._read_pauses_on_write:
+            self._pause_reading(PAUSE_WRITE)
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._unpause_reading(PAUSE_WRITE)
+        self._wake_drain(None)  # type: ignore[attr-defined]
+
+    def _use_transport(self, transport: Any, strategy: Any) -> None:
+        """Run over ``transport`` with ``strategy`` (transports.TransportStrategy)."""
+        self._transport = transport
+        self._write = transport.write
+        self._strategy = strategy
+        self._read_fd = strategy.read_fd
+        self._write_buffers = strategy.write_buffers
+        # Without vectored writes, [length field, payload] would cost two
+        # send calls and a 4-byte packet per large frame (or a TLS record of
+        # its own); copying the payload into the joined buffer is cheaper.
+        threshold = LARGE_FRAME if strategy.write_buffers is not None else 0
+        if self._out.nframes:
+            self._flush()
+        self._out = self._framing.out_queue(threshold)
+        try:
+            self._high_water = int(transport.get_write_buffer_limits()[1])
+        except (AttributeError, NotImplementedError):
+            self._high_water = 0
+
+
+def _payload_size(frame: object) -> int:
+    """Bytes of payload in ``frame``; 0 for what is not a buffer (the out queue then refuses it)."""
+    kind = type(frame)
+    if kind is bytes or kind is bytearray:
+        return len(frame)  # type: ignore[arg-type]
+    try:
+        with memoryview(frame) as view:  # type: ignore[arg-type]
+            return view.nbytes
+    except TypeError:
+        return 0

@@ -1,0 +1,118 @@
+"""The handler task's wake-up: a reusable, future-like object, and an awaitable of it.
+
+A handler waiting for frames is suspended on a ``_Wakeup``; the connection
+core resumes it from inside the read callback, with no Future created per
+read and no extra trip through the event loop (docs/design.md §2). The Task
+protocol this relies on is entry 5a of ``_internals``.
+"""
+
+from __future__ import annotations
+
+from asyncio import AbstractEventLoop, CancelledError
+from collections.abc import Callable, Generator
+from contextvars import Context
+from typing import TYPE_CHECKING, Any
+
+__all__ = ["_AwaitWakeup", "_Wakeup"]
+
+_NoneType = type(None)
+
+
+class _Wakeup:
+    """A reusable, future-like object the handler task awaits for input.
+
+    An asyncio Task suspends on any object with ``_asyncio_future_blocking``
+    and ``add_done_callback`` (the duck-typed Future protocol that
+    ``asyncio.isfuture`` recognises) and resumes when the callback it
+    registered runs: it then calls ``result()`` and sends ``None`` into the
+    coroutine. ``FrameProtocol.buffer_updated`` runs that callback at once,
+    in the task's context, instead of through ``call_soon``; it falls back
+    to ``call_soon`` if a task is already running (a protocol callback
+    invoked from inside a task, which asyncio's and uvloop's transports
+    never do).
+
+    To stay cheap, ``result`` is the C builtin ``NoneType`` (calling it
+    returns None) except after ``cancel``, when it raises ``CancelledError``
+    once. Cancelling the waiting task calls ``cancel``, which schedules the
+    callback the ordinary way.
+    """
+
+    __slots__ = (
+        "_asyncio_future_blocking",
+        "_callback",
+        "_cancel_message",
+        "_context",
+        "_loop",
+        "result",
+    )
+
+    def __init__(self, loop: AbstractEventLoop) -> None:
+        self._loop = loop  # read by asyncio.futures._get_loop and the C Task
+        self._asyncio_future_blocking = False
+        self._callback: Callable[[Any], object] | None = None
+        self._context: Context | None = None
+        self._cancel_message: object = None
+        self.result: Callable[[], None] = _NoneType
+
+    def add_done_callback(
+        self, fn: Callable[[Any], object], *, context: Context | None = None
+    ) -> None:
+        self._callback = fn
+        self._context = context
+
+    def remove_done_callback(self, fn: Callable[[Any], object]) -> int:
+        if self._callback is fn:
+            self._callback = None
+            return 1
+        return 0
+
+    def wake_soon(self) -> None:
+        """Resume the waiting task, if any, from the loop's next iteration."""
+        callback = self._callback
+        if callback is not None:
+            self._callback = None
+            self._loop.call_soon(callback, self, context=self._context)
+
+    def cancel(self, msg: object = None) -> bool:
+        if self._callback is None:
+            return False
+        self._cancel_message = msg
+        self.result = self._raise_cancelled
+        self.wake_soon()
+        return True
+
+    def _raise_cancelled(self) -> None:
+        self.result = _NoneType
+        msg, self._cancel_message = self._cancel_message, None
+        raise CancelledError() if msg is None else CancelledError(msg)
+
+    def done(self) -> bool:
+        return self._callback is None
+
+    def cancelled(self) -> bool:
+        return self.result is not _NoneType
+
+    def exception(self) -> BaseException | None:
+        return None
+
+    # No get_loop(): without it, asyncio reads ``_loop`` directly, which
+    # saves a Python call on every wait.
+
+
+class _AwaitWakeup(tuple):  # type: ignore[type-arg]
+    """``(wakeup,)`` made awaitable: ``await`` iterates the tuple, in C.
+
+    The tuple iterator yields the ``_Wakeup`` to the Task once and is
+    exhausted when the Task resumes the coroutine, so awaiting costs no
+    Python call (a generator-based ``__await__`` would cost one per await
+    and one per resume).
+    """
+
+    __slots__ = ()
+    if TYPE_CHECKING:
+
+        def __await__(self) -> Generator[Any, None, None]: ...
+
+    else:
+        __await__ = tuple.__iter__
+

@@ -1,4 +1,4 @@
-"""Build the extensions ``fastnet._frame`` and ``fastnet._outq``; the rest is in pyproject.toml.
+"""Build the extensions ``fastnet._frame``, ``fastnet._outq`` and ``fastnet._core``; the rest is in pyproject.toml.
 
 ``FASTNET_NO_EXTENSIONS=1`` (or a non-CPython interpreter) builds the
 pure-Python package. Otherwise a compiler failure fails the build: there is no
@@ -86,7 +86,7 @@ else:
                 [f"src/fastnet/{name}.pyx"],
                 extra_compile_args=["-O3"] if sys.platform != "win32" else [],
             )
-            for name in ("_frame", "_outq")
+            for name in ("_frame", "_outq", "_core")
         ],
         cmdclass={"build_ext": BuildExt},
     )

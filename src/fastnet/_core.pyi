@@ -1,0 +1,5 @@
+# The compiled connection core has the twin's interface: types for C
+# accelerators are the same (frozenlist's __init__.pyi does this too).
+from ._core_py import ConnectionCore as ConnectionCore
+
+__all__ = ["ConnectionCore"]

@@ -1,0 +1,585 @@
+# cython: language_level=3, embedsignature=True, freethreading_compatible=True
+"""The per-read and per-send path of a connection, compiled: ``ConnectionCore``.
+
+Strategy: what ``_core_py.py`` (the twin, and the reference for behaviour)
+does in Python, done here with the connection's state in C fields: counters,
+flags and offsets are C integers, the out queue is called through its C
+methods (``OutQueue._append``, ``_take``), and the hot methods
+(``buffer_updated``, ``send``, ``_flush``, ``_take_batch``, ``_take_one``)
+run without a Python frame. Python code is still called where it must be:
+the decoder's ``buffer_updated``, the handler (a callback function or the
+task's wake-up), ``transport.write``, and the rare events, which
+``protocol.FrameProtocol`` handles in Python for both backends.
+
+Read the twin's module docstring for the design; the two must give the
+same results for every sequence of calls (the connection tests run on
+both).
+"""
+
+import asyncio
+import os
+
+from cpython.list cimport PyList_GET_SIZE
+from cpython.object cimport PyObject
+
+from ._outq cimport OutQueue
+
+from . import _reasons
+from ._internals import current_task, fatal_error
+from ._tunables import (
+    DEFAULT_MAX_WRITE_BUFFER,
+    LARGE_FRAME,
+    PAUSE_INBOX,
+    PAUSE_WRITE,
+    READ_BURST,
+    READ_HIGH_BYTES,
+    READ_HIGH_FRAMES,
+    READ_LOW_BYTES,
+    READ_LOW_FRAMES,
+)
+from ._wakeup import _AwaitWakeup, _Wakeup
+from .errors import ConnectionBusyError, FrameError
+from .lifecycle import CLOSED, CLOSING, OPEN
+
+__all__ = ["ConnectionCore"]
+
+# The tunables, as C constants for this module (read once, at import).
+cdef long long c_READ_HIGH_FRAMES = READ_HIGH_FRAMES
+cdef long long c_READ_LOW_FRAMES = READ_LOW_FRAMES
+cdef long long c_READ_HIGH_BYTES = READ_HIGH_BYTES
+cdef long long c_READ_LOW_BYTES = READ_LOW_BYTES
+cdef int c_READ_BURST = READ_BURST
+cdef int c_PAUSE_INBOX = PAUSE_INBOX
+cdef int c_PAUSE_WRITE = PAUSE_WRITE
+cdef int c_CLOSING = CLOSING
+cdef int c_CLOSED = CLOSED
+
+cdef tuple _EMPTY = ()  # the inbox when nothing is queued; never mutated
+cdef object _current_task = current_task
+cdef type _bytes = bytes
+cdef type _bytearray = bytearray
+cdef type _list = list
+
+
+cdef Py_ssize_t _payload_size(object frame) except -1:
+    # Bytes of payload in frame; 0 for what is not a buffer (the out queue then refuses it).
+    cdef type kind = type(frame)
+    if kind is _bytes or kind is _bytearray:
+        return len(frame)
+    try:
+        with memoryview(frame) as view:
+            return view.nbytes
+    except TypeError:
+        return 0
+
+
+cdef class ConnectionCore:
+    """The per-read and per-send state and path of one framed connection.
+
+    The first base of every ``fastnet.Connection`` class; see the module
+    docstring. Its methods other than ``send``, ``send_many``, ``try_send``,
+    ``write_buffer_size`` and ``writable`` are for the transport and for
+    fastnet's own layers.
+
+    Args:
+        framing: the wire layout (``LengthPrefixed`` or ``Lines``); its
+            decoder and out queue must come from this backend.
+        server: the ``Server`` this connection belongs to, or None on the
+            client side.
+        max_write_buffer: the hard limit of unsent bytes.
+    """
+
+    cdef object __weakref__
+    cdef public object _await_wakeup
+    cdef public bint _close_pending
+    cdef public list _closed_waiters
+    cdef public long long _consumed_mark
+    cdef public object _decoded
+    cdef public object _decoder
+    cdef public bint _decoder_failed
+    cdef public bint _delivering
+    cdef public object _drain_waiter
+    cdef public object _end
+    cdef public bint _end_quiet
+    cdef public bint _flush_scheduled
+    cdef public object _framing
+    cdef public bint _half_close
+    cdef public object _handler_error
+    cdef public Py_ssize_t _high_water
+    cdef public object _inbox
+    cdef public int _lifecycle
+    cdef public object _loop
+    cdef public Py_ssize_t _max_write_buffer
+    cdef public object _on_frames
+    cdef public OutQueue _out
+    cdef public Py_ssize_t _overhead
+    cdef public Py_ssize_t _pos
+    cdef public int _read_fd
+    cdef public int _read_paused
+    cdef public bint _read_pauses_on_write
+    cdef public object _send_block
+    cdef public object _server
+    cdef public object _strategy
+    cdef public set _tasks
+    cdef public object _transport
+    cdef public object _user_state
+    cdef public object _wakeup
+    cdef public object _write
+    cdef public object _write_buffers
+    cdef public bint _write_paused
+    cdef public long long bytes_in
+    cdef public long long bytes_out
+    cdef public long long frames_in
+    cdef public long long frames_out
+    cdef public object get_buffer
+    cdef public object local
+    cdef public object peer
+    cdef public long long writes
+
+    def __init__(self, framing, server=None, max_write_buffer=DEFAULT_MAX_WRITE_BUFFER):
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._framing = framing
+        self._server = server
+        self._max_write_buffer = max_write_buffer
+        self._transport = None
+        self._write = None
+        self._high_water = 0
+        self.peer = None
+        self.local = None
+
+        decoder = framing.decoder()
+        self._decoder = decoder
+        self._decoder_failed = False
+        self.get_buffer = decoder.get_buffer
+        self._decoded = decoder.buffer_updated
+        self._read_fd = -1
+        self._strategy = None
+        self._write_buffers = None
+        self._out = framing.out_queue(0)
+        self._overhead = framing.overhead
+
+        self._inbox = _EMPTY
+        self._pos = 0
+        self._wakeup = _Wakeup(loop)
+        self._await_wakeup = _AwaitWakeup((self._wakeup,))
+        self._delivering = False
+        self._read_paused = 0
+        self._consumed_mark = 0
+        self._end = None
+        self._end_quiet = True
+        self._on_frames = None
+        self._handler_error = None
+
+        self._flush_scheduled = False
+        self._write_paused = False
+        self._drain_waiter = None
+        self._send_block = None
+
+        self._lifecycle = OPEN
+        self._read_pauses_on_write = server is not None
+        self._half_close = server is not None
+        self._closed_waiters = []
+        self._tasks = set()
+        self._close_pending = False
+        self._user_state = None
+
+        self.bytes_in = 0
+        self.frames_in = 0
+        self.bytes_out = 0
+        self.frames_out = 0
+        self.writes = 0
+
+    # ------------------------------------------------------------ receiving
+
+    def buffer_updated(self, Py_ssize_t nbytes):
+        """Decode ``nbytes`` just received and deliver the frames; read on through large frames."""
+        cdef Py_ssize_t missing
+        cdef int i
+        if self._read_fd < 0:
+            self._received(nbytes)
+            return
+        # CPython's selector transport: read on through runs of large frames
+        # (see the twin).
+        decoder = self._decoder
+        missing = decoder.missing
+        self._received(nbytes)
+        transport = self._transport
+        fd = self._read_fd
+        for i in range(c_READ_BURST):
+            if missing:
+                if nbytes < missing:
+                    return
+            elif not decoder.missing:
+                return
+            if self._read_paused or not transport.is_reading() or self._read_fd < 0:
+                return
+            missing = decoder.missing
+            buf = decoder.get_buffer(-1)
+            try:
+                nbytes = os.readv(fd, (buf,))  # looked up per call, as the twin does
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                fatal_error(transport, exc, "Fatal read error on socket transport")
+                return
+            if not nbytes:
+                return
+            self._received(nbytes)
+
+    cdef int _received(self, Py_ssize_t nbytes) except -1:
+        cdef Py_ssize_t unconsumed
+        self.bytes_in += nbytes
+        try:
+            frames = self._decoded(nbytes)
+        except FrameError as exc:
+            self._framing_failed(exc)
+            return 0
+        if not frames:
+            return 0
+        self.frames_in += len(frames)
+        on_frames = self._on_frames
+        if on_frames is not None:
+            self._deliver(on_frames, frames)
+            return 0
+        inbox = self._inbox
+        if self._pos == len(inbox):
+            self._inbox = frames
+            self._pos = 0
+            self._consumed_mark = self.bytes_in - nbytes
+        else:
+            inbox.extend(frames)
+        self._resume_receiver()
+        unconsumed = len(self._inbox) - self._pos
+        if unconsumed and (
+            unconsumed > c_READ_HIGH_FRAMES
+            or self.bytes_in - self._consumed_mark > c_READ_HIGH_BYTES
+        ):
+            self._pause_reading(c_PAUSE_INBOX)
+        return 0
+
+    cdef int _deliver(self, object on_frames, object frames) except -1:
+        # Call a callback handler with a batch; queue and write its replies.
+        self._delivering = True
+        try:
+            replies = on_frames(self, frames)
+            if replies is not None:
+                if type(replies) is _list and PyList_GET_SIZE(replies) == 1:
+                    self._out._append((<list>replies)[0])
+                else:
+                    self._out.extend(replies)
+        except Exception as exc:
+            self._delivering = False
+            self._callback_failed(exc)
+            return 0
+        self._delivering = False
+        if self._out.queued_frames:
+            self._flush_c()
+        return 0
+
+    cdef int _resume_receiver(self) except -1:
+        wakeup = self._wakeup
+        callback = wakeup._callback
+        if callback is None:
+            return 0
+        wakeup._callback = None
+        if _current_task(self._loop) is None:
+            context = wakeup._context
+            self._delivering = True
+            try:
+                if context is None:
+                    callback(wakeup)
+                else:
+                    context.run(callback, wakeup)
+            finally:
+                self._delivering = False
+            if self._out.queued_frames:
+                self._flush_c()
+        else:
+            self._loop.call_soon(callback, wakeup, context=wakeup._context)
+        return 0
+
+    def _queue_frames(self, list frames):
+        """Queue frames outside a read (end of stream, frames before an error) and wake."""
+        self.frames_in += len(frames)
+        on_frames = self._on_frames
+        if on_frames is not None:
+            self._deliver(on_frames, frames)
+            return
+        inbox = self._inbox
+        if self._pos == len(inbox):
+            self._inbox = frames
+            self._pos = 0
+        else:
+            inbox.extend(frames)
+        self._wakeup.wake_soon()
+
+    def _take_batch(self):
+        """``recv_batch`` without the wait: every queued frame, or None after arming the wake-up.
+
+        Raises:
+            ConnectionBrokenError, ConnectionClosedError: no frame is queued
+                and none will come.
+            ConnectionBusyError: another task is receiving.
+        """
+        inbox = self._inbox
+        cdef Py_ssize_t pos = self._pos
+        if pos < len(inbox):
+            self._inbox = _EMPTY
+            self._pos = 0
+            if self._read_paused & c_PAUSE_INBOX:
+                self._caught_up()
+            return inbox if pos == 0 else inbox[pos:]
+        self._prepare_wait(False)
+        return None
+
+    def _take_one(self, bint quiet_end):
+        """``recv`` (``async for`` with ``quiet_end``) without the wait: a frame, or None.
+
+        Raises:
+            StopAsyncIteration: ``quiet_end`` and the input ended quietly.
+            as ``_take_batch`` otherwise.
+        """
+        inbox = self._inbox
+        cdef Py_ssize_t pos = self._pos
+        if pos < len(inbox):
+            self._pos = pos + 1
+            frame = inbox[pos]
+            if self._read_paused & c_PAUSE_INBOX:
+                self._consumed_one(frame)
+            return frame
+        self._prepare_wait(quiet_end)
+        return None
+
+    cdef int _prepare_wait(self, bint quiet_end) except -1:
+        self._inbox = _EMPTY
+        self._pos = 0
+        if self._out.queued_frames:
+            self._flush_c()
+        wakeup = self._wakeup
+        end = self._end
+        if end is not None:
+            if quiet_end and self._end_quiet:
+                raise StopAsyncIteration
+            raise end()
+        if wakeup._callback is not None:
+            raise ConnectionBusyError("another task is already receiving on this connection")
+        if self._read_paused & c_PAUSE_INBOX:
+            self._caught_up()
+        wakeup._asyncio_future_blocking = True
+        return 0
+
+    def _caught_up(self):
+        # The handler took every queued frame.
+        self._consumed_mark = self.bytes_in
+        self._unpause_reading(c_PAUSE_INBOX)
+
+    def _consumed_one(self, frame):
+        # recv() took one frame while reading is paused for the inbox.
+        self._consumed_mark += len(frame)
+        if (
+            len(self._inbox) - self._pos <= c_READ_LOW_FRAMES
+            and self.bytes_in - self._consumed_mark <= c_READ_LOW_BYTES
+        ):
+            self._unpause_reading(c_PAUSE_INBOX)
+
+    def _pause_reading(self, int reason):
+        cdef int paused = self._read_paused
+        self._read_paused = paused | reason
+        if not paused and self._lifecycle != c_CLOSED and self._transport is not None:
+            try:
+                self._transport.pause_reading()
+            except RuntimeError:  # a closing transport may refuse
+                pass
+
+    def _unpause_reading(self, int reason):
+        cdef int paused = self._read_paused
+        if not paused & reason:
+            return
+        paused &= ~reason
+        self._read_paused = paused
+        if not paused and self._lifecycle != c_CLOSED and not self._transport.is_closing():
+            self._transport.resume_reading()
+
+    # -------------------------------------------------------------- sending
+
+    def send(self, frame):
+        """Queue one frame; it is written with the rest of its batch.
+
+        The frame is checked and encoded now: a frame the framing cannot
+        encode (over ``max_frame``, a line holding its delimiter, not
+        bytes-like) raises here, with nothing queued, and the connection
+        stays usable.
+
+        Raises:
+            FrameError, TypeError: the frame cannot be encoded.
+            WriteBufferFull: the frame would take the unsent bytes (queued
+                and in the transport's buffer) past ``max_write_buffer``.
+                (A frame larger than the limit itself is accepted when
+                nothing else is unsent.)
+            ConnectionClosedError, ConnectionBrokenError: the connection is
+                closed or broke.
+        """
+        cdef Py_ssize_t size
+        cdef bint was_empty
+        block = self._send_block
+        if block is not None:
+            raise block()
+        cdef OutQueue out = self._out
+        size = _payload_size(frame) + self._overhead
+        if self._write_paused or out.queued_bytes + size > self._max_write_buffer - self._high_water:
+            self._check_room_for(size)
+        was_empty = out.queued_frames == 0
+        out._append(frame)
+        if was_empty and not self._delivering and not self._flush_scheduled:
+            self._schedule_flush()
+
+    def send_many(self, frames):
+        """Queue several frames, in order; they are written with the rest of their batch.
+
+        All or nothing: if one frame cannot be encoded, or the frames would
+        take the write buffer past its limit, none is queued.
+
+        Raises:
+            as ``send``.
+        """
+        cdef Py_ssize_t size = 0
+        cdef bint was_empty
+        block = self._send_block
+        if block is not None:
+            raise block()
+        cdef OutQueue out = self._out
+        if type(frames) is not _list:
+            frames = list(frames)
+        for frame in <list>frames:
+            size += _payload_size(frame) + self._overhead
+        if self._write_paused or out.queued_bytes + size > self._max_write_buffer - self._high_water:
+            self._check_room_for(size)
+        was_empty = out.queued_frames == 0
+        out.extend(frames)
+        if was_empty and out.queued_frames and not self._delivering and not self._flush_scheduled:
+            self._schedule_flush()
+
+    def try_send(self, frame):
+        """Queue one frame if the write buffer can take it; never raise ``WriteBufferFull``.
+
+        For fan-out: sending one message to many connections, a slow reader
+        among them must not fail the sender. Returns False, with nothing
+        queued, where ``send`` would raise ``WriteBufferFull``; what to do
+        then (drop the message, close the slow connection) is the caller's
+        choice.
+
+        Raises:
+            FrameError, TypeError, ConnectionClosedError, ConnectionBrokenError:
+                as ``send``.
+        """
+        cdef Py_ssize_t size
+        cdef bint was_empty
+        block = self._send_block
+        if block is not None:
+            raise block()
+        cdef OutQueue out = self._out
+        size = _payload_size(frame) + self._overhead
+        if self._write_paused or out.queued_bytes + size > self._max_write_buffer - self._high_water:
+            if not self._has_room(size):
+                return False
+        was_empty = out.queued_frames == 0
+        out._append(frame)
+        if was_empty and not self._delivering and not self._flush_scheduled:
+            self._schedule_flush()
+        return True
+
+    @property
+    def write_buffer_size(self):
+        """Bytes sent and not yet written to the socket: queued frames plus the transport's buffer."""
+        return self._unsent()
+
+    @property
+    def writable(self):
+        """True while the connection is open for sending and below its write high-water mark.
+
+        The cheap question before sending to another connection: False means
+        its peer is not keeping up (or it is closing), so a fan-out can skip
+        it or use ``try_send``.
+        """
+        return self._send_block is None and not self._write_paused
+
+    cdef Py_ssize_t _unsent(self) except -1:
+        transport = self._transport
+        cdef Py_ssize_t buffered = 0 if transport is None else transport.get_write_buffer_size()
+        return self._out.queued_bytes + buffered
+
+    cdef int _check_room_for(self, Py_ssize_t size) except -1:
+        if not self._has_room(size):
+            raise _reasons.write_buffer_full(size, self._max_write_buffer)
+        return 0
+
+    cdef bint _has_room(self, Py_ssize_t size) except -1:
+        # The limit bounds what piles up: a frame (or batch) larger than the
+        # limit itself still goes when nothing else is waiting.
+        cdef Py_ssize_t unsent = self._unsent()
+        return unsent == 0 or unsent + size <= self._max_write_buffer
+
+    cdef int _schedule_flush(self) except -1:
+        self._flush_scheduled = True
+        self._loop.call_soon(self._scheduled_flush)
+        return 0
+
+    def _scheduled_flush(self):
+        self._flush_scheduled = False
+        if self._out.queued_frames:
+            self._flush_c()
+
+    def _flush(self):
+        """Write every queued frame: one write (vectored where large payloads are unjoined)."""
+        self._flush_c()
+
+    cdef int _flush_c(self) except -1:
+        cdef OutQueue out = self._out
+        cdef Py_ssize_t n, size
+        if self._lifecycle >= c_CLOSING:
+            out.clear()
+            return 0
+        n = out.queued_frames
+        size = out.queued_bytes
+        data = out._take()
+        if data is None:
+            return 0
+        if type(data) is _bytes:
+            self._write(data)
+        else:
+            write_buffers = self._write_buffers
+            if write_buffers is not None:
+                write_buffers(data)
+            else:
+                self._write(b"".join(data))
+        self.frames_out += n
+        self.bytes_out += size
+        self.writes += 1
+        return 0
+
+    def pause_writing(self):
+        self._write_paused = True
+        if self._read_pauses_on_write:
+            self._pause_reading(c_PAUSE_WRITE)
+
+    def resume_writing(self):
+        self._write_paused = False
+        self._unpause_reading(c_PAUSE_WRITE)
+        self._wake_drain(None)
+
+    def _use_transport(self, transport, strategy):
+        """Run over ``transport`` with ``strategy`` (transports.TransportStrategy)."""
+        self._transport = transport
+        self._write = transport.write
+        self._strategy = strategy
+        self._read_fd = strategy.read_fd
+        self._write_buffers = strategy.write_buffers
+        threshold = LARGE_FRAME if strategy.write_buffers is not None else 0
+        if self._out.queued_frames:
+            self._flush_c()
+        self._out = self._framing.out_queue(threshold)
+        try:
+            self._high_water = int(transport.get_write_buffer_limits()[1])
+        except (AttributeError, NotImplementedError):
+            self._high_water = 0

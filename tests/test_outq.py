@@ -656,3 +656,15 @@ def test_fuzz_harness_runs() -> None:
     rng = random.Random(20261201)
     for _ in range(500):
         harness.check(rng.randbytes(rng.randrange(400)))
+
+
+def test_append_takes_its_frame_by_position(frame_impl: ModuleType, outq_impl: ModuleType) -> None:
+    # Positional-only on both backends (the extension's append is METH_O).
+    queue = make(outq_impl, encoder_for(frame_impl, Lines()))
+    with pytest.raises(TypeError):
+        queue.append(frame=b"x")
+    with pytest.raises(TypeError):
+        queue.append()
+    with pytest.raises(TypeError):
+        queue.take(1)
+    assert queue.take() is None

@@ -167,7 +167,7 @@ class OutQueue:
         else:
             if type(frame) is not bytes:
                 try:
-                    view = memoryview(frame)  # type: ignore[arg-type]
+                    view = memoryview(frame)
                 except TypeError:  # in the words of the extension's PyObject_GetBuffer
                     raise TypeError(
                         f"a bytes-like object is required, not '{type(frame).__name__}'"
@@ -261,11 +261,8 @@ class OutQueue:
         if not self._nframes:
             return None
         used = self._used
-        out: bytes | list[Buffer]
-        if self._refs:
-            out = self._parts(used)
-        else:
-            out = bytes(self._buf[:used])  # two copies of a small batch cost less than a view
+        # bytes(bytearray slice): two copies of a small batch cost less than a view.
+        out = self._parts(used) if self._refs else bytes(self._buf[:used])
         self._reset()
         return out
 

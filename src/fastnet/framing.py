@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-from . import _frame_py
+from . import _frame_py, _outq_py
 from ._compat import USE_EXTENSIONS
 
 if TYPE_CHECKING or not USE_EXTENSIONS:
@@ -57,11 +57,13 @@ LengthPrefixedDecoderPy = _frame_py.LengthPrefixedDecoder
 LengthPrefixedEncoderPy = _frame_py.LengthPrefixedEncoder
 LineDecoderPy = _frame_py.LineDecoder
 LineEncoderPy = _frame_py.LineEncoder
+OutQueuePy = _outq_py.OutQueue
 if ACCELERATED:
     LengthPrefixedDecoderC = LengthPrefixedDecoder
     LengthPrefixedEncoderC = LengthPrefixedEncoder
     LineDecoderC = LineDecoder
     LineEncoderC = LineEncoder
+    OutQueueC = OutQueue
 
 Buffer = bytes | bytearray | memoryview
 

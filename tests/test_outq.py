@@ -504,20 +504,22 @@ def test_framing_exports_outqueue_of_its_backend(
 # --- properties (hypothesis) --------------------------------------------------
 
 
-@st.composite
-def lp_specs(draw: st.DrawFn) -> LengthPrefixed:
-    """Any length-prefixed layout whose limit the field can announce."""
-    length_size = draw(st.sampled_from([1, 2, 3, 4, 8]))
-    adjustment = draw(st.integers(-10, 4))
-    largest = (1 << (8 * length_size)) - 1 + adjustment
-    return LengthPrefixed(
-        length_size=length_size,
-        byteorder=draw(st.sampled_from(["big", "little"])),
-        adjustment=adjustment,
-        max_frame=draw(st.integers(max(0, adjustment), min(600, largest))),
-    )
+def _layout_or_none(**kwargs: Any) -> LengthPrefixed | None:
+    # LengthPrefixed refuses layouts no frame fits (a 1-byte field cannot
+    # announce 600 bytes): those are skipped, not tested.
+    try:
+        return LengthPrefixed(**kwargs)
+    except ValueError:
+        return None
 
 
+lp_specs = st.builds(
+    _layout_or_none,
+    length_size=st.sampled_from([1, 2, 3, 4, 8]),
+    byteorder=st.sampled_from(["big", "little"]),
+    adjustment=st.integers(-10, 4),
+    max_frame=st.integers(0, 600),
+).filter(lambda spec: spec is not None)
 line_specs = st.builds(
     Lines,
     delimiter=st.sampled_from([b"\n", b"\r\n", b"\x00", b"END", b"aa"]),
@@ -539,7 +541,7 @@ def as_kind(payload: bytes, kind: str) -> Any:
 
 @settings(max_examples=300, deadline=None)
 @given(
-    spec=lp_specs() | line_specs,
+    spec=lp_specs | line_specs,
     batches=st.lists(st.lists(st.tuples(payloads, kinds), max_size=8), max_size=5),
     threshold=st.sampled_from([0, 1, 50, 300]),
     use_extend=st.lists(st.booleans(), min_size=5, max_size=5),
@@ -642,7 +644,7 @@ def _run_ops(frame_impl: ModuleType, spec: Any, threshold: int, program: Any) ->
 
 @pytest.mark.c_extension
 @settings(max_examples=300, deadline=None)
-@given(spec=lp_specs() | line_specs, threshold=st.sampled_from([0, 1, 50, 300]), program=ops)
+@given(spec=lp_specs | line_specs, threshold=st.sampled_from([0, 1, 50, 300]), program=ops)
 def test_property_backends_agree(spec: Any, threshold: int, program: Any) -> None:
     c, py = importlib.import_module("fastnet._frame"), importlib.import_module("fastnet._frame_py")
     assert _run_ops(c, spec, threshold, program) == _run_ops(py, spec, threshold, program)

@@ -69,11 +69,18 @@ class Stop(Exception):
 
 def read_spec(r: Reader) -> LengthPrefixed | Lines:
     if r.byte() & 1:
+        length_size = (1, 2, 3, 4, 8)[r.byte() % 5]
+        byteorder = "big" if r.byte() & 1 else "little"
+        adjustment = r.byte() % 21 - 10
+        # A limit the field can announce, and at least the adjustment: a
+        # layout LengthPrefixed accepts.
+        low = max(0, adjustment)
+        high = min(MAX_FRAME_BYTES + 64, (1 << (8 * length_size)) - 1 + adjustment)
         return LengthPrefixed(
-            length_size=(1, 2, 3, 4, 8)[r.byte() % 5],
-            byteorder="big" if r.byte() & 1 else "little",
-            adjustment=r.byte() % 21 - 10,
-            max_frame=r.u16() % (MAX_FRAME_BYTES + 64),
+            length_size=length_size,
+            byteorder=byteorder,
+            adjustment=adjustment,
+            max_frame=low + r.u16() % (high - low + 1),
         )
     choice = r.byte()
     delimiter = DELIMITERS[choice % len(DELIMITERS)] if choice < 200 else r.take(1 + choice % 3)

@@ -316,9 +316,7 @@ def test_joined_frame_is_copied(frame_impl: ModuleType, outq_impl: ModuleType) -
         assert queue.take() == encoder_for(frame_impl, spec).encode(b"before")
 
 
-def test_unjoined_frame_is_kept_by_reference(
-    frame_impl: ModuleType, outq_impl: ModuleType
-) -> None:
+def test_unjoined_frame_is_kept_by_reference(frame_impl: ModuleType, outq_impl: ModuleType) -> None:
     queue = make(outq_impl, encoder_for(frame_impl, LengthPrefixed(length_size=1)), THRESHOLD)
     frame = bytearray(b"a" * 120)
     queue.append(frame)
@@ -330,7 +328,9 @@ def test_unjoined_frame_is_kept_by_reference(
 # --- memory: reused, doubled, shrunk ------------------------------------------
 
 
-def test_buffer_grows_by_doubling_and_shrinks(frame_impl: ModuleType, outq_impl: ModuleType) -> None:
+def test_buffer_grows_by_doubling_and_shrinks(
+    frame_impl: ModuleType, outq_impl: ModuleType
+) -> None:
     encoder = encoder_for(frame_impl, LengthPrefixed(length_size=4))
     queue = make(outq_impl, encoder)
     initial, keep = outq_impl.INITIAL_SIZE, outq_impl.KEEP_SIZE
@@ -503,6 +503,7 @@ def test_framing_exports_outqueue_of_its_backend(
 
 # --- properties (hypothesis) --------------------------------------------------
 
+
 def _layout_or_none(**kwargs: Any) -> LengthPrefixed | None:
     # LengthPrefixed refuses layouts no frame fits (a 1-byte field cannot
     # announce 600 bytes): those are skipped, not tested.
@@ -665,3 +666,15 @@ def test_fuzz_harness_runs() -> None:
     rng = random.Random(20261201)
     for _ in range(500):
         harness.check(rng.randbytes(rng.randrange(400)))
+
+
+def test_append_takes_its_frame_by_position(frame_impl: ModuleType, outq_impl: ModuleType) -> None:
+    # Positional-only on both backends (the extension's append is METH_O).
+    queue = make(outq_impl, encoder_for(frame_impl, Lines()))
+    with pytest.raises(TypeError):
+        queue.append(frame=b"x")
+    with pytest.raises(TypeError):
+        queue.append()
+    with pytest.raises(TypeError):
+        queue.take(1)
+    assert queue.take() is None

@@ -261,8 +261,20 @@ cdef class OutQueue:
             self.busy = False
         return 0
 
+    # append and take are called per frame and per batch: without binding
+    # they are plain method descriptors (METH_O, METH_NOARGS), which the
+    # interpreter calls through its specialized fast path for C methods.
+    # Their docstrings then start with the signature in the form CPython
+    # reads into __text_signature__ (as Argument Clinic writes it), and
+    # __doc__ is the twin's docstring.
+    @cython.binding(False)
+    @cython.embedsignature(False)
+    @cython.always_allow_keywords(False)
     def append(self, frame):
-        """Validate and encode one frame, and queue it.
+        """append($self, frame, /)
+--
+
+Validate and encode one frame, and queue it.
 
         Raises:
             FrameTooLarge, FrameError, TypeError, BufferError: as
@@ -326,8 +338,13 @@ cdef class OutQueue:
         self._reset()
         return out
 
+    @cython.binding(False)
+    @cython.embedsignature(False)
     def take(self):
-        """Return everything queued, for one write, and empty the queue.
+        """take($self, /)
+--
+
+Return everything queued, for one write, and empty the queue.
 
         Returns:
             None when nothing is queued; one bytes object when every frame

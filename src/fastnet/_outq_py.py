@@ -149,46 +149,59 @@ class OutQueue:
     def __sizeof__(self) -> int:
         return object.__sizeof__(self) + self._buf.__sizeof__()
 
-    def _write(self, data: bytes) -> None:
-        used = self._used
-        end = used + len(data)
-        if end > len(self._buf):
-            size = max(len(self._buf), INITIAL_SIZE)
-            while size < end:
-                size *= 2
-            self._buf += bytes(size - len(self._buf))
-        self._buf[used:end] = data
-        self._used = end
+    def _grow(self, end: int) -> None:
+        size = max(len(self._buf), INITIAL_SIZE)
+        while size < end:
+            size *= 2
+        self._buf += bytes(size - len(self._buf))
 
     def _add(self, frame: Buffer) -> None:
         encoder = self._encoder
-        if type(frame) is not bytes:
-            try:
-                view = memoryview(frame)  # type: ignore[arg-type]
-            except TypeError:  # in the words of the extension's PyObject_GetBuffer
-                raise TypeError(
-                    f"a bytes-like object is required, not '{type(frame).__name__}'"
-                ) from None
-            with view:
-                flat = view.ndim == 1 and view.itemsize == 1 and view.c_contiguous
-                size = view.nbytes
-        else:
-            flat = True
+        if type(frame) is bytes and not self._lines:
             size = len(frame)
-        if self._threshold and flat and size >= self._threshold:
             header = encoder.header(size)  # type: ignore[union-attr]
-            self._write(header)
-            self._refs.append(self._used)
-            self._refs.append(frame)
-            self._nbytes += len(header) + size
-            self._nframes += 1
-            return
-        data = encoder.encode(frame)
-        self._write(data)
-        self._nbytes += len(data)
+            if self._threshold and size >= self._threshold:
+                self._keep(header, frame, size)
+                return
+            data = header + frame
+        else:
+            if type(frame) is not bytes:
+                try:
+                    view = memoryview(frame)
+                except TypeError:  # in the words of the extension's PyObject_GetBuffer
+                    raise TypeError(
+                        f"a bytes-like object is required, not '{type(frame).__name__}'"
+                    ) from None
+                with view:
+                    flat = view.ndim == 1 and view.itemsize == 1 and view.c_contiguous
+                    size = view.nbytes
+                if self._threshold and flat and size >= self._threshold:
+                    self._keep(encoder.header(size), frame, size)  # type: ignore[union-attr]
+                    return
+            data = encoder.encode(frame)
+        used = self._used
+        end = used + len(data)
+        if end > len(self._buf):
+            self._grow(end)
+        self._buf[used:end] = data
+        self._used = end
+        self._nbytes += end - used
         self._nframes += 1
 
-    def append(self, frame: Buffer) -> None:
+    def _keep(self, header: bytes, frame: Buffer, size: int) -> None:
+        """Queue ``header`` joined and ``frame`` unjoined, by reference."""
+        used = self._used
+        end = used + len(header)
+        if end > len(self._buf):
+            self._grow(end)
+        self._buf[used:end] = header
+        self._used = end
+        self._refs.append(end)
+        self._refs.append(frame)
+        self._nbytes += len(header) + size
+        self._nframes += 1
+
+    def append(self, frame: Buffer, /) -> None:
         """Validate and encode one frame, and queue it.
 
         Raises:
@@ -247,26 +260,28 @@ class OutQueue:
             raise RuntimeError(REENTRANT)
         if not self._nframes:
             return None
-        out: bytes | list[Buffer]
-        with memoryview(self._buf) as view:
-            if self._refs:
-                parts: list[Buffer] = []
-                refs = self._refs
-                start = 0
-                for i in range(0, len(refs), 2):
-                    offset = refs[i]
-                    assert isinstance(offset, int)
-                    if offset > start:
-                        parts.append(bytes(view[start:offset]))
-                    parts.append(refs[i + 1])  # type: ignore[arg-type]
-                    start = offset
-                if self._used > start:
-                    parts.append(bytes(view[start : self._used]))
-                out = parts
-            else:
-                out = bytes(view[: self._used])
+        used = self._used
+        # bytes(bytearray slice): two copies of a small batch cost less than a view.
+        out = self._parts(used) if self._refs else bytes(self._buf[:used])
         self._reset()
         return out
+
+    def _parts(self, used: int) -> list[Buffer]:
+        """The queued buffers in wire order, each unjoined payload as its own."""
+        parts: list[Buffer] = []
+        refs = self._refs
+        start = 0
+        with memoryview(self._buf) as view:
+            for i in range(0, len(refs), 2):
+                offset = refs[i]
+                assert isinstance(offset, int)
+                if offset > start:
+                    parts.append(bytes(view[start:offset]))
+                parts.append(refs[i + 1])  # type: ignore[arg-type]
+                start = offset
+            if used > start:
+                parts.append(bytes(view[start:used]))
+        return parts
 
     def clear(self) -> None:
         """Drop every queued frame.
@@ -281,6 +296,7 @@ class OutQueue:
 
     def _reset(self) -> None:
         self._used = self._nbytes = self._nframes = 0
-        self._refs.clear()
+        if self._refs:
+            self._refs.clear()
         if len(self._buf) > KEEP_SIZE:
             self._buf = bytearray(KEEP_SIZE)

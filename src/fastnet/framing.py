@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-from . import _frame_py
+from . import _frame_py, _outq_py
 from ._compat import USE_EXTENSIONS
 from ._tunables import DIRECT_THRESHOLD as DIRECT_THRESHOLD
 from ._tunables import MAX_READ as MAX_READ
@@ -67,11 +67,13 @@ LengthPrefixedDecoderPy = _frame_py.LengthPrefixedDecoder
 LengthPrefixedEncoderPy = _frame_py.LengthPrefixedEncoder
 LineDecoderPy = _frame_py.LineDecoder
 LineEncoderPy = _frame_py.LineEncoder
+OutQueuePy = _outq_py.OutQueue
 if ACCELERATED:
     LengthPrefixedDecoderC = LengthPrefixedDecoder
     LengthPrefixedEncoderC = LengthPrefixedEncoder
     LineDecoderC = LineDecoder
     LineEncoderC = LineEncoder
+    OutQueueC = OutQueue
 
 Buffer = bytes | bytearray | memoryview
 """A payload: any flat bytes-like object the codecs and ``Connection.send`` accept."""

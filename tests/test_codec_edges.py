@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import gc
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from types import ModuleType
 
@@ -208,3 +212,52 @@ def test_window_stays_open_after_a_refused_count(frame_impl: ModuleType, size: i
     with pytest.raises(ValueError, match="outside the buffer"):
         decoder.buffer_updated(window + 1)
     assert decoder.buffer_updated(n) == [b"p" * size]
+
+
+UNALLOCATABLE_SCRIPT = """
+import importlib, json, os, resource, sys
+from fastnet import LengthPrefixed
+impl = importlib.import_module(sys.argv[1])
+spec = LengthPrefixed(length_size=8, max_frame=2**40)
+decoder = impl.LengthPrefixedDecoder(spec)
+steps = []
+
+def receive(data):
+    view = decoder.get_buffer(-1)
+    window = len(view)
+    view[: len(data)] = data
+    view.release()
+    frames = decoder.buffer_updated(len(data))
+    steps.append([window, [len(f) for f in frames], decoder.pending, decoder.missing])
+
+with open("/proc/self/statm") as f:
+    mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+# Address space for what is mapped now and 256 MiB more: a 1 GiB frame cannot be allocated.
+resource.setrlimit(resource.RLIMIT_AS, (mapped + (256 << 20), hard))
+receive((1).to_bytes(8, "big") + b"a" + (1 << 30).to_bytes(8, "big") + b"xyz")
+receive(b"p" * 1000)
+resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+receive(b"q" * 10)  # the next call tries again, and succeeds
+print(json.dumps(steps))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="Linux address-space limit")
+def test_large_frame_that_cannot_be_allocated_is_received_in_windows(
+    frame_impl: ModuleType,
+) -> None:
+    """Both backends: no direct receive while the frame's memory is refused; a retry per call."""
+    out = subprocess.run(
+        [sys.executable, "-c", UNALLOCATABLE_SCRIPT, frame_impl.__name__],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    missing = 8 + (1 << 30) - 1021  # wire size of the frame, less what arrived
+    assert json.loads(out.stdout) == [
+        [65536, [1], 11, 0],
+        [65536, [], 1011, 0],
+        [65536, [], 1021, missing],
+    ]

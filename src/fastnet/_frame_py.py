@@ -64,7 +64,16 @@ def _as_bytes(data: Buffer) -> bytes:
 
 
 class _Decoder:
-    __slots__ = ("_buf", "_busy", "_failed", "_peek", "_peek_size", "_scratch", "_window")
+    __slots__ = (
+        "_buf",
+        "_busy",
+        "_direct_failed",
+        "_failed",
+        "_peek",
+        "_peek_size",
+        "_scratch",
+        "_window",
+    )
 
     def __init__(self) -> None:
         self._buf = bytearray()
@@ -78,6 +87,10 @@ class _Decoder:
         # with no large frame under way, so a decoder that is not reading
         # keeps no receive buffer.
         self._scratch: bytearray | mmap.mmap | None = None
+        # The receive buffer of a large frame could not be allocated: the
+        # frame is received through ordinary windows, as in the extension,
+        # until the next call tries again.
+        self._direct_failed = False
         self._window = -1  # size of the open get_buffer() window; -1: none
         self._failed: FrameError | None = None
         self._busy = False  # inside a public call (a re-entrant call raises)
@@ -127,8 +140,26 @@ class _Decoder:
                 raise exc
             return out
         finally:
-            if not self._direct_missing():
+            self._settle_scratch()
+
+    def _settle_scratch(self) -> None:
+        """Keep a receive buffer only for a large unfinished frame, allocated as its header arrives.
+
+        The extension allocates such a frame's object when its header is
+        parsed; allocating the twin's buffer at the same point makes both
+        agree on ``missing`` and on the windows when that allocation fails.
+        """
+        self._direct_failed = False
+        missing = self._direct_missing()
+        if not missing:
+            self._scratch = None
+        elif self._scratch is None or len(self._scratch) < missing:
+            try:
+                # Pages are committed as the kernel writes them, not up front.
+                self._scratch = mmap.mmap(-1, missing)
+            except (OSError, MemoryError, OverflowError):
                 self._scratch = None
+                self._direct_failed = True
 
     def feed(self, data: Buffer) -> list[bytes]:
         """Append ``data`` to the stream and return the frames it completes.
@@ -187,9 +218,8 @@ class _Decoder:
                 want = self._peek_size
             scratch = self._scratch
             if scratch is None or len(scratch) < want:
-                # mmap: pages are committed as the kernel writes them, not
-                # zero-filled up front (a bare header may announce max_frame).
-                scratch = self._scratch = mmap.mmap(-1, want) if missing else bytearray(want)
+                # (A large frame's buffer exists already: see _settle_scratch.)
+                scratch = self._scratch = bytearray(want)
             self._window = want
             return memoryview(scratch)[:want]
         finally:
@@ -279,7 +309,7 @@ class LengthPrefixedDecoder(_Decoder):
 
     def _direct_missing(self) -> int:
         buf = self._buf
-        if len(buf) < self._header:
+        if len(buf) < self._header or self._direct_failed:
             return 0
         field = self._offset
         body = int.from_bytes(buf[field : field + self._size], self._order) + self._adjustment

@@ -27,7 +27,8 @@ from test_server_support import (
 import fastnet
 from fastnet import ConnectionBrokenError, ConnectionClosedError
 from fastnet.apps import KVStore, echo, echo_task
-from fastnet.server import ACCEPT_CAPACITY_ERRNOS, ACCEPT_IGNORABLE_ERRNOS
+from fastnet import supervisor
+from fastnet.listener import ACCEPT_CAPACITY_ERRNOS, ACCEPT_IGNORABLE_ERRNOS
 
 # The loop/backend fixtures (arun, loop_name, process_variant) live there.
 pytest_plugins = ["test_server_support"]
@@ -410,10 +411,12 @@ def test_server_properties_and_stats(arun: Runner[Any]) -> None:
             "bytes_out",
             "closed",
             "frame_errors",
+            "frame_timeouts",
             "frames_in",
             "frames_out",
             "handler_errors",
             "idle_timeouts",
+            "rejected",
             "writes",
         }
 
@@ -549,7 +552,7 @@ def test_last_replies_survive_unread_input_at_close(
     if probe == "siocoutq" and not sys.platform.startswith("linux"):
         pytest.skip("SIOCOUTQ is Linux only")
     if probe == "quiet-period":  # what other platforms get
-        monkeypatch.setattr(fastnet.server, "_unacknowledged_probe", lambda transport: None)
+        monkeypatch.setattr(supervisor, "_unacknowledged_probe", lambda transport: None)
     big = b"R" * (4 * 1024 * 1024)
 
     async def answer_once(conn: fastnet.Connection) -> None:

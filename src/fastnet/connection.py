@@ -29,7 +29,7 @@ from .protocol import (
 )
 
 if TYPE_CHECKING:
-    from .server import Server
+    from ._observer import ConnectionObserver
 
 __all__ = ["Connection", "WriteBufferFull", "connect"]
 
@@ -90,7 +90,7 @@ class Connection(FrameProtocol):
         self,
         framing: Framing,
         *,
-        server: Server | None = None,
+        server: ConnectionObserver | None = None,
         max_write_buffer: int = DEFAULT_MAX_WRITE_BUFFER,
     ) -> None:
         super().__init__(framing, server=server, max_write_buffer=max_write_buffer)

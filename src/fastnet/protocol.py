@@ -82,7 +82,7 @@ from .errors import (
 from .framing import Framing
 
 if TYPE_CHECKING:
-    from .server import Server
+    from ._observer import ConnectionObserver
 
 __all__ = [
     "DEFAULT_MAX_WRITE_BUFFER",
@@ -345,8 +345,9 @@ class FrameProtocol(asyncio.BufferedProtocol):
 
     Args:
         framing: the wire layout (``LengthPrefixed`` or ``Lines``).
-        server: the ``Server`` this connection belongs to (counters,
-            shutdown, logging), or None on the client side.
+        server: the observer of a server-side connection (the supervisor,
+            see ``_observer.ConnectionObserver``: framing errors, shutdown),
+            or None on the client side.
         max_write_buffer: the hard limit of unsent bytes (see ``WriteBufferFull``).
 
     Attributes:
@@ -411,7 +412,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self,
         framing: Framing,
         *,
-        server: Server | None = None,
+        server: ConnectionObserver | None = None,
         max_write_buffer: int = DEFAULT_MAX_WRITE_BUFFER,
     ) -> None:
         loop = asyncio.get_running_loop()
@@ -659,7 +660,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
     def _report_frame_error(self, exc: FrameError) -> None:
         server = self._server
         if server is not None:
-            server._frame_error(self, exc)
+            server.frame_error(self, exc)
         else:
             logger.debug("framing error from %s: %s", self.peer, exc)
 
@@ -922,6 +923,51 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._out.clear()
         self._mark_closing()
         self._transport.abort()
+
+    # --- supervisor hooks (server branch) ---
+    # Read by the server's one timer (supervisor.py) every tick, O(1) each;
+    # nothing here runs per read.
+
+    @property
+    def _frame_pending(self) -> int:
+        """Bytes received of a frame not yet complete (0 at a frame boundary).
+
+        Nonzero means a frame is in progress: the frame deadline runs. 0 once
+        the input has ended (nothing more will be read into that frame).
+        """
+        if self._end is not None or self._decoder_failed:
+            return 0
+        decoder = self._decoder
+        return int(decoder.pending or decoder.missing)
+
+    @property
+    def _backpressured(self) -> bool:
+        """Reading is paused by fastnet's own backpressure, not by the peer's silence.
+
+        True while the handler has too many frames queued (it is busy: the
+        connection is not idle) or while the transport is over its write
+        high-water mark (the peer is being sent replies; whether it takes
+        them is output progress, which the supervisor watches).
+        """
+        return bool(self._read_paused & (_PAUSE_INBOX | _PAUSE_WRITE))
+
+    @property
+    def _write_backpressured(self) -> bool:
+        """Reading is paused because the transport is over its write high-water mark."""
+        return bool(self._read_paused & _PAUSE_WRITE)
+
+    def _timed_out(self, message: str) -> None:
+        """Close at once for a timeout the supervisor enforces (frame deadline...).
+
+        The handler's ``recv`` raises ``ConnectionClosedError(message)`` after
+        the queued frames; the transport is aborted.
+        """
+
+        def factory() -> Exception:
+            return ConnectionClosedError(message)
+
+        self._input_ended(factory)
+        self._abort()
 
 
 def _discard(conn: FrameProtocol, frames: list[bytes]) -> None:

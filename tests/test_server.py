@@ -181,7 +181,7 @@ def test_a_handler_crash_is_logged_counted_and_isolated(
     (record,) = [r for r in caplog.records if r.levelno == logging.ERROR]
     message = record.getMessage()
     assert f"127.0.0.1:{bad_port}" in message
-    assert "ValueError: handler blew up" in message
+    assert "handler raised ValueError: handler blew up; closing the connection" in message
 
 
 def test_a_callback_handler_crash_is_isolated_too(

@@ -62,9 +62,23 @@ def main() -> None:
         env = dict(os.environ, LINGER_REPLY=str(args.reply), PYTHONUNBUFFERED="1")
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), tmp]))
         server = subprocess.Popen(
-            [sys.executable, "-m", "fastnet", "serve", "lingerapp:answer_once", "--port", "0",
-             "--loop", args.loop, "--max-connections", str(args.connections + 10),
-             "--backlog", "4096", "--log-level", "warning"],
+            [
+                sys.executable,
+                "-m",
+                "fastnet",
+                "serve",
+                "lingerapp:answer_once",
+                "--port",
+                "0",
+                "--loop",
+                args.loop,
+                "--max-connections",
+                str(args.connections + 10),
+                "--backlog",
+                "4096",
+                "--log-level",
+                "warning",
+            ],
             stdout=subprocess.PIPE,
             env=env,
             cwd=tmp,

@@ -25,9 +25,8 @@ from test_server_support import (
 )
 
 import fastnet
-from fastnet import ConnectionBrokenError, ConnectionClosedError
+from fastnet import ConnectionBrokenError, ConnectionClosedError, supervisor
 from fastnet.apps import KVStore, echo, echo_task
-from fastnet import supervisor
 from fastnet.listener import ACCEPT_CAPACITY_ERRNOS, ACCEPT_IGNORABLE_ERRNOS
 
 # The loop/backend fixtures (arun, loop_name, process_variant) live there.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import logging
 import os
 import resource
@@ -145,6 +146,7 @@ def test_emfile_before_the_first_lingering_close_leaks_nothing(loop: str, tmp_pa
     with server_process(args, cwd=tmp_path, preexec_fn=limit) as server:
         pid = server.proc.pid
         baseline = _sockets(pid)  # the listening socket
+
         async def client() -> tuple[bytes, bytes]:
             reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
             try:
@@ -401,7 +403,7 @@ def test_a_burst_of_connects_is_accepted_in_bounded_batches(arun: Runner[Any]) -
             loop.call_soon(sample)
             async with server:
                 await wait_until(lambda: server.stats()["accepted"] == count)
-                steps = [b - a for a, b in zip(samples, samples[1:], strict=False)]
+                steps = [b - a for a, b in itertools.pairwise(samples)]
                 assert max(steps) <= ACCEPT_BATCH, max(steps)
         finally:
             for client in clients:

@@ -73,10 +73,6 @@ __all__ = [
     "Handler",
     "Server",
     "callback_handler",
-    "new_event_loop",
-    "run",
-    "run_coroutine",
-    "serve",
 ]
 
 # 1000 connections keep a default-configured Linux process (soft limit of 1024
@@ -84,8 +80,10 @@ __all__ = [
 # event loop's own descriptors and a few files. Raise both together.
 DEFAULT_MAX_CONNECTIONS = 1000
 
-# What runner.py defines; runner.py imports this module, so they are looked
-# up when first asked for (PEP 562) rather than imported here.
+# What runner.py defines, still importable from here (``from fastnet.server
+# import run``); runner.py imports this module, so they are looked up when
+# first asked for (PEP 562) rather than imported here, and are not in
+# __all__.
 _FROM_RUNNER = frozenset({"new_event_loop", "run", "run_coroutine", "serve"})
 
 
@@ -209,13 +207,21 @@ class Server:
 
     @property
     def idle_timeout(self) -> float | None:
-        """The idle timeout in seconds, or None."""
+        """The idle timeout in seconds, or None (set it before ``start``)."""
         return self._supervisor.idle_timeout
+
+    @idle_timeout.setter
+    def idle_timeout(self, value: float | None) -> None:
+        self._supervisor.idle_timeout = value
 
     @property
     def frame_timeout(self) -> float | None:
-        """The frame deadline in seconds, or None."""
+        """The frame deadline in seconds, or None (set it before ``start``)."""
         return self._supervisor.frame_timeout
+
+    @frame_timeout.setter
+    def frame_timeout(self, value: float | None) -> None:
+        self._supervisor.frame_timeout = value
 
     @property
     def _connections(self) -> set[Connection]:

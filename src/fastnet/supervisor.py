@@ -34,6 +34,7 @@ in the server layer touches them):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import struct
@@ -260,10 +261,8 @@ def _abort_with_reset(conn: Connection) -> None:
         return
     sock = transport.get_extra_info("socket")
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        try:
+        with contextlib.suppress(OSError):  # closed already
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _SO_LINGER_RESET)
-        except OSError:  # closed already
-            pass
     conn.abort()
 
 
@@ -312,10 +311,7 @@ class _Lingering:
             # Closing already, or replies still in our buffer: look again later.
             if not transport.is_closing() and not transport.get_write_buffer_size():
                 probe = self._probe
-                if probe is not None:
-                    safe = probe() == 0
-                else:
-                    safe = now - self._quiet >= LINGER_QUIET
+                safe = probe() == 0 if probe is not None else now - self._quiet >= LINGER_QUIET
                 if safe:
                     transport.close()
                     return
@@ -390,10 +386,8 @@ class Supervisor:
         timer, self._timer = self._timer, None
         if timer is not None:
             timer.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await timer
-            except asyncio.CancelledError:
-                pass
 
     # --------------------------------------------------------- one connection
 
@@ -445,7 +439,7 @@ class Supervisor:
             # never retrieved", and a transport never closed).
             peer = format_peer(made[0].peer) if made else "an accepted socket"
             logger.exception("supervising the connection to %s failed; aborted", peer)
-            if made:
+            if made and made[0]._transport is not None:
                 made[0].abort()
             else:
                 sock.close()
@@ -574,16 +568,15 @@ class Supervisor:
                 transport = conn._transport
                 if transport is None or conn._lost or transport.is_closing():
                     continue
-                if frame_timeout is not None and conn._frame_pending:
-                    if not conn._backpressured:
-                        began = frame_seen.get(conn)
-                        if began is None or began[0] != conn.frames_in:
-                            frame_now[conn] = (conn.frames_in, now)
-                        elif now - began[1] >= frame_timeout:
-                            self._frame_timed_out(conn, frame_timeout)
-                            continue
-                        else:
-                            frame_now[conn] = began
+                if frame_timeout is not None and conn._frame_pending and not conn._backpressured:
+                    began = frame_seen.get(conn)
+                    if began is None or began[0] != conn.frames_in:
+                        frame_now[conn] = (conn.frames_in, now)
+                    elif now - began[1] >= frame_timeout:
+                        self._frame_timed_out(conn, frame_timeout)
+                        continue
+                    else:
+                        frame_now[conn] = began
                 if idle_timeout is not None:
                     activity = (conn.bytes_in, conn.bytes_out, transport.get_write_buffer_size())
                     last = idle_seen.get(conn)

@@ -70,7 +70,7 @@ def test_a_lingering_close_backs_off_instead_of_polling(
         return counted
 
     monkeypatch.setattr(supervisor, "_unacknowledged_probe", counting_probe)
-    reply = b"R" * (256 * 1024)
+    reply = b"R" * (128 * 1024)
 
     async def answer_once(conn: fastnet.Connection) -> None:
         conn.transport.get_extra_info("socket").setsockopt(

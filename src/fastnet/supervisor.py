@@ -25,7 +25,6 @@ in the server layer touches them):
 - ``_idle_timeout()``: end the input as "idle" and abort.
 - ``_lost``: ``connection_lost`` has run.
 - ``_transport``: the transport (None until ``connection_made``).
-- ``_closed_waiters`` (through ``wait_closed()``, public).
 - Hooks added for this module at the end of ``FrameProtocol`` (the block
   "supervisor hooks"): ``_frame_pending``, ``_backpressured``,
   ``_write_backpressured``, ``_timed_out(message)``.

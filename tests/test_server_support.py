@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import pytest
 
 import fastnet
-from fastnet.server import run_coroutine
+from fastnet.runner import run_coroutine
 
 T = TypeVar("T")
 

@@ -8,7 +8,10 @@ Layout (data flows top to bottom on receive):
     errors.py       exception hierarchy shared by both backends
     protocol.py     FrameProtocol: the asyncio.BufferedProtocol mechanics (receive, wake, write)
     connection.py   Connection, what a handler sees (recv, send, drain, close); connect()
-    server.py       Server: bind, accept loop, task per connection, limits, shutdown; run()
+    listener.py     bind, the accept loop (slots, back-off, admission hook)
+    supervisor.py   one connection's life: handler kinds, errors, lingering close, timeouts
+    server.py       Server, the public facade: wiring, stats, shutdown
+    runner.py       loop choice, serve()/run(), signals
     apps.py         built-in apps for `fastnet serve`: echo, kv
     cli.py          the `fastnet` command (serve, info, bench); __main__.py runs it
 """
@@ -32,7 +35,8 @@ from .framing import (
     LengthPrefixed,
     Lines,
 )
-from .server import CallbackHandler, Server, callback_handler, run, serve
+from .runner import run, serve
+from .server import CallbackHandler, Server, callback_handler
 
 __version__ = "0.1.0"
 

@@ -83,7 +83,8 @@ class Connection(FrameProtocol):
 
     Args:
         framing: the wire layout.
-        server: the ``Server`` it belongs to (servers pass it), or None.
+        server: the observer of a server-side connection (the server's
+            supervisor, see ``_observer.ConnectionObserver``), or None.
         max_write_buffer: the hard limit of unsent bytes.
     """
 
@@ -104,7 +105,7 @@ class Connection(FrameProtocol):
             self,
             framing: Framing,
             *,
-            server: Server | None = None,
+            server: ConnectionObserver | None = None,
             max_write_buffer: int = DEFAULT_MAX_WRITE_BUFFER,
         ) -> None: ...
 

@@ -184,7 +184,7 @@ class FrameProtocol(asyncio.BufferedProtocol, _Base):  # type: ignore[misc]
     def _report_frame_error(self, exc: FrameError) -> None:
         server = self._server
         if server is not None:
-            server._frame_error(self, exc)
+            server.frame_error(self, exc)
         else:
             logger.debug("framing error from %s: %s", self.peer, exc)
 
@@ -283,6 +283,51 @@ class FrameProtocol(asyncio.BufferedProtocol, _Base):  # type: ignore[misc]
         self._out.clear()
         self._mark_closing()
         self._transport.abort()
+
+    # ----------------------------------------------------- supervisor hooks
+    # Read by the server's one timer (supervisor.py) every tick, O(1) each;
+    # nothing here runs per read.
+
+    @property
+    def _frame_pending(self) -> int:
+        """Bytes received of a frame not yet complete (0 at a frame boundary).
+
+        Nonzero means a frame is in progress: the frame deadline runs. 0 once
+        the input has ended (nothing more will be read into that frame).
+        """
+        if self._end is not None or self._decoder_failed:
+            return 0
+        decoder = self._decoder
+        return int(decoder.pending or decoder.missing)
+
+    @property
+    def _backpressured(self) -> bool:
+        """Reading is paused by fastnet's own backpressure, not by the peer's silence.
+
+        True while the handler has too many frames queued (it is busy: the
+        connection is not idle) or while the transport is over its write
+        high-water mark (the peer is being sent replies; whether it takes
+        them is output progress, which the supervisor watches).
+        """
+        return bool(self._read_paused & PAUSE_INBOX) or self._write_paused
+
+    @property
+    def _write_backpressured(self) -> bool:
+        """The transport is over its write high-water mark (the peer is slow to take our output)."""
+        return bool(self._write_paused)
+
+    def _timed_out(self, message: str) -> None:
+        """Close at once for a timeout the supervisor enforces (frame deadline...).
+
+        The handler's ``recv`` raises ``ConnectionClosedError(message)`` after
+        the queued frames; the transport is aborted.
+        """
+
+        def factory() -> Exception:
+            return ConnectionClosedError(message)
+
+        self._input_ended(factory)
+        self._abort()
 
 
 def _discard(conn: Any, frames: list[bytes]) -> None:

@@ -1,0 +1,677 @@
+"""The supervisor: the life of every connection a server accepts, from set-up to close.
+
+It sets each connection up on an accepted socket, runs its handler (either
+kind: a task, or a callback inside the read), accounts for its errors,
+closes it gracefully (the lingering close), enforces the idle timeout and
+the frame deadline with one timer for all connections, and, at shutdown,
+ends input, waits for handlers and aborts what outlives the drain timeout.
+It is each connection's observer (``_observer.ConnectionObserver``): framing
+errors are reported here, and ``conn.shutting_down`` is read from here.
+
+Strategy: nothing here runs per read. Per connection there is one task
+(set-up, handler, close); per server one timer task that visits every
+connection each tick (O(connections) per tick); a lingering close is a
+timer callback that backs off, not a poll.
+
+Connection internals used here (to become documented hooks; nowhere else
+in the server layer touches them):
+
+- ``_on_frames``: set in the protocol factory to a callback handler's function.
+- ``_wait_input_end()``: waits until no more frames will come (callback handlers).
+- ``_handler_error``: the exception a callback handler or a spawned task raised, if any.
+- ``_wait_tasks()``: waits until the tasks spawned on the connection are done.
+- ``_finish()``: flush, send FIN, read and discard until the peer's FIN.
+- ``_begin_shutdown()``: stop reading, end the input after the queued frames.
+- ``_idle``: the handler is waiting for frames.
+- ``_idle_timeout()``: end the input as "idle" and abort.
+- ``_lost``: ``connection_lost`` has run.
+- ``_transport``: the transport (None until ``connection_made``).
+- Hooks added for this module at the end of ``FrameProtocol`` (the block
+  "supervisor hooks"): ``_frame_pending``, ``_backpressured``,
+  ``_write_backpressured``, ``_timed_out(message)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import struct
+import sys
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+from .connection import Connection
+from .errors import ConnectionBrokenError, ConnectionClosedError, FrameError
+from .framing import Framing
+from .listener import format_peer
+from ._tunables import DEFAULT_MAX_WRITE_BUFFER
+from .framing import Buffer
+
+try:  # imported once, here: a lazy import can fail later with EMFILE
+    import fcntl
+    import termios
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
+    termios = None  # type: ignore[assignment]
+
+__all__ = [
+    "CLOSE_LINGER",
+    "DEFAULT_FRAME_TIMEOUT",
+    "CallbackHandler",
+    "Handler",
+    "Supervisor",
+    "callback_handler",
+]
+
+logger = logging.getLogger("fastnet")
+
+CallbackFunction = Callable[[Connection, list[bytes]], Iterable[Buffer] | None]
+
+
+class CallbackHandler:
+    """A handler that is a plain function, called with each batch of frames as it is read.
+
+    ``fn(conn, frames)`` runs inside the connection's read callback, with no
+    task and no wake-up: what a hand-written ``asyncio.Protocol`` costs, for
+    handlers that answer without awaiting anything (echo, in-memory lookups,
+    routing). It returns the frames to send in reply (a list, or any
+    iterable), or None; it may also call ``conn.send``/``send_many`` (those
+    frames go first), ``conn.close()``, and read ``conn.peer`` and the like.
+    Everything it sends leaves as one write when it returns. It must not
+    block. The connection closes after the peer's last
+    frames (or at shutdown, or after the idle timeout), once their replies
+    are flushed. An exception is logged with the peer's address, counted as
+    a handler error, and closes that connection only.
+
+    Write it with the ``fastnet.callback_handler`` decorator. Handlers that
+    need to await (a database, another connection, a timer) are ordinary
+    ``async def handler(conn)`` functions instead, run in a task per
+    connection.
+    """
+
+    __slots__ = ("__wrapped__", "fn")
+
+    def __init__(self, fn: CallbackFunction) -> None:
+        if not callable(fn):
+            raise TypeError(f"a callback handler must be callable, not {type(fn).__name__}")
+        self.fn = fn
+        self.__wrapped__ = fn
+
+    def __repr__(self) -> str:
+        return f"<fastnet.CallbackHandler {getattr(self.fn, '__qualname__', self.fn)!r}>"
+
+
+def callback_handler(fn: CallbackFunction) -> CallbackHandler:
+    """Decorate ``def handler(conn, frames) -> replies`` as a ``CallbackHandler``."""
+    return CallbackHandler(fn)
+
+
+Handler = Callable[[Connection], Awaitable[None]] | CallbackHandler
+
+# After the handler returns, the connection still writes what it buffers,
+# sends FIN, and waits for the peer's FIN. A peer that never reads, or never
+# closes, would keep it (and its slot) forever, so it is aborted after this
+# many seconds: long enough for a slow client to take a large last reply.
+# During shutdown, the drain timeout bounds it too.
+CLOSE_LINGER = 30.0
+
+# A lingering close ends on events (the peer's FIN or a lost connection
+# close it at once); what no event announces (our write buffer and the
+# kernel's send queue emptying) is checked by a timer that starts at a
+# fiftieth of a second and doubles up to a second: a client that takes its
+# last replies at once is closed within tens of milliseconds, and one that
+# never reads costs about 30 checks over CLOSE_LINGER instead of 1,500.
+LINGER_POLL_MIN = 0.02
+LINGER_POLL_MAX = 1.0
+# Without SIOCOUTQ, a lingering connection whose peer has sent nothing for
+# this long is closed without waiting for its FIN (nginx waits 5 s by
+# default; a shutdown waits for this, so it is shorter here).
+LINGER_QUIET = 0.5
+
+# After the drain timeout, cancelled handlers get this long to unwind
+# (finally blocks, context managers) before shutdown stops waiting for them.
+CANCEL_GRACE = 1.0
+
+# Seconds a frame may take from its first byte to its last. Generous: the
+# largest default frame (8 MiB) gets through at 280 KB/s, a small request at
+# any rate a real client has, while a slowloris client trickling one byte a
+# second holds its slot 30 s instead of forever (HAProxy's usual
+# `timeout http-request` is 10 s for headers alone; nginx's body timeout is
+# 60 s, but between reads, which a trickle resets).
+DEFAULT_FRAME_TIMEOUT = 30.0
+
+# The idle/frame timer looks at every connection this many times per
+# (shortest) timeout, so a connection is closed within 1/8 of its timeout
+# after it expires; no more often than every 5 ms, no less than every 1 s.
+TIMER_DIVISIONS = 8
+TIMER_TICK_MIN = 0.005
+TIMER_TICK_MAX = 1.0
+
+# Framing errors are logged one line each up to this many per interval;
+# beyond that they are counted and summed up in one line when the interval
+# ends (4,000 bad connections make 11 lines, not 4,000).
+FRAME_ERROR_LOG_BURST = 10
+FRAME_ERROR_LOG_INTERVAL = 10.0
+
+_SO_LINGER_RESET = struct.pack("ii", 1, 0)  # linger on, 0 s: close(2) sends RST
+
+
+class _Counters:
+    """The server's counters for connections that have closed (open ones are summed live)."""
+
+    __slots__ = (
+        "bytes_in",
+        "bytes_out",
+        "closed",
+        "frame_errors",
+        "frame_timeouts",
+        "frames_in",
+        "frames_out",
+        "handler_errors",
+        "idle_timeouts",
+        "writes",
+    )
+
+    def __init__(self) -> None:
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.closed = 0
+        self.frame_errors = 0
+        self.frame_timeouts = 0
+        self.frames_in = 0
+        self.frames_out = 0
+        self.handler_errors = 0
+        self.idle_timeouts = 0
+        self.writes = 0
+
+
+class _LogLimiter:
+    """Log the first ``burst`` events of each ``interval`` s; sum up the rest in one line."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, what: str, burst: int, interval: float):
+        self._loop = loop
+        self._what = what
+        self._burst = burst
+        self._interval = interval
+        self._start = -interval  # the current interval's start
+        self._logged = 0
+        self._suppressed = 0
+        self._summary: asyncio.TimerHandle | None = None
+
+    def allow(self) -> bool:
+        """True: log this event. False: it is counted for the summary line."""
+        now = self._loop.time()
+        if now - self._start >= self._interval and self._summary is None:
+            self._start = now
+            self._logged = 0
+        if self._logged < self._burst:
+            self._logged += 1
+            return True
+        self._suppressed += 1
+        if self._summary is None:
+            delay = max(self._start + self._interval - now, 0.0)
+            self._summary = self._loop.call_later(delay, self.flush)
+        return False
+
+    def flush(self) -> None:
+        """Log the summary line now, if events were left out; start a new interval."""
+        if self._summary is not None:
+            self._summary.cancel()
+            self._summary = None
+        if self._suppressed:
+            now = self._loop.time()
+            logger.info(
+                "%d more %s in the last %.3g s", self._suppressed, self._what, now - self._start
+            )
+            self._suppressed = 0
+            self._start = now
+            self._logged = 0
+
+
+def _unacknowledged_probe(transport: asyncio.BaseTransport) -> Callable[[], int] | None:
+    """A function returning the bytes of the socket's send queue not yet acknowledged.
+
+    Linux only (the SIOCOUTQ ioctl, which is TIOCOUTQ's number); None elsewhere
+    or for sockets that are not TCP.
+    """
+    if not sys.platform.startswith("linux") or fcntl is None or termios is None:
+        return None
+    sock = transport.get_extra_info("socket")
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    fd = sock.fileno()
+    ioctl = fcntl.ioctl
+    request = termios.TIOCOUTQ
+
+    def unacknowledged() -> int:
+        try:
+            raw = ioctl(fd, request, b"\0\0\0\0")
+        except OSError:
+            return 0  # the socket is gone: nothing left to lose
+        return int.from_bytes(raw, sys.byteorder, signed=True)
+
+    return unacknowledged
+
+
+def _abort_with_reset(conn: Connection) -> None:
+    """Abort ``conn`` so that the peer sees a reset (RST), not an orderly close."""
+    transport = conn._transport
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):  # closed already
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _SO_LINGER_RESET)
+    conn.abort()
+
+
+class _Lingering:
+    """One lingering close: timer callbacks with back-off; the task awaits only the close.
+
+    Closes the transport when that cannot lose a reply (our buffer is empty
+    and the kernel holds nothing unacknowledged, or, without SIOCOUTQ, the
+    peer has been quiet for LINGER_QUIET), aborts it after CLOSE_LINGER.
+    Any error aborts the transport and is logged; nothing escapes.
+    """
+
+    __slots__ = ("_conn", "_deadline", "_handle", "_interval", "_loop", "_probe", "_quiet", "_seen")
+
+    def __init__(self, conn: Connection, loop: asyncio.AbstractEventLoop) -> None:
+        self._conn = conn
+        self._loop = loop
+        self._probe = _unacknowledged_probe(conn._transport)
+        now = loop.time()
+        self._deadline = now + CLOSE_LINGER
+        self._seen = conn.bytes_in
+        self._quiet = now  # since when the peer has sent nothing
+        self._interval = LINGER_POLL_MIN
+        self._handle: asyncio.TimerHandle | None = loop.call_later(self._interval, self._check)
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _check(self) -> None:
+        self._handle = None
+        conn = self._conn
+        try:
+            if conn._lost:
+                return
+            now = self._loop.time()
+            if now >= self._deadline:
+                logger.info("%s did not take its last replies; aborted", format_peer(conn.peer))
+                conn.abort()
+                return
+            transport = conn._transport
+            if conn.bytes_in != self._seen:
+                self._seen = conn.bytes_in
+                self._quiet = now
+            # Closing already, or replies still in our buffer: look again later.
+            if not transport.is_closing() and not transport.get_write_buffer_size():
+                probe = self._probe
+                safe = probe() == 0 if probe is not None else now - self._quiet >= LINGER_QUIET
+                if safe:
+                    transport.close()
+                    return
+            self._interval = min(self._interval * 2, LINGER_POLL_MAX)
+            delay = min(self._interval, self._deadline - now)
+            self._handle = self._loop.call_later(delay, self._check)
+        except Exception:
+            logger.exception("lingering close of %s failed; aborted", format_peer(conn.peer))
+            conn.abort()
+
+
+class Supervisor:
+    """Every connection of one server: set-up, handler, errors, timers, close, shutdown.
+
+    Args:
+        handler: a task handler (``async def handler(conn)``) or a ``CallbackHandler``.
+        framing: the wire layout.
+        max_write_buffer: each connection's hard write-buffer limit.
+        idle_timeout: seconds with no byte received and no output taken
+            while the handler waits for input; None for no limit.
+        frame_timeout: seconds a frame may take from its first byte to its
+            last; None for no limit.
+
+    Attributes:
+        connections: the connections open (registered before any frame of
+            theirs can be delivered).
+        tasks: the per-connection tasks.
+        counters: counters of the connections that have closed.
+        shutting_down: True once the server began a graceful shutdown.
+    """
+
+    def __init__(
+        self,
+        handler: Handler,
+        framing: Framing,
+        *,
+        max_write_buffer: int = DEFAULT_MAX_WRITE_BUFFER,
+        idle_timeout: float | None = None,
+        frame_timeout: float | None = DEFAULT_FRAME_TIMEOUT,
+    ) -> None:
+        # One of the two is set: a task handler, or a callback handler's function.
+        self._callback: CallbackFunction | None = None
+        self._task_handler: Callable[[Connection], Awaitable[None]] | None = None
+        if isinstance(handler, CallbackHandler):
+            self._callback = handler.fn
+        else:
+            self._task_handler = handler
+        self._framing = framing
+        self._max_write_buffer = max_write_buffer
+        self.idle_timeout = idle_timeout
+        self.frame_timeout = frame_timeout
+        self.connections: set[Connection] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.counters = _Counters()
+        self.shutting_down = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.Task[None] | None = None
+        self._frame_log: _LogLimiter | None = None
+
+    def start(self) -> None:
+        """Start the idle/frame timer (if either timeout is set); call from the loop."""
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._frame_log = _LogLimiter(
+            loop, "framing errors", FRAME_ERROR_LOG_BURST, FRAME_ERROR_LOG_INTERVAL
+        )
+        if self.idle_timeout is not None or self.frame_timeout is not None:
+            self._timer = loop.create_task(self._timer_loop())
+
+    async def stop_timer(self) -> None:
+        """Stop the idle/frame timer."""
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await timer
+
+    # --------------------------------------------------------- one connection
+
+    def spawn(self, sock: socket.socket, peer: Any, release: Callable[[], None]) -> None:
+        """Serve an accepted socket in a task of its own; ``release()`` when it is closed."""
+        assert self._loop is not None
+        task = self._loop.create_task(self._serve(sock, release))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _serve(self, sock: socket.socket, release: Callable[[], None]) -> None:
+        # Supervises one connection: sets it up, runs the handler in a task
+        # of its own, then closes the connection and frees the slot. The
+        # handler gets its own task so that its await chain, resumed on
+        # every read, is as short as possible: handler, recv_batch, wake-up.
+        loop = self._loop
+        assert loop is not None
+        made: list[Connection] = []
+
+        def factory() -> Connection:
+            conn = Connection(self._framing, server=self, max_write_buffer=self._max_write_buffer)
+            conn._on_frames = self._callback
+            # Registered now, before connection_made: uvloop may deliver the
+            # first frames before connect_accepted_socket returns.
+            self.connections.add(conn)
+            made.append(conn)
+            return conn
+
+        try:
+            try:
+                _, conn = await loop.connect_accepted_socket(factory, sock)
+            except OSError as exc:  # the peer vanished during setup
+                logger.debug("could not set up an accepted connection: %s", exc)
+                sock.close()
+                return
+            if self.shutting_down:
+                conn._begin_shutdown()
+            await self._run_handler(conn)
+            # Tasks the handler spawned on the connection (Connection.spawn)
+            # finish first; the drain timeout bounds this wait as it bounds
+            # the handler's.
+            try:
+                await conn._wait_tasks()
+            except asyncio.CancelledError:
+                _abort_with_reset(conn)
+                raise
+            # A callback handler's exception, or a spawned task's.
+            if conn._handler_error is not None:
+                self._handler_failed(conn, conn._handler_error)
+            # Flush the replies, send FIN, and close once the peer has closed
+            # too or every reply is acknowledged (a lingering close, see
+            # _Lingering). Wait for that before freeing the slot, so
+            # max_connections counts open sockets.
+            conn._finish()
+            await self._linger(conn)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # Nothing may escape a connection's task ("Task exception was
+            # never retrieved", and a transport never closed).
+            peer = format_peer(made[0].peer) if made else "an accepted socket"
+            logger.exception("supervising the connection to %s failed; aborted", peer)
+            if made and made[0]._transport is not None:
+                made[0].abort()
+            else:
+                sock.close()
+        finally:
+            if made:
+                conn = made[0]
+                self.connections.discard(conn)
+                self._add_closed(conn)
+            else:
+                self.counters.closed += 1
+            release()
+
+    async def _run_handler(self, conn: Connection) -> None:
+        loop = self._loop
+        assert loop is not None
+        if self._callback is not None:
+            # The callback runs inside buffer_updated; wait for the end of input.
+            try:
+                await conn._wait_input_end()
+            except asyncio.CancelledError:
+                _abort_with_reset(conn)
+                raise
+            return
+        assert self._task_handler is not None
+        run = self._task_handler(conn)
+        if not asyncio.iscoroutine(run):  # an awaitable that is not a coroutine
+            run = _as_coroutine(run)
+        handler_task = loop.create_task(run)
+        try:
+            await asyncio.wait((handler_task,))
+        except asyncio.CancelledError:
+            # Forced shutdown: stop the handler, drop what is unsent.
+            handler_task.cancel()
+            _abort_with_reset(conn)
+            await asyncio.wait((handler_task,), timeout=CANCEL_GRACE)
+            raise
+        if handler_task.cancelled():
+            return
+        exc = handler_task.exception()
+        if exc is None or isinstance(exc, (ConnectionBrokenError, ConnectionClosedError)):
+            return  # returned, or the peer went away / we closed: a normal end
+        self._handler_failed(conn, exc)  # type: ignore[arg-type]
+
+    def _handler_failed(self, conn: Connection, exc: Exception) -> None:
+        self.counters.handler_errors += 1
+        logger.error(
+            "handler raised %s: %s; closing the connection to %s",
+            type(exc).__name__,
+            exc,
+            format_peer(conn.peer),
+            exc_info=exc,
+        )
+
+    async def _linger(self, conn: Connection) -> None:
+        # After our FIN, the peer may still be sending (a pipelining client
+        # has not seen the FIN yet); its bytes are read and dropped. Closing
+        # the socket while input keeps arriving makes the kernel reset the
+        # connection, which throws away whatever of our replies it has not
+        # delivered yet. So close when that cannot lose anything: the peer
+        # closed too (its FIN closes the transport at once), or every byte
+        # we sent has been acknowledged (Linux: SIOCOUTQ; elsewhere, the
+        # peer has sent nothing for LINGER_QUIET seconds, as nginx's
+        # lingering_timeout). A peer that does neither (it stopped reading)
+        # is aborted after CLOSE_LINGER seconds.
+        if conn._lost:
+            return
+        assert self._loop is not None
+        lingering = _Lingering(conn, self._loop)
+        try:
+            await conn.wait_closed()
+        finally:
+            lingering.cancel()
+
+    def _add_closed(self, conn: Connection) -> None:
+        c = self.counters
+        c.closed += 1
+        c.bytes_in += conn.bytes_in
+        c.frames_in += conn.frames_in
+        c.bytes_out += conn.bytes_out
+        c.frames_out += conn.frames_out
+        c.writes += conn.writes
+
+    # ------------------------------------------ the connection's observer role
+
+    def frame_error(self, conn: Any, exc: FrameError) -> None:
+        """Count a framing error; log it (the first few per interval, then a summary)."""
+        self.counters.frame_errors += 1
+        limiter = self._frame_log
+        if limiter is None or limiter.allow():
+            logger.info("framing error from %s: %s; closing it", format_peer(conn.peer), exc)
+
+    # ------------------------------------------------------ the one timer
+
+    async def _timer_loop(self) -> None:
+        # One timer per server, not one per read: every tick, each
+        # connection's counters are compared with the last tick's. Cost:
+        # O(connections) per tick, nothing per read. Resolution: a
+        # connection is closed between `timeout` and `timeout + 2 * tick`
+        # seconds after the fact.
+        #
+        # Idle: the handler waits for input, no byte arrived, and the peer
+        # took none of our output (bytes_out and the transport's write
+        # buffer unchanged): a client reading replies slowly while reading
+        # is paused by our write backpressure is busy, not idle. A handler
+        # that is working (not waiting for input) is never idle.
+        #
+        # Frame deadline: part of a frame is buffered (the decoder's
+        # `pending`) and no frame has completed since the part began.
+        # Skipped while reading is paused by our own backpressure: the
+        # frame cannot progress then through no fault of the peer.
+        idle_timeout = self.idle_timeout
+        frame_timeout = self.frame_timeout
+        shortest = min(t for t in (idle_timeout, frame_timeout) if t is not None)
+        tick = min(max(shortest / TIMER_DIVISIONS, TIMER_TICK_MIN), TIMER_TICK_MAX)
+        loop = asyncio.get_running_loop()
+        idle_seen: dict[Connection, tuple[int, int, int, float]] = {}
+        frame_seen: dict[Connection, tuple[int, float]] = {}
+        while True:
+            await asyncio.sleep(tick)
+            now = loop.time()
+            idle_now: dict[Connection, tuple[int, int, int, float]] = {}
+            frame_now: dict[Connection, tuple[int, float]] = {}
+            for conn in list(self.connections):
+                transport = conn._transport
+                if transport is None or conn._lost or transport.is_closing():
+                    continue
+                if frame_timeout is not None and conn._frame_pending and not conn._backpressured:
+                    began = frame_seen.get(conn)
+                    if began is None or began[0] != conn.frames_in:
+                        frame_now[conn] = (conn.frames_in, now)
+                    elif now - began[1] >= frame_timeout:
+                        self._frame_timed_out(conn, frame_timeout)
+                        continue
+                    else:
+                        frame_now[conn] = began
+                if idle_timeout is not None:
+                    activity = (conn.bytes_in, conn.bytes_out, transport.get_write_buffer_size())
+                    last = idle_seen.get(conn)
+                    if (
+                        last is None
+                        or last[:3] != activity
+                        or not conn._idle
+                        or (conn._backpressured and not conn._write_backpressured)
+                    ):
+                        idle_now[conn] = (*activity, now)
+                    elif now - last[3] >= idle_timeout:
+                        self.counters.idle_timeouts += 1
+                        logger.info(
+                            "closing %s: idle for %.3g s", format_peer(conn.peer), idle_timeout
+                        )
+                        conn._idle_timeout()
+                    else:
+                        idle_now[conn] = last
+            idle_seen = idle_now
+            frame_seen = frame_now
+
+    def _frame_timed_out(self, conn: Connection, timeout: float) -> None:
+        self.counters.frame_timeouts += 1
+        logger.info(
+            "closing %s: a frame took longer than %.3g s (%d bytes of it received)",
+            format_peer(conn.peer),
+            timeout,
+            conn._frame_pending,
+        )
+        conn._timed_out(f"closed after the frame timeout ({timeout:.3g} s)")
+
+    # --------------------------------------------------------------- shutdown
+
+    def begin_shutdown(self) -> None:
+        """Step 2 of a shutdown: no more input; handlers finish the frames they have."""
+        self.shutting_down = True
+        for conn in list(self.connections):
+            if conn._transport is not None:
+                conn._begin_shutdown()
+
+    async def drain(self, timeout: float) -> None:
+        """Steps 3 and 4 of a shutdown: wait for the connections, then abort the rest.
+
+        Each connection's task flushes and closes its connection when its
+        handler returns. After ``timeout`` seconds, the tasks left are
+        cancelled and every transport left is aborted with a reset.
+        """
+        tasks = set(self.tasks)
+        if tasks:
+            logger.info(
+                "shutting down: waiting up to %.3g s for %d connections", timeout, len(tasks)
+            )
+            _, pending = await asyncio.wait(tasks, timeout=timeout)
+            if pending:
+                logger.warning(
+                    "drain timeout (%.3g s): cancelling %d connections", timeout, len(pending)
+                )
+                for task in pending:
+                    task.cancel()
+                for conn in list(self.connections):
+                    _abort_with_reset(conn)
+                _, stuck = await asyncio.wait(pending, timeout=CANCEL_GRACE)
+                if stuck:
+                    logger.error("%d handlers ignored cancellation", len(stuck))
+        if self._frame_log is not None:
+            self._frame_log.flush()
+
+    # ------------------------------------------------------------- statistics
+
+    def stats(self) -> dict[str, int]:
+        """The counters of closed connections plus the live ones, and ``active``."""
+        c = self.counters
+        result = {name: getattr(c, name) for name in _Counters.__slots__}
+        for conn in self.connections:
+            result["bytes_in"] += conn.bytes_in
+            result["frames_in"] += conn.frames_in
+            result["bytes_out"] += conn.bytes_out
+            result["frames_out"] += conn.frames_out
+            result["writes"] += conn.writes
+        result["active"] = len(self.connections)
+        return result
+
+
+async def _as_coroutine(awaitable: Awaitable[None]) -> None:
+    # create_task wants a coroutine; a handler may return another awaitable.
+    # (Coroutines are not wrapped: a level more in the handler's await chain
+    # would cost a frame switch on every read.)
+    await awaitable

@@ -323,25 +323,18 @@ def loadgen_command(
     else:
         loop = "uvloop" if args.generator_loop == "uvloop" else args.generator_loop
         command = [sys.executable, "-m", "fastnet.loadgen", "--loop", loop]
-    return command + [
-        "--host",
-        server.host,
-        "--port",
-        str(server.port),
-        "--connections",
-        str(workload.connections),
-        "--depth",
-        str(workload.depth),
-        "--size",
-        str(workload.size),
-        "--duration",
-        str(args.duration),
-        "--warmup",
-        str(args.warmup),
-        "--server-pid",
-        str(server.proc.pid),
+    return [
+        *command,
+        "--host", server.host,
+        "--port", str(server.port),
+        "--connections", str(workload.connections),
+        "--depth", str(workload.depth),
+        "--size", str(workload.size),
+        "--duration", str(args.duration),
+        "--warmup", str(args.warmup),
+        "--server-pid", str(server.proc.pid),
         "--json",
-    ]
+    ]  # fmt: skip
 
 
 def run_load(
@@ -449,9 +442,7 @@ def build_tokio(build_dir: Path = BUILD_DIR) -> tuple[Path, dict[str, str]]:
     versions: dict[str, str] = {}
     lock = (project / "Cargo.lock").read_text()
     for block in lock.split("[[package]]")[1:]:
-        fields = dict(
-            line.split(" = ", 1) for line in block.strip().splitlines() if " = " in line
-        )
+        fields = dict(line.split(" = ", 1) for line in block.strip().splitlines() if " = " in line)
         name = fields.get("name", "").strip('"')
         if name in TOKIO_CRATES:
             versions[name] = fields.get("version", "").strip('"')
@@ -1094,16 +1085,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--servers",
         default=None,
-        help="comma-separated, from: " + ", ".join(s.name for s in SERVERS)
-        + " (default: " + ", ".join(DEFAULT_SERVERS) + ", and with --fastnet-before also "
-        + ", ".join(BEFORE_SERVERS) + ")",
+        help="comma-separated, from: "
+        + ", ".join(s.name for s in SERVERS)
+        + " (default: "
+        + ", ".join(DEFAULT_SERVERS)
+        + ", and with --fastnet-before also "
+        + ", ".join(BEFORE_SERVERS)
+        + ")",
     )
     parser.add_argument(
         "--fastnet-before",
         default=None,
         metavar="PYTHON",
         help="an interpreter (e.g. another venv's bin/python) whose fastnet runs as the "
-        + " and ".join(BEFORE_SERVERS) + " servers, to compare before and after a change",
+        + " and ".join(BEFORE_SERVERS)
+        + " servers, to compare before and after a change",
     )
     parser.add_argument(
         "--generator",

@@ -147,9 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     except OSError as exc:
-        print(
-            f"protocol_reflect: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr
-        )
+        print(f"protocol_reflect: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -1,25 +1,49 @@
-"""End-to-end comparison: fastnet's echo server against plain asyncio servers.
+"""End-to-end comparison: fastnet's echo server against asyncio and Tokio baselines.
 
 Usage::
 
     python benchmarks/compare.py            # the full run: results in benchmarks/results/
     python benchmarks/compare.py --quick    # one short run of each case; prints, writes nothing
+    python benchmarks/compare.py --fastnet-before OTHER/bin/python   # before/after in one sitting
     python benchmarks/compare.py --render benchmarks/results/compare.json  # redraw only
     python benchmarks/compare.py --help
 
 For every workload, every server and both event loops, the harness starts the
-server pinned to CPU 0 (``taskset``), runs ``python -m fastnet.loadgen``
-pinned to CPU 1 against it, and stops the server. Without ``taskset`` or a
-second CPU it warns and runs unpinned.
+server pinned to CPU 0 (``taskset``), runs the load generator pinned to CPU 1
+against it, and stops the server. Without ``taskset`` or a second CPU it warns
+and runs unpinned.
+
+The load generator is ``loadgen_c/cloadgen.c`` (``--generator c``, the
+default): a C epoll client that keeps the same frames in flight, verifies
+every echoed byte against a ring of counter-tagged frames, and prints the same
+JSON report as ``python -m fastnet.loadgen`` (``--generator python``, the
+fallback when gcc is missing). The Python generator spends about as much CPU
+per frame as the fastest servers, so it cannot saturate Tokio; the C one costs
+a fraction of that, but near Tokio's figures it is still close to the limit.
+It is compiled with ``gcc -O2`` on demand into ``benchmarks/.build/``.
 
 Workloads (connections x frames in flight per connection x payload):
 small pipelined 64 x 16 x 64 B, rpc 64 x 1 x 64 B, large 8 x 4 x 64 KiB,
 many connections 1,000 x 1 x 128 B.
 
-Servers: fastnet's ``echo`` with the extension, fastnet's ``echo`` with
-``FASTNET_NO_EXTENSIONS=1``, the idiomatic asyncio-streams echo
-(``servers/streams_echo.py``) and the hand-written asyncio.Protocol echo
-(``servers/protocol_echo.py``), each on asyncio and on uvloop.
+Servers (4-byte big-endian length prefix, 8 MiB limit, all of them):
+
+- fastnet's ``echo`` (callback handler) with the extension, the same with
+  ``FASTNET_NO_EXTENSIONS=1``, and ``echo-task`` (an ``async def`` handler);
+- the idiomatic asyncio-streams echo (``servers/streams_echo.py``), the
+  hand-written asyncio.Protocol that cuts and re-encodes each frame
+  (``servers/protocol_echo.py``), and the reflecting Protocol that writes each
+  read's complete frames back untouched (``servers/protocol_reflect.py``, the
+  strongest Python baseline), each on asyncio and on uvloop;
+- Tokio 1.x + tokio-util's ``LengthDelimitedCodec`` on the current_thread
+  runtime (``servers/tokio_echo/``), once per workload. It is built with
+  ``cargo build --release --offline`` from Debian's packaged crates
+  (``librust-tokio-dev``, ``librust-tokio-util-dev``, ``librust-futures-dev``
+  in ``/usr/share/cargo/registry``) into ``benchmarks/.build/``, and skipped
+  with one message where cargo or the crates are missing;
+- with ``--fastnet-before PYTHON``, ``fastnet-before`` and
+  ``fastnet-task-before``: the two fastnet echoes run by another interpreter
+  (another venv or checkout), to measure a change before and after.
 
 Each case runs ``--runs`` times (3), each time with a fresh server process;
 rounds are interleaved (all cases once, then all again) so that a burst of
@@ -28,15 +52,19 @@ is the median of the runs, with the min-max spread. The server's CPU seconds
 per frame come from its own CPU time (``/proc/PID/stat``, read by the load
 generator at the edges of its measured window), which stays a fair measure
 when the generator is the limit. The generator's CPU use is recorded too: a
-case where it used most of its core is marked, since there the frames/s of
-the server may be understated.
+case where it kept its core busy, or used most of the server's CPU time per
+frame, is marked as generator-bound, since there the frames/s of the server
+may be understated; the tables and the targets then say so, and server CPU
+per frame is the comparison.
 
 Outputs (unless ``--quick``): ``results/compare.json``, ``results/compare.md``
-(the tables, the targets of the server issue judged met or not met, and the
-memory figures of ``memory.py``), and ``results/compare.png`` (matplotlib).
+(the tables, issue 8's targets judged met or not met, the generator's
+headroom and the memory figures of ``memory.py``), and
+``results/compare.png`` (matplotlib).
 
 At the default settings (3 runs of 2 s after 0.5 s of warmup) the whole run
-takes about 6 to 7 minutes on a 2-core machine.
+takes about 10 minutes on a 2-core machine, plus a minute to build Tokio the
+first time.
 """
 
 from __future__ import annotations
@@ -532,13 +560,14 @@ def run_quietly(
 ) -> dict[str, Any]:
     """``run_once``, repeated while other processes loaded the machine; the quietest attempt."""
     attempts = []
-    for _ in range(1 + args.noisy_retries):
+    for attempt in range(1 + args.noisy_retries):
         result = run_once(kind, workload, loop, args, pin, label)
         attempts.append(result)
         other = result["other_cpu_util"]
         if other is None or other <= args.noisy_load:
             break
-        print(f"{label} noisy ({other:.2f} cores of other load): again", file=sys.stderr)
+        then = "again" if attempt < args.noisy_retries else "kept, no retries left"
+        print(f"{label} noisy ({other:.2f} cores of other load): {then}", file=sys.stderr)
     best = min(attempts, key=lambda r: r["other_cpu_util"] or 0.0)
     best["attempts"] = len(attempts)
     return best
@@ -691,7 +720,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"- each figure: median of {meta['runs']} runs of {meta['duration_s']:g} s "
         f"after {meta['warmup_s']:g} s warmup; spread = min-max over the runs",
         f"- whole run: {result['elapsed_s']:.0f} s",
-        f"- noise: {noise_statement(cases)}",
+        f"- noise: {noise_statement(cases, meta)}",
         f"- load generator: {meta.get('generator', 'python -m fastnet.loadgen')}",
     ]
     if meta.get("tokio"):
@@ -792,7 +821,7 @@ def generator_bound(values: dict[str, Any]) -> bool:
     return gen is not None and server is not None and gen >= GENERATOR_BOUND * server
 
 
-def noise_statement(cases: list[dict[str, Any]]) -> str:
+def noise_statement(cases: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     """How much CPU everything else on the machine used during the measured windows."""
     values = sorted(
         run["other_cpu_util"]
@@ -807,7 +836,8 @@ def noise_statement(cases: list[dict[str, Any]]) -> str:
         f"other processes used a median of {statistics.median(values):.2f} CPU cores "
         f"(max {values[-1]:.2f}) while runs were measured; server and generator are "
         "pinned, but others' work still shares their CPUs. Runs with more than "
-        f"{NOISY_LOAD:g} cores of other load were repeated (at most {NOISY_RETRIES} times, "
+        f"{meta.get('noisy_load', NOISY_LOAD):g} cores of other load were repeated "
+        f"(at most {meta.get('noisy_retries', NOISY_RETRIES)} times, "
         f"keeping the quietest attempt): {retried} repetitions"
     )
 
@@ -1295,6 +1325,8 @@ def main(argv: list[str] | None = None) -> int:
         "runs": args.runs,
         "duration_s": args.duration,
         "warmup_s": args.warmup,
+        "noisy_load": args.noisy_load,
+        "noisy_retries": args.noisy_retries,
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
     if not args.no_memory:

@@ -17,9 +17,11 @@ The load generator is ``loadgen_c/cloadgen.c`` (``--generator c``, the
 default): a C epoll client that keeps the same frames in flight, verifies
 every echoed byte against a ring of counter-tagged frames, and prints the same
 JSON report as ``python -m fastnet.loadgen`` (``--generator python``, the
-fallback when gcc is missing). The Python generator spends about as much CPU
-per frame as the fastest servers, so it cannot saturate Tokio; the C one costs
-a fraction of that, but near Tokio's figures it is still close to the limit.
+fallback when gcc is missing). Per read the C one makes one ``recv`` and one
+``send`` and little else, so its CPU per frame is mostly the kernel's: 10-40%
+below the Python generator's, yet about Tokio's own (the same syscalls per
+read). Near Tokio's figures either generator is the limit; those cases are
+marked, and there the servers' CPU per frame is the comparison.
 It is compiled with ``gcc -O2`` on demand into ``benchmarks/.build/``.
 
 Workloads (connections x frames in flight per connection x payload):

@@ -6,12 +6,15 @@
  *     cloadgen --port 9000 [--host 127.0.0.1] [--connections 64] [--depth 16]
  *              [--size 64] [--duration 2] [--warmup 0.5] [--server-pid PID] [--json]
  *
- * Why it exists: fastnet's own generator (python -m fastnet.loadgen) costs a
- * few Python operations per read, which is as much CPU per frame as the
- * fastest servers spend, so it cannot saturate Tokio. This one does the same
- * job, with the same wire format, the same verification and the same JSON
- * report (benchmarks/compare.py reads either), at a small fraction of the
- * cost. It is built by compare.py with `gcc -O2` on demand.
+ * Why it exists: fastnet's own generator (python -m fastnet.loadgen) adds
+ * about a microsecond of Python per read to the kernel's recv and send, more
+ * CPU per frame than Tokio's server spends. This one does the same job, with
+ * the same wire format, the same verification and the same JSON report
+ * (benchmarks/compare.py reads either), with nothing per read but recv,
+ * memcmp and send: its CPU per frame is the kernel's, about what the fastest
+ * server spends (one recv and one send per read, like the generator), so it
+ * comes as close to saturating Tokio as one core can. It is built by
+ * compare.py with `gcc -O2` on demand.
  *
  * Strategy:
  *

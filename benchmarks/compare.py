@@ -409,7 +409,8 @@ def build_cloadgen(build_dir: Path = BUILD_DIR) -> Path:
     done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT)
     if done.returncode != 0:
         lines = done.stderr.strip().splitlines()
-        raise BuildError(f"gcc failed: {lines[-1] if lines else done.returncode}")
+        errors = [line for line in lines if "error" in line] or lines or [str(done.returncode)]
+        raise BuildError(f"gcc failed: {errors[0].strip()}")
     partial.replace(binary)
     return binary
 

@@ -2,8 +2,9 @@
 
 It is compiled once per session with compare.py's own ``build_cloadgen`` (gcc
 -O2), then run for about half a second against real servers on 127.0.0.1
-(port 0): fastnet's echo on both backends must verify with no error and
-report its CPU figures in the JSON shape compare.py reads; servers that flip
+(port 0): fastnet's echo on both backends and the reflecting Protocol
+baseline must verify with no error, and the report must carry the CPU
+figures in the JSON shape compare.py reads; servers that flip
 a byte, swap two frames or close early must be reported as errors that name
 what went wrong. Skipped without gcc, and off Linux (epoll, /proc).
 """
@@ -28,6 +29,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPARE = ROOT / "benchmarks" / "compare.py"
+REFLECT = ROOT / "benchmarks" / "servers" / "protocol_reflect.py"
 
 pytestmark = pytest.mark.skipif(
     sys.platform != "linux", reason="cloadgen uses epoll and /proc (Linux only)"
@@ -130,6 +132,26 @@ def test_verifies_large_frames(cloadgen: Path, fastnet_echo: tuple[int, int]) ->
     assert status == 0, report["error_messages"]
     assert report["errors"] == 0
     assert report["size"] == 65536
+    assert report["frames"] > 0
+
+
+@pytest.mark.parametrize("size", ["64", "64K"])
+def test_verifies_the_reflecting_protocol(cloadgen: Path, size: str) -> None:
+    """The reflecting baseline echoes every byte, whole reads or frames split over many."""
+    proc = subprocess.Popen(
+        [sys.executable, str(REFLECT), "--port", "0"], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("listening on "), line
+        status, report = run(cloadgen, int(line.rsplit(":", 1)[1]), size=size)
+    finally:
+        proc.terminate()
+        assert proc.wait(15) == 0
+        proc.stdout.close()
+    assert status == 0, report["error_messages"]
+    assert report["errors"] == 0
     assert report["frames"] > 0
 
 

@@ -56,6 +56,7 @@ SKIP_DIRS = {
     ".mypy_cache",
     ".ruff_cache",
     ".benchmarks",
+    ".build",  # benchmarks/.build: the C generator and Tokio, built by compare.py
 }
 # Files a build leaves next to the sources (the editable install's extension,
 # Cython's output).

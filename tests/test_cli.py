@@ -444,12 +444,12 @@ def test_frame_timeout_is_passed_only_when_given() -> None:
 def test_server_options_from_the_command_line() -> None:
     parser = cli.build_parser()
     args = parser.parse_args(
-        ["serve", "kv", "--host", "unix:/tmp/x.sock", "--framing", "lines:\\0",
+        ["serve", "kv", "--host", "unix:app.sock", "--framing", "lines:\\0",
          "--max-frame", "1KB", "--idle-timeout", "5", "--max-connections", "3"]
     )  # fmt: skip
     options = cli.server_options(args)
     assert options["framing"] == fastnet.Lines(delimiter=b"\0", max_length=1024)
-    assert options["unix"] == "/tmp/x.sock"
+    assert options["unix"] == "app.sock"
     assert options["idle_timeout"] == 5.0
     assert options["max_connections"] == 3
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import re
 import resource
 import signal
 import socket
@@ -25,7 +26,7 @@ from test_server_support import (
 )
 
 import fastnet
-from fastnet import cli
+from fastnet import _cliargs, cli
 from fastnet.apps import echo
 
 
@@ -168,62 +169,316 @@ def test_serve_loads_module_function_apps_from_the_current_directory(
         ("myapp:not_a_handler", "is not a handler"),
     ],
 )
-def test_app_errors_are_one_line(
+def test_app_errors_are_usage_errors_in_one_line(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
     app: str,
     message: str,
 ) -> None:
+    # Status 2, as the README says of usage errors (it was 1 before).
     (tmp_path / "myapp.py").write_text(APP)
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert cli.main(["serve", app, "--port", "0"]) == 1
+    assert cli.main(["serve", app, "--port", "0"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("fastnet: ") and message in err and err.count("\n") == 1
+    assert err.startswith("fastnet serve: error: ") and message in err and err.count("\n") == 1
 
 
-def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
-    for argv in (
-        [],
-        ["serve"],
-        ["serve", "echo", "--port", "70000"],
-        ["serve", "echo", "--loop", "trio"],
-        ["serve", "echo", "--max-connections", "0"],
-        ["serve", "echo", "--idle-timeout", "-1"],
-        ["serve", "echo", "--max-frame", "lots"],
-    ):
-        with pytest.raises(SystemExit) as info:
-            cli.main(argv)
-        assert info.value.code == 2, argv
-    capsys.readouterr()
+def test_unknown_app_exits_2_from_the_command_line() -> None:
+    result = _fastnet("serve", "nosuch", "--port", "0")
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        "fastnet serve: error: unknown app 'nosuch': use a built-in (echo, echo-task, kv) "
+        "or module:function"
+    ]
 
 
-def test_bad_framing_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["serve", "echo", "--framing", "length:5"]) == 1
-    assert "bad --framing 'length:5'" in capsys.readouterr().err
+USAGE_ERRORS = [
+    ([], "the following arguments are required"),
+    (["serve"], "the following arguments are required: APP"),
+    (["serve", "echo", "--port", "70000"], "port out of range"),
+    (["serve", "echo", "--loop", "trio"], "unknown loop 'trio'"),
+    (["serve", "echo", "--max-connections", "0"], "must be at least 1"),
+    (["serve", "echo", "--idle-timeout", "-1"], "must be positive"),
+    (["serve", "echo", "--idle-timeout", "inf"], "finite"),
+    (["serve", "echo", "--drain-timeout", "nan"], "finite"),
+    (["serve", "echo", "--max-frame", "lots"], "not a size: 'lots'"),
+    (["serve", "echo", "--max-frame", "64QB"], "K, KB or KiB"),
+    (["serve", "echo", "--host", "unix:"], "unix:PATH needs a path"),
+    (["serve", "echo", "--framing", "json"], "bad framing 'json'"),
+    (["serve", "echo", "--framing", "length:5"], "bad framing 'length:5'"),
+    (["serve", "echo", "--framing", "lines:\\q"], "unknown escape"),
+    (["serve", "echo", "--framing", "nosuchmodule_xyz:SPEC"], "cannot import 'nosuchmodule_xyz'"),
+    (["serve", "echo", "--framing", "fastnet:Server"], "not a framing spec"),
+    (["serve", "echo", "--max-frame", "1000000G"], "--max-frame 1073741824000000"),
+    (["serve", "echo", "--frame-timeout", "0"], "must be positive"),
+    (["serve", "echo", "--frame-timeout", "soon"], "not a number of seconds"),
+    (["bench", "--port", "1", "--size", "1.5K"], "not a size: '1.5K'"),
+    (["bench", "--port", "1", "--framing", "lines:"], "needs a delimiter"),
+    (["bench", "--port", "1", "--connections", "0"], "must be at least 1"),
+]
 
 
-def test_parse_framing() -> None:
+@pytest.mark.parametrize(("argv", "message"), USAGE_ERRORS)
+def test_usage_errors_exit_2_with_one_line(
+    capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    # argparse's errors leave through SystemExit(2), the ones found after
+    # parsing (APP, --framing with --max-frame) return 2: the same to a shell.
+    try:
+        status = cli.main(argv)
+    except SystemExit as exc:
+        status = exc.code
+    assert status == 2, argv
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert err.startswith(("fastnet: error: ", "fastnet serve: error: ", "fastnet bench: error: "))
+
+
+def test_usage_error_exits_2_from_the_command_line() -> None:
+    result = _fastnet("serve", "echo", "--max-frame", "64 furlongs")
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1
+    assert "not a size: '64 furlongs'" in result.stderr
+
+
+def test_loop_uvloop_without_uvloop_is_a_usage_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop raises ImportError
+    with pytest.raises(SystemExit) as info:
+        cli.main(["serve", "echo", "--loop", "uvloop"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "uvloop is not installed" in err and err.count("\n") == 1
+
+
+def test_a_runtime_error_inside_serve_keeps_its_traceback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A failure that is not the user's (here: a bug in starting the server)
+    # must not be shortened to a usage line: it propagates, traceback and all.
+    async def broken_start(self: fastnet.Server) -> None:
+        raise RuntimeError("a bug inside serve")
+
+    monkeypatch.setattr(fastnet.Server, "start", broken_start)
+    with pytest.raises(RuntimeError, match="a bug inside serve"):
+        cli.main(["serve", "echo", "--port", "0", "--loop", "asyncio"])
+
+
+BROKEN_APP = textwrap.dedent(
+    """
+    import fastnet
+
+    async def start(self):
+        raise RuntimeError("the app broke the server")
+
+    fastnet.Server.start = start  # stands for any bug that surfaces inside serve
+
+    @fastnet.callback_handler
+    def handler(conn, frames):
+        return frames
+    """
+)
+
+
+def test_an_app_bug_shows_a_traceback_from_the_command_line(tmp_path: Path) -> None:
+    (tmp_path / "brokenapp.py").write_text(BROKEN_APP)
+    result = subprocess.run(
+        [sys.executable, "-m", "fastnet", "serve", "brokenapp:handler", "--port", "0"],
+        capture_output=True,
+        text=True,
+        env=process_env(),
+        cwd=tmp_path,
+        timeout=START_TIMEOUT,
+    )
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.startswith("Traceback (most recent call last):")
+    assert "RuntimeError: the app broke the server" in result.stderr.splitlines()
+    assert "fastnet: " not in result.stderr  # not shortened to a one-line message
+
+
+FRAMINGS = textwrap.dedent(
+    """
+    import fastnet
+
+    # A 2-byte little-endian length that counts itself too.
+    SELF_COUNTING = fastnet.LengthPrefixed(length_size=2, byteorder="little", adjustment=-2)
+
+    class Specs:
+        NUL = fastnet.Lines(delimiter=b"\\0")
+
+    not_a_spec = "length"
+    """
+)
+
+
+def test_parse_framing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert cli.parse_framing("length") == fastnet.LengthPrefixed()
     assert cli.parse_framing("length:2") == fastnet.LengthPrefixed(length_size=2)
-    assert cli.parse_framing("LENGTH:8:little", 1000) == fastnet.LengthPrefixed(
+    assert cli.parse_framing("LENGTH:8:Little", 1000) == fastnet.LengthPrefixed(
         length_size=8, byteorder="little", max_frame=1000
     )
     assert cli.parse_framing("lines", 80) == fastnet.Lines(max_length=80)
-    for bad in ("", "length:x", "length:4:middle", "lines:3", "length:4:big:x", "json"):
-        with pytest.raises(argparse.ArgumentTypeError):
-            cli.parse_framing(bad)
+    # lines:DELIM, with escapes; the delimiter keeps its case and spaces.
+    assert cli.parse_framing("lines:\\r\\n") == fastnet.Lines(delimiter=b"\r\n")
+    assert cli.parse_framing("lines:\\0", 10) == fastnet.Lines(delimiter=b"\0", max_length=10)
+    assert cli.parse_framing("lines:\\x00\\xfF") == fastnet.Lines(delimiter=b"\0\xff")
+    assert cli.parse_framing("Lines:END\\t") == fastnet.Lines(delimiter=b"END\t")
+    assert cli.parse_framing("lines:\\\\") == fastnet.Lines(delimiter=b"\\")
+    assert cli.parse_framing("lines: ") == fastnet.Lines(delimiter=b" ")
+    assert cli.parse_framing("lines::") == fastnet.Lines(delimiter=b":")
+    assert cli.parse_framing("lines:3") == fastnet.Lines(delimiter=b"3")
+    # module:NAME, imported as APP is (the current directory is importable).
+    (tmp_path / "myframings.py").write_text(FRAMINGS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = fastnet.LengthPrefixed(length_size=2, byteorder="little", adjustment=-2)
+    assert cli.parse_framing("myframings:SELF_COUNTING") == spec
+    assert cli.parse_framing("myframings:Specs.NUL") == fastnet.Lines(delimiter=b"\0")
+    # --max-frame replaces a module spec's own limit.
+    limited = cli.parse_framing("myframings:SELF_COUNTING", 500)
+    assert limited == fastnet.LengthPrefixed(
+        length_size=2, byteorder="little", adjustment=-2, max_frame=500
+    )
+    bad = {
+        "": "expected length",
+        "length:x": "SIZE must be",
+        "length:\u00b2": "SIZE must be",
+        "length:4:middle": "ORDER must be big or little",
+        "length:4:big:x": "expected length",
+        "length:": "expected length",
+        "json": "expected length",
+        "lines:": "needs a delimiter",
+        "lines:\\x4": "unknown escape",
+        "lines:ab\\": "unknown escape",
+        "myframings:not_a_spec": "is a str, not a framing spec",
+        "myframings:missing": "module 'myframings' has no attribute 'missing'",
+        "nosuchmodule_xyz:SPEC": "cannot import 'nosuchmodule_xyz' for framing",
+    }
+    for text, message in bad.items():
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape(message)):
+            cli.parse_framing(text)
 
 
-def test_parse_size() -> None:
-    assert cli.parse_size("4096") == 4096
-    assert cli.parse_size("64K") == cli.parse_size("64kib") == 65536
-    assert cli.parse_size("8MiB") == 8 * 1024 * 1024
-    assert cli.parse_size("1g") == 1024**3
-    for bad in ("", "-1", "1.5M", "12X", "K"):
-        with pytest.raises(argparse.ArgumentTypeError):
-            cli.parse_size(bad)
+def test_max_frame_the_framing_cannot_take_names_both(capsys: pytest.CaptureFixture[str]) -> None:
+    # 2**48 is the largest limit a spec takes.
+    assert cli.main(["serve", "echo", "--framing", "lines", "--max-frame", "1048576G"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-frame 1125899906842624 does not suit --framing lines" in err
+
+
+def test_framing_text_round_trips() -> None:
+    for text in ("length:4:big", "length:2:little", "lines", "lines:\\r\\n", "lines:\\0|\\x01"):
+        spec = cli.parse_framing(text)
+        assert _cliargs.framing_text(spec) == text
+        assert cli.parse_framing(_cliargs.framing_text(spec) or "") == spec
+    assert _cliargs.framing_text(fastnet.LengthPrefixed(offset=2)) is None
+    assert _cliargs.framing_text(fastnet.Lines(strip=False)) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("4096", 4096),
+        ("0", 0),
+        ("100b", 100),
+        ("64K", 65536),
+        ("64k", 65536),
+        ("64KB", 65536),
+        ("64kb", 65536),
+        ("64KiB", 65536),
+        ("64kib", 65536),
+        (" 8M ", 8 << 20),
+        ("8MB", 8 << 20),
+        ("8MiB", 8 << 20),
+        ("8mIb", 8 << 20),
+        ("1g", 1 << 30),
+        ("1GB", 1 << 30),
+        ("1GiB", 1 << 30),
+    ],
+)
+def test_parse_size_accepts_the_common_spellings(text: str, expected: int) -> None:
+    # KB and MB are binary, as in nginx, PostgreSQL and Docker: --max-frame
+    # 64KB must admit a 65536-byte frame.
+    assert cli.parse_size(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text", ["", "-1", "+1", "1.5M", "12X", "K", "64 KB", "64KBs", "1e3", "\u0664"]
+)
+def test_parse_size_says_what_it_accepts(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError) as info:
+        cli.parse_size(text)
+    message = str(info.value)
+    assert message.startswith(f"not a size: {text!r}")
+    for spelling in ("K, KB or KiB", "M, MB or MiB", "G, GB or GiB", "64KB"):
+        assert spelling in message
+
+
+def test_cli_and_loadgen_share_one_definition_of_each_parser() -> None:
+    from fastnet import loadgen
+
+    assert cli.parse_size is loadgen.parse_size is _cliargs.parse_size
+    assert cli.parse_framing is loadgen.parse_framing is _cliargs.parse_framing
+    bench = cli.build_parser(with_bench=True)
+    args = bench.parse_args(["bench", "--port", "9", "--size", "64KB", "--loop", "asyncio"])
+    assert args.size == 65536 and args.loop == "asyncio"
+    serve = bench.parse_args(["serve", "echo", "--max-frame", "64KB", "--loop", "ASYNCIO"])
+    assert serve.max_frame == 65536 and serve.loop == "asyncio"
+
+
+def test_frame_timeout_is_passed_only_when_given() -> None:
+    parser = cli.build_parser()
+    assert "frame_timeout" not in cli.server_options(parser.parse_args(["serve", "echo"]))
+    given = cli.server_options(parser.parse_args(["serve", "echo", "--frame-timeout", "2.5"]))
+    assert given["frame_timeout"] == 2.5
+    off = cli.server_options(parser.parse_args(["serve", "echo", "--frame-timeout", "off"]))
+    assert off["frame_timeout"] is None
+
+
+def test_server_options_from_the_command_line() -> None:
+    parser = cli.build_parser()
+    args = parser.parse_args(
+        ["serve", "kv", "--host", "unix:app.sock", "--framing", "lines:\\0",
+         "--max-frame", "1KB", "--idle-timeout", "5", "--max-connections", "3"]
+    )  # fmt: skip
+    options = cli.server_options(args)
+    assert options["framing"] == fastnet.Lines(delimiter=b"\0", max_length=1024)
+    assert options["unix"] == "app.sock"
+    assert options["idle_timeout"] == 5.0
+    assert options["max_connections"] == 3
+
+
+def test_serve_a_module_framing_and_a_delimiter_end_to_end(tmp_path: Path) -> None:
+    (tmp_path / "myframings.py").write_text(FRAMINGS)
+    # A self-counting 2-byte little-endian length, from a module spec.
+    args = ["echo", "--port", "0", "--framing", "myframings:SELF_COUNTING", "--max-frame", "1KB"]
+    with server_process(args, cwd=tmp_path) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            sock.sendall(b"\x07\x00hello")
+            data = b""
+            while len(data) < 7:
+                data += sock.recv(100)
+            assert data == b"\x07\x00hello"
+        server.signal(signal.SIGTERM)
+        status, _, err = server.wait(10)
+    assert status == 0, err
+    # NUL-terminated lines, kv app: replies end with NUL too.
+    with server_process(["kv", "--port", "0", "--framing", "lines:\\0"]) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            sock.sendall(b"SET k a\nb\0GET k\0")
+            data = b""
+            while data.count(b"\0") < 2:
+                data += sock.recv(100)
+            assert data == b"+OK\0$a\nb\0"
+        server.signal(signal.SIGTERM)
+        status, _, err = server.wait(10)
+    assert status == 0, err
 
 
 def test_resolve_app_builtins() -> None:

@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 from fastnet import LengthPrefixed, Lines, loadgen
+from fastnet._cliargs import framing_text
 from fastnet.loadgen import (
     BenchParams,
     BufferedEchoClient,
@@ -49,7 +50,16 @@ STREAMS_ECHO = ROOT / "benchmarks" / "servers" / "streams_echo.py"
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("64", 64), ("0", 0), ("16K", 16384), ("64KiB", 65536), ("1m", 1 << 20), ("2MiB", 2 << 20)],
+    [
+        ("64", 64),
+        ("0", 0),
+        ("16K", 16384),
+        ("16KB", 16384),
+        ("64KiB", 65536),
+        ("1m", 1 << 20),
+        ("1MB", 1 << 20),
+        ("2MiB", 2 << 20),
+    ],
 )
 def test_parse_size(text: str, expected: int) -> None:
     assert parse_size(text) == expected
@@ -57,7 +67,7 @@ def test_parse_size(text: str, expected: int) -> None:
 
 @pytest.mark.parametrize("text", ["", "K", "-1", "1.5K", "12Q", "1 G"])
 def test_parse_size_rejects(text: str) -> None:
-    with pytest.raises(argparse.ArgumentTypeError):
+    with pytest.raises(argparse.ArgumentTypeError, match="K, KB or KiB"):
         parse_size(text)
 
 
@@ -66,13 +76,42 @@ def test_parse_framing() -> None:
     assert parse_framing("length:2") == LengthPrefixed(length_size=2)
     assert parse_framing("length:8:little") == LengthPrefixed(length_size=8, byteorder="little")
     assert parse_framing("lines") == Lines()
-    assert loadgen.framing_name(parse_framing("length:2")) == "length:2:big"
+    assert parse_framing("lines:\\r\\n") == Lines(delimiter=b"\r\n")
+    # framing_text (shared with the CLI) replaces loadgen.framing_name.
+    assert framing_text(parse_framing("length:2")) == "length:2:big"
 
 
-@pytest.mark.parametrize("text", ["length:5", "length:4:middle", "lines:2", "json", "length:x"])
+# "lines:2" was rejected before --framing took lines:DELIM; it is now a line
+# ending in "2", so it left this list.
+@pytest.mark.parametrize("text", ["length:5", "length:4:middle", "lines:", "json", "length:x"])
 def test_parse_framing_rejects(text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError):
         parse_framing(text)
+
+
+def test_bad_options_exit_2_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop raises ImportError
+    for argv, message in (
+        (["--port", "1", "--loop", "uvloop"], "uvloop is not installed"),
+        (["--port", "1", "--size", "64 KB"], "not a size: '64 KB'"),
+        (["--port", "1", "--depth", "0"], "must be at least 1"),
+        (["--port", "65536"], "port out of range"),
+        (["--port", "1", "--framing", "lines:\\z"], "unknown escape"),
+    ):
+        with pytest.raises(SystemExit) as info:
+            loadgen.main(argv)
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("python -m fastnet.loadgen: error: ") and message in err, err
+        assert err.count("\n") == 1
+
+
+def test_bench_checks_the_loop_before_starting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)
+    with pytest.raises(ValueError, match="uvloop is not installed"):
+        bench(params(1, loop="uvloop"))
 
 
 # --------------------------------------------------------------------------- ring
@@ -435,12 +474,13 @@ def params(port: int, **overrides: Any) -> BenchParams:
 
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
-@pytest.mark.parametrize("framing", ["length:4:big", "length:2:little", "lines"])
+@pytest.mark.parametrize("framing", ["length:4:big", "length:2:little", "lines", "lines:\\r\\n"])
 def test_bench_against_a_correct_echo(reflector: ThreadServer, loop: str, framing: str) -> None:
     if loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
         pytest.skip("uvloop is not installed")
     report = bench(params(reflector.port, loop=loop, framing=framing))
     assert report["errors"] == 0, report["error_messages"]
+    assert report["framing"] == framing
     assert report["frames"] > 0
     assert report["connected"] == 8
     assert report["latency_ms"]["p50"] > 0
@@ -482,6 +522,24 @@ def test_processes_split_the_connections(reflector: ThreadServer) -> None:
     assert report["processes"] == 2
     assert report["connected"] == 5
     assert report["frames"] > 0
+
+
+def test_processes_parse_a_module_framing_themselves(
+    reflector: ThreadServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The --framing text, not the spec, goes to the workers ("spawn"), which
+    # import the module again: sys.path travels with them.
+    (tmp_path / "benchframings.py").write_text(
+        "import fastnet\nPIPE = fastnet.Lines(delimiter=b'|', max_length=100)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    report = bench(params(reflector.port, connections=2, processes=2, framing="benchframings:PIPE"))
+    assert report["errors"] == 0, report["error_messages"]
+    assert report["processes"] == 2
+    assert report["frames"] > 0
+    assert report["framing"] == "lines:|"
+    with pytest.raises(ValueError, match="exceeds the 100-byte limit"):
+        bench(params(reflector.port, size=101, framing="benchframings:PIPE"))
 
 
 def test_split() -> None:

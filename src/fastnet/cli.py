@@ -3,128 +3,80 @@
 A thin wrapper over ``fastnet.server.run``. It binds 127.0.0.1 unless told
 otherwise, prints exactly one line to stdout (``listening on HOST:PORT``,
 with the real port when ``--port 0``) once the server accepts connections,
-and logs to stderr. Exit status: 0 after a graceful shutdown, 1 when the
-address cannot be bound or the app cannot be loaded (one line on stderr, no
-traceback), 2 for a usage error.
+and logs to stderr.
+
+Exit status: 0 after a graceful shutdown; 2 for a usage error (a bad option
+value, an unknown or unloadable ``APP``, a bad ``--framing``, ``--loop
+uvloop`` without uvloop), reported as one line on stderr; 1 when the server
+cannot start (the address cannot be bound or resolved), reported as one line
+naming the address. Anything else is a bug, in fastnet or in the app: it
+propagates with its traceback (status 1) rather than being shortened to a
+line that hides where it came from.
+
+The spellings the options accept (sizes, framings, loops, ports) are defined
+once in ``fastnet._cliargs``, shared with ``fastnet bench``.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import inspect
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from . import __version__
-from .framing import ACCELERATED, Framing, LengthPrefixed, Lines
+from . import __version__, _compat
+from ._cliargs import (
+    FRAMING_HELP,
+    FRAMING_METAVAR,
+    SIZE_SPELLINGS,
+    ArgumentParser,
+    UsageError,
+    add_loop_argument,
+    load_attribute,
+    non_negative_float,
+    parse_framing,
+    parse_host,
+    parse_port,
+    parse_size,
+    positive_float,
+    positive_int,
+    resolve_loop,
+    uvloop_version,
+)
+from .framing import ACCELERATED
 from .server import DEFAULT_BACKLOG, DEFAULT_MAX_CONNECTIONS, CallbackHandler, Handler, run
 
-__all__ = ["build_parser", "main", "parse_framing", "parse_size", "resolve_app"]
+__all__ = [
+    "CLIError",
+    "UsageError",
+    "build_parser",
+    "main",
+    "parse_framing",
+    "parse_size",
+    "resolve_app",
+    "server_options",
+]
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-LOOPS = ("auto", "asyncio", "uvloop")
+
+EXIT_STATUS = (
+    "Exit status: 0 after a graceful shutdown; 1 when the server cannot start (the address "
+    "cannot be bound or resolved), with one line on stderr; 2 for a usage error (a bad "
+    "option value, an unknown or unloadable APP, a bad --framing), with one line on stderr."
+)
 
 
 class CLIError(Exception):
-    """A problem reported as one line on stderr, with exit status 1."""
+    """The server could not start (e.g. a bind error): one line on stderr, exit status 1."""
 
 
-def parse_size(text: str) -> int:
-    """Parse a byte count: ``4096``, ``64K``/``64KiB`` (x1024), ``8M``/``8MiB``, ``1G``/``1GiB``.
-
-    Raises:
-        argparse.ArgumentTypeError: not a non-negative size.
-    """
-    units = {
-        "": 1,
-        "k": 1024,
-        "kib": 1024,
-        "m": 1024**2,
-        "mib": 1024**2,
-        "g": 1024**3,
-        "gib": 1024**3,
-    }
-    raw = text.strip().lower()
-    digits = raw.rstrip("kmgib")
-    unit = raw[len(digits) :]
-    if not digits.isdigit() or unit not in units:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 65536, 64K, 8MiB)")
-    return int(digits) * units[unit]
-
-
-def parse_framing(text: str, max_frame: int | None = None) -> Framing:
-    """Parse ``length[:SIZE[:ORDER]]`` or ``lines`` into a framing spec.
-
-    ``length`` is a 4-byte big-endian length field, ``length:2`` a 2-byte
-    one, ``length:4:little`` a little-endian one; ``lines`` is
-    newline-terminated frames. ``max_frame`` becomes the spec's
-    ``max_frame`` (or ``max_length`` for lines).
-
-    Raises:
-        argparse.ArgumentTypeError: an unknown layout or a bad parameter.
-    """
-    parts = text.strip().lower().split(":")
-    limit: dict[str, Any] = {}
-    try:
-        if parts == ["lines"]:
-            if max_frame is not None:
-                limit["max_length"] = max_frame
-            return Lines(**limit)
-        if parts[0] == "length" and len(parts) <= 3:
-            size = int(parts[1]) if len(parts) > 1 else 4
-            order = parts[2] if len(parts) > 2 else "big"
-            if max_frame is not None:
-                limit["max_frame"] = max_frame
-            return LengthPrefixed(length_size=size, byteorder=order, **limit)  # type: ignore[arg-type]
-    except (TypeError, ValueError) as exc:
-        raise argparse.ArgumentTypeError(f"bad --framing {text!r}: {exc}") from None
-    raise argparse.ArgumentTypeError(
-        f"bad --framing {text!r}: expected length[:SIZE[:big|little]] or lines"
-    )
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
-    return value
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port out of range 0-65535: {text!r}")
-    return value
+def _frame_timeout(text: str) -> float | None:
+    """Parse ``--frame-timeout``: seconds above 0, or ``off`` (None)."""
+    if text.strip().lower() == "off":
+        return None
+    return positive_float(text)
 
 
 def resolve_app(name: str) -> Handler:
@@ -137,35 +89,26 @@ def resolve_app(name: str) -> Handler:
     ``examples.echo_server:handler`` works from a checkout.
 
     Raises:
-        CLIError: the module or attribute cannot be loaded, or is not a handler.
+        UsageError: an unknown built-in, a module or attribute that cannot be
+            loaded, or an object that is not a handler. An exception raised by
+            the module's own code while it is imported propagates unchanged.
     """
     from .apps import APPS
 
     if name in APPS:
         return APPS[name]()
-    module_name, colon, attribute = name.partition(":")
-    if not colon or not module_name or not attribute:
-        raise CLIError(
+    if ":" not in name:
+        raise UsageError(
             f"unknown app {name!r}: use a built-in ({', '.join(APPS)}) or module:function"
         )
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise CLIError(f"cannot import {module_name!r} for app {name!r}: {exc}") from None
-    try:
-        for part in attribute.split("."):
-            obj = getattr(obj, part)
-    except AttributeError:
-        raise CLIError(f"module {module_name!r} has no attribute {attribute!r}") from None
+    obj = load_attribute(name, "app")
     if isinstance(obj, CallbackHandler):
         return obj
     if inspect.iscoroutinefunction(obj) or inspect.iscoroutinefunction(
         getattr(obj, "__call__", None)  # noqa: B004 - looking for an async __call__
     ):
         return obj  # type: ignore[no-any-return]
-    raise CLIError(
+    raise UsageError(
         f"app {name!r} is not a handler: expected an async function of one argument "
         "(the connection) or a fastnet.CallbackHandler"
     )
@@ -179,9 +122,10 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
             under ``bench``; otherwise ``bench`` is listed but its options
             are only added when it is the command being run.
     """
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="fastnet",
         description="Production TCP services that speak a framed protocol.",
+        epilog=EXIT_STATUS,
     )
     parser.add_argument("--version", action="version", version=f"fastnet {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -191,54 +135,59 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
         help="run a server",
         description="Serve APP until SIGINT or SIGTERM, then shut down gracefully "
         "(a second signal exits at once).",
+        epilog=EXIT_STATUS,
     )
     serve.add_argument(
         "app",
         metavar="APP",
-        help="echo, echo-task, kv, or module:function (an async handler of one connection)",
+        help="echo, echo-task, kv, or module:function (an async handler of one connection, "
+        "or a fastnet.CallbackHandler)",
     )
     serve.add_argument(
         "--host",
+        type=parse_host,
         default="127.0.0.1",
         help="interface to bind: an IPv4 or IPv6 address, a name, or unix:PATH (127.0.0.1)",
     )
-    serve.add_argument("--port", type=_port, default=8080, help="TCP port; 0 picks one (8080)")
-    serve.add_argument(
-        "--framing",
-        default="length",
-        metavar="length[:SIZE[:ORDER]]|lines",
-        help="wire layout: length-prefixed (SIZE 1, 2, 3, 4 or 8 bytes, ORDER big or "
-        "little; default length:4:big) or newline-terminated lines",
-    )
+    serve.add_argument("--port", type=parse_port, default=8080, help="TCP port; 0 picks one (8080)")
+    serve.add_argument("--framing", default="length", metavar=FRAMING_METAVAR, help=FRAMING_HELP)
     serve.add_argument(
         "--max-frame",
         type=parse_size,
         metavar="BYTES",
-        help="largest frame accepted (default 8MiB for length, 64KiB for lines)",
+        help=f"largest frame accepted (default 8MiB for length, 64KiB for lines); {SIZE_SPELLINGS}",
     )
     serve.add_argument(
         "--max-connections",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_MAX_CONNECTIONS,
         metavar="N",
         help=f"connections served at once; more wait in the backlog ({DEFAULT_MAX_CONNECTIONS})",
     )
     serve.add_argument(
         "--idle-timeout",
-        type=_positive_float,
+        type=positive_float,
         metavar="S",
         help="close a connection that sends nothing for S seconds while its handler waits",
     )
     serve.add_argument(
+        "--frame-timeout",
+        type=_frame_timeout,
+        default=argparse.SUPPRESS,
+        metavar="S|off",
+        help="close a connection whose frame in progress is not complete within S seconds "
+        "(slow senders holding a slot); off disables it (default: the server's)",
+    )
+    serve.add_argument(
         "--drain-timeout",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=30.0,
         metavar="S",
         help="on shutdown, wait at most S seconds for handlers to finish (30)",
     )
     serve.add_argument(
         "--backlog",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_BACKLOG,
         metavar="N",
         help=f"listen backlog ({DEFAULT_BACKLOG})",
@@ -248,9 +197,7 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
         action="store_true",
         help="set SO_REUSEPORT, so several processes can serve the same port",
     )
-    serve.add_argument(
-        "--loop", choices=LOOPS, default="auto", help="event loop; auto uses uvloop if installed"
-    )
+    add_loop_argument(serve)
     serve.add_argument(
         "--log-level", choices=LOG_LEVELS, default="info", type=str.lower, help="(info)"
     )
@@ -284,41 +231,53 @@ def _bench_missing(exc: ImportError) -> Any:
     return report
 
 
-def _serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    try:
-        framing = parse_framing(args.framing, args.max_frame)
-    except argparse.ArgumentTypeError as exc:
-        raise CLIError(str(exc)) from None
-    handler = resolve_app(args.app)
+def server_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments ``fastnet serve`` gives ``run``/``Server``, from its options.
+
+    Options the user did not give and that have no CLI default
+    (``--frame-timeout``) are left out, so the server's own default applies.
+
+    Raises:
+        UsageError: ``--framing`` is bad, or does not take ``--max-frame``.
+    """
     options: dict[str, Any] = {
-        "framing": framing,
+        "framing": parse_framing(args.framing, args.max_frame),
         "max_connections": args.max_connections,
         "idle_timeout": args.idle_timeout,
         "drain_timeout": args.drain_timeout,
         "backlog": args.backlog,
         "reuse_port": args.reuse_port,
     }
-    host: str = args.host
-    if host.startswith("unix:"):
-        path = host[len("unix:") :]
-        if not path:
-            raise CLIError("--host unix:PATH needs a path")
-        options["unix"] = path
+    # Absent unless given (argparse.SUPPRESS): None is what "off" means.
+    if "frame_timeout" in vars(args):
+        options["frame_timeout"] = args.frame_timeout
+    if args.host.startswith("unix:"):
+        options["unix"] = args.host[len("unix:") :]
+    return options
+
+
+def _serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    handler = resolve_app(args.app)
+    options = server_options(args)
+    started = False
 
     def ready(server: Any) -> None:
+        nonlocal started
+        started = True
         print(f"listening on {server.address}", flush=True)
 
     try:
-        run(handler, host, args.port, loop=args.loop, on_ready=ready, **options)
-    except OSError as exc:  # bind or listen failed; the message names the address
+        run(handler, args.host, args.port, loop=args.loop, on_ready=ready, **options)
+    except OSError as exc:
+        if started:  # not a bind error: a failure while serving, shown whole
+            raise
+        # Bind, listen or name resolution failed; the message names the address.
         raise CLIError(exc.strerror or str(exc)) from None
-    except RuntimeError as exc:  # --loop uvloop without uvloop
-        raise CLIError(str(exc)) from None
     return 0
 
 
@@ -328,19 +287,16 @@ def _info(args: argparse.Namespace) -> int:
     lines.append(f"python {sys.version.split()[0]} ({impl})")
     if ACCELERATED:
         lines.append("extension: active (fastnet._frame, Cython)")
-    elif os.environ.get("FASTNET_NO_EXTENSIONS"):
-        lines.append("extension: inactive, FASTNET_NO_EXTENSIONS is set (pure Python)")
+    elif _compat.NO_EXTENSIONS:
+        # _compat chose the twin: by FASTNET_NO_EXTENSIONS, or because this
+        # is not CPython (then the variable plays no part).
+        why = "FASTNET_NO_EXTENSIONS is set" if impl == "cpython" else f"{impl} uses the twin"
+        lines.append(f"extension: inactive, {why} (pure Python)")
     else:
         lines.append("extension: inactive, fastnet._frame is not built (pure Python)")
-    loops = ["asyncio"]
-    try:
-        import uvloop  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        auto = "asyncio"
-    else:
-        loops.append(f"uvloop {getattr(uvloop, '__version__', '')}".rstrip())
-        auto = "uvloop"
-    lines.append(f"loops: {', '.join(loops)} (auto: {auto})")
+    uvloop = uvloop_version()
+    loops = ["asyncio"] if uvloop is None else ["asyncio", f"uvloop {uvloop}".rstrip()]
+    lines.append(f"loops: {', '.join(loops)} (auto: {resolve_loop('auto')})")
     print("\n".join(lines))
     return 0
 
@@ -353,12 +309,22 @@ def _command(argv: Sequence[str]) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``fastnet`` command line and return its exit status."""
+    """Run the ``fastnet`` command line and return its exit status.
+
+    Returns:
+        0 on success; 1 when the server cannot start (one line on stderr);
+        2 for a usage error (one line on stderr; argparse's own errors exit
+        through ``SystemExit(2)``).
+    """
     args_list = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(with_bench=_command(args_list) == "bench")
+    command = _command(args_list)
+    parser = build_parser(with_bench=command == "bench")
     args = parser.parse_args(args_list)
     try:
         return int(args.func(args))
+    except UsageError as exc:
+        print(f"fastnet {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     except CLIError as exc:
         print(f"fastnet: {exc}", file=sys.stderr)
         return 1

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import json
 import multiprocessing
 import os
@@ -66,10 +65,28 @@ from multiprocessing.connection import wait as wait_pipes
 from time import perf_counter_ns
 from typing import Any, cast
 
+from ._cliargs import (
+    FRAMING_HELP,
+    FRAMING_METAVAR,
+    SIZE_SPELLINGS,
+    ArgumentParser,
+    add_loop_argument,
+    framing_text,
+    non_negative_float,
+    parse_framing,
+    parse_loop,
+    parse_port,
+    parse_size,
+    positive_float,
+    positive_int,
+    resolve_loop,
+)
 from .framing import LengthPrefixed, Lines
+from .server import new_event_loop
 
 __all__ = [
     "BenchParams",
+    "GeneratorFailed",
     "Histogram",
     "Ring",
     "add_arguments",
@@ -128,106 +145,68 @@ HISTOGRAM_SHIFT = 10
 # Error messages kept for the report; the count of errors is always exact.
 MAX_MESSAGES = 10
 
-LOOPS = ("auto", "asyncio", "uvloop")
-
-
 # --------------------------------------------------------------------------- options
 
 
-def parse_size(text: str) -> int:
-    """Parse a byte count: ``64``, ``64K``/``64KiB`` (x1024), ``1M``/``1MiB`` (x1024**2).
+def _framing_option(text: str) -> str:
+    """``--framing``: check the text now (a usage error, status 2), keep it as given.
 
-    Raises:
-        argparse.ArgumentTypeError: not a non-negative size.
+    The text, not the spec, travels to ``--processes`` workers, which parse
+    it again (a spec holds an encoder, which does not pickle).
     """
-    units = {"": 1, "k": 1024, "kib": 1024, "m": 1024**2, "mib": 1024**2}
-    raw = text.strip().lower()
-    digits = raw.rstrip("kimb")
-    unit = raw[len(digits) :]
-    if not digits.isdigit() or unit not in units:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 64, 16K, 1MiB)")
-    return int(digits) * units[unit]
-
-
-def parse_framing(text: str) -> LengthPrefixed | Lines:
-    """Parse ``length[:SIZE[:ORDER]]`` or ``lines`` into a fastnet framing spec.
-
-    ``length`` is a 4-byte big-endian length field; ``length:2`` a 2-byte one;
-    ``length:4:little`` a little-endian one. ``lines`` is newline-terminated
-    frames (the payload then contains no newline bytes).
-
-    Raises:
-        argparse.ArgumentTypeError: an unknown layout.
-    """
-    parts = text.strip().lower().split(":")
-    try:
-        if parts[0] == "lines" and len(parts) == 1:
-            return Lines()
-        if parts[0] == "length" and len(parts) <= 3:
-            size = int(parts[1]) if len(parts) > 1 else 4
-            order = parts[2] if len(parts) > 2 else "big"
-            if order not in ("big", "little"):
-                raise ValueError(f"byte order must be big or little, not {order!r}")
-            return LengthPrefixed(length_size=size, byteorder=order)  # type: ignore[arg-type]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"bad framing {text!r}: {exc}") from None
-    raise argparse.ArgumentTypeError(
-        f"bad framing {text!r}: expected length[:SIZE[:big|little]] or lines"
-    )
-
-
-def framing_name(spec: LengthPrefixed | Lines) -> str:
-    """The ``--framing`` text of ``spec`` (``length:4:big`` or ``lines``)."""
-    if isinstance(spec, Lines):
-        return "lines"
-    return f"length:{spec.length_size}:{spec.byteorder}"
+    parse_framing(text)
+    return text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``fastnet bench`` options to ``parser`` (for the CLI's subcommand)."""
     parser.add_argument("--host", default="127.0.0.1", help="server address (127.0.0.1)")
-    parser.add_argument("--port", type=int, required=True, help="server port")
-    parser.add_argument("--connections", type=int, default=64, metavar="N", help="connections (64)")
+    parser.add_argument("--port", type=parse_port, required=True, help="server port")
     parser.add_argument(
-        "--depth", type=int, default=16, metavar="D", help="frames in flight per connection (16)"
+        "--connections", type=positive_int, default=64, metavar="N", help="connections (64)"
+    )
+    parser.add_argument(
+        "--depth",
+        type=positive_int,
+        default=16,
+        metavar="D",
+        help="frames in flight per connection (16)",
     )
     parser.add_argument(
         "--size",
         type=parse_size,
         default=64,
         metavar="S",
-        help="payload bytes per frame; K/M suffixes are powers of 1024 (64)",
+        help=f"payload bytes per frame (64): {SIZE_SPELLINGS}",
     )
     parser.add_argument(
-        "--duration", type=float, default=5.0, metavar="T", help="measured seconds (5)"
+        "--duration", type=positive_float, default=5.0, metavar="T", help="measured seconds (5)"
     )
     parser.add_argument(
         "--warmup",
-        type=float,
+        type=non_negative_float,
         default=1.0,
         metavar="W",
         help="seconds of load before measuring (1)",
     )
     parser.add_argument(
         "--framing",
-        type=parse_framing,
-        default=LengthPrefixed(),
-        metavar="length[:SIZE[:ORDER]]|lines",
-        help="wire layout, as the server's --framing (length = 4-byte big-endian length)",
+        type=_framing_option,
+        default="length",
+        metavar=FRAMING_METAVAR,
+        help="as the server's --framing: " + FRAMING_HELP,
     )
     parser.add_argument(
         "--processes",
-        type=int,
+        type=positive_int,
         default=1,
         metavar="K",
         help="generator processes sharing the connections (1)",
     )
-    parser.add_argument(
-        "--loop", choices=LOOPS, default="auto", help="event loop; auto = uvloop if installed"
-    )
+    add_loop_argument(parser)
     parser.add_argument(
         "--server-pid",
-        type=int,
+        type=positive_int,
         default=None,
         metavar="PID",
         help="also report this process's CPU time per frame (Linux)",
@@ -236,6 +215,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # --------------------------------------------------------------------------- building blocks
+
+
+class GeneratorFailed(RuntimeError):
+    """A ``--processes`` worker failed or exited without a result."""
 
 
 @dataclass(frozen=True)
@@ -771,31 +754,8 @@ async def _report_progress(
         sys.stderr.flush()
 
 
-def _new_loop(name: str) -> asyncio.AbstractEventLoop:
-    if name in ("auto", "uvloop"):
-        try:
-            uvloop = importlib.import_module("uvloop")
-        except ImportError:
-            if name == "uvloop":
-                raise
-        else:
-            loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-            return loop
-    return asyncio.new_event_loop()
-
-
-def _loop_name(name: str) -> str:
-    if name != "auto":
-        return name
-    try:
-        importlib.import_module("uvloop")
-    except ImportError:
-        return "asyncio"
-    return "uvloop"
-
-
 def _run_process(params: BenchParams, pipe: Pipe | None) -> dict[str, Any]:
-    loop = _new_loop(params.loop)
+    loop = new_event_loop(params.loop)
     try:
         return loop.run_until_complete(_measure(params, _Control(pipe)))
     finally:
@@ -899,7 +859,7 @@ def _drive(params: BenchParams, pipes: list[Pipe]) -> list[dict[str, Any]]:
                     for p in open_pipes.values():
                         p.send("stop")
     if failures:
-        raise RuntimeError("; ".join(failures))
+        raise GeneratorFailed("; ".join(failures))
     return [results[i] for i in sorted(results)]
 
 
@@ -937,9 +897,9 @@ def _merge(params: BenchParams, parts: list[dict[str, Any]]) -> dict[str, Any]:
         "connected": sum(p["connected"] for p in parts),
         "depth": params.depth,
         "size": params.size,
-        "framing": params.framing,
+        "framing": framing_text(parse_framing(params.framing)) or params.framing,
         "processes": len(parts),
-        "loop": _loop_name(params.loop),
+        "loop": resolve_loop(params.loop),
         "warmup_s": params.warmup,
         "duration_s": round(window, 4),
         "frames": frames,
@@ -1019,7 +979,7 @@ def bench(params: BenchParams) -> dict[str, Any]:
 
     Raises:
         ValueError: parameters out of range.
-        RuntimeError: a generator process failed.
+        GeneratorFailed: a generator process failed.
     """
     if params.connections < 1:
         raise ValueError("--connections must be at least 1")
@@ -1027,7 +987,8 @@ def bench(params: BenchParams) -> dict[str, Any]:
         raise ValueError("--processes must be at least 1")
     if params.duration <= 0 or params.warmup < 0:
         raise ValueError("--duration must be positive and --warmup not negative")
-    # Validate the framing and size here, before any process starts.
+    # Validate the loop, framing and size here, before any process starts.
+    parse_loop(params.loop)
     Ring(parse_framing(params.framing), params.size, params.depth, 1)
     processes = min(params.processes, params.connections)
     if processes > 1:
@@ -1057,7 +1018,7 @@ def run(args: argparse.Namespace) -> int:
         size=args.size,
         duration=args.duration,
         warmup=args.warmup,
-        framing=framing_name(args.framing),
+        framing=args.framing,
         loop=args.loop,
         server_pid=args.server_pid,
         processes=args.processes,
@@ -1065,10 +1026,10 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         report = bench(params)
-    except (ValueError, ImportError) as exc:
-        print(f"fastnet bench: {exc}", file=sys.stderr)
+    except ValueError as exc:  # parameters out of range, a bad framing or loop
+        print(f"fastnet bench: error: {exc}", file=sys.stderr)
         return 2
-    except RuntimeError as exc:
+    except GeneratorFailed as exc:
         print(f"fastnet bench: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -1087,7 +1048,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m fastnet.loadgen``: the same as ``fastnet bench``."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m fastnet.loadgen",
         description="Drive a framed echo server and verify every echoed byte.",
     )

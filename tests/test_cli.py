@@ -214,6 +214,11 @@ USAGE_ERRORS = [
     (["serve", "echo", "--framing", "fastnet:Server"], "not a framing spec"),
     (["serve", "echo", "--max-frame", "1000000G"], "--max-frame 1073741824000000"),
     (["serve", "echo", "--frame-timeout", "0"], "must be positive"),
+    # an impossible combination is refused when the spec is built (issue 14 §3)
+    (
+        ["serve", "echo", "--framing", "length:2", "--max-frame", "100000"],
+        "max_frame 100000 does not fit a 2-byte length field",
+    ),
     (["serve", "echo", "--frame-timeout", "soon"], "not a number of seconds"),
     (["bench", "--port", "1", "--size", "1.5K"], "not a size: '1.5K'"),
     (["bench", "--port", "1", "--framing", "lines:"], "needs a delimiter"),

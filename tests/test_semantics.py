@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import traceback
 from typing import Any
 
@@ -280,3 +281,99 @@ def test_reraise_factory_gives_a_fresh_exception_each_time() -> None:
             depths.append(len(traceback.extract_tb(exc.__traceback__)))
     assert depths[0] == depths[1] == depths[2]  # no traceback piling up on one object
     assert original.__traceback__ is None
+
+
+# ----------------------------------------------------------------- fan-out
+
+
+def test_fan_out_survives_a_slow_reader(arun: Runner[Any]) -> None:
+    # A room: every frame a member sends goes to every member. One member
+    # never reads. Before: the *sender* got WriteBufferFull from
+    # member.send() and was closed, and the others missed messages. Now the
+    # sender uses try_send: the slow member's messages are dropped, nobody
+    # else is affected, and the slow member's buffer stays under the limit.
+    limit = 256 * 1024
+    room: list[fastnet.Connection] = []
+    dropped: list[int] = []
+    sizes: list[int] = []
+
+    async def member(conn: fastnet.Connection) -> None:
+        room.append(conn)
+        try:
+            async for frame in conn:
+                for other in room:
+                    if not other.try_send(frame):
+                        dropped.append(1)
+                        sizes.append(other.write_buffer_size)
+                        assert not other.writable
+        finally:
+            room.remove(conn)
+
+    async def scenario() -> None:
+        async with serving(member, max_write_buffer=limit) as server:
+            # The slow member never reads, and its receive buffer is small, so
+            # what the server sends it backs up in the server soon.
+            slow = socket.socket()
+            slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            slow.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(slow, ("127.0.0.1", server.port))
+            fast = await fastnet.connect("127.0.0.1", server.port)
+            sender = await fastnet.connect("127.0.0.1", server.port)
+            await wait_until(lambda: len(room) == 3)
+            message = b"m" * 16384
+            count = 400  # 6.5 MB: far more than the slow member's kernel and fastnet buffers
+            received = 0
+
+            async def receive() -> None:
+                nonlocal received
+                while received < count:
+                    received += len(await fast.recv_batch())
+
+            reader = asyncio.ensure_future(receive())
+            for _ in range(count):
+                sender.send(message)
+                await sender.drain()
+            await asyncio.wait_for(reader, 20)
+            assert received == count  # the fast member got every message
+            assert dropped, "the slow member's buffer never filled"
+            assert max(sizes) <= limit
+            assert server.stats()["handler_errors"] == 0
+            assert not sender.closing and not fast.closing
+            slow.close()
+            for conn in (fast, sender):
+                conn.close()
+                await conn.wait_closed()
+
+    arun(scenario())
+
+
+def test_send_raises_write_buffer_full_at_the_limit_exactly(arun: Runner[Any]) -> None:
+    limit = 200_000
+    seen: dict[str, Any] = {}
+
+    async def producer(conn: fastnet.Connection) -> None:
+        await conn.recv()
+        frame = b"p" * 10_000
+        sent = 0
+        try:
+            while sent < 1000:
+                conn.send(frame)
+                sent += 1
+        except fastnet.WriteBufferFull:
+            seen["size"] = conn.write_buffer_size
+            seen["sent"] = sent
+        seen["try"] = conn.try_send(frame)
+        await conn.recv()
+
+    async def scenario() -> None:
+        async with serving(producer, max_write_buffer=limit) as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(b"\0\0\0\x01x")
+            await wait_until(lambda: "size" in seen)
+            # Every frame is 10,004 bytes on the wire: the refused one would
+            # have passed the limit, the ones before did not.
+            assert seen["size"] <= limit < seen["size"] + 10_004
+            assert seen["try"] is False
+            writer.transport.abort()
+
+    arun(scenario())

@@ -1,4 +1,4 @@
-"""Build the extensions ``fastnet._frame``, ``fastnet._outq`` and ``fastnet._core``; the rest is in pyproject.toml.
+"""Build the extensions ``fastnet._frame``, ``_outq`` and ``_core``; the rest is in pyproject.toml.
 
 ``FASTNET_NO_EXTENSIONS=1`` (or a non-CPython interpreter) builds the
 pure-Python package. Otherwise a compiler failure fails the build: there is no

@@ -27,7 +27,8 @@ pytest_plugins = ["test_server_support"]
 FRAMES = 100_000
 PAYLOAD = 1000
 # The whole exchange takes about a second on an idle machine; a deadlock
-# waits forever, so the bound only has to be far above a loaded CI box's time (below the 30 s scenario bound of test_server_support).
+# waits forever, so the bound only has to be far above a loaded CI box's
+# time (and below the 30 s scenario bound of test_server_support).
 DEADLINE = 25.0
 
 

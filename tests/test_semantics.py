@@ -367,7 +367,7 @@ def test_send_raises_write_buffer_full_at_the_limit_exactly(arun: Runner[Any]) -
 
     async def scenario() -> None:
         async with serving(producer, max_write_buffer=limit) as server:
-            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            _, writer = await asyncio.open_connection("127.0.0.1", server.port)
             writer.write(b"\0\0\0\x01x")
             await wait_until(lambda: "size" in seen)
             # Every frame is 10,004 bytes on the wire: the refused one would

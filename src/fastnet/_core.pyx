@@ -491,7 +491,7 @@ cdef class ConnectionCore:
 
     @property
     def write_buffer_size(self):
-        """Bytes sent and not yet written to the socket: queued frames plus the transport's buffer."""
+        """Bytes sent and not yet written to the socket: queued, and in the transport's buffer."""
         return self._unsent()
 
     @property

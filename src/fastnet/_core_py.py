@@ -43,6 +43,7 @@ callback).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -411,10 +412,8 @@ class ConnectionCore:
         paused = self._read_paused
         self._read_paused = paused | reason
         if not paused and self._lifecycle != CLOSED and self._transport is not None:
-            try:
+            with contextlib.suppress(RuntimeError):  # a closing transport may refuse
                 self._transport.pause_reading()
-            except RuntimeError:  # a closing transport may refuse
-                pass
 
     def _unpause_reading(self, reason: int) -> None:
         paused = self._read_paused
@@ -499,9 +498,9 @@ class ConnectionCore:
             raise block()
         out = self._out
         size = _payload_size(frame) + self._overhead
-        if self._write_paused or out.nbytes + size > self._max_write_buffer - self._high_water:
-            if not self._has_room(size):
-                return False
+        near_limit = out.nbytes + size > self._max_write_buffer - self._high_water
+        if (self._write_paused or near_limit) and not self._has_room(size):
+            return False
         was_empty = not out
         out.append(frame)
         if was_empty and not self._delivering and not self._flush_scheduled:
@@ -510,7 +509,7 @@ class ConnectionCore:
 
     @property
     def write_buffer_size(self) -> int:
-        """Bytes sent and not yet written to the socket: queued frames plus the transport's buffer."""
+        """Bytes sent and not yet written to the socket: queued, and in the transport's buffer."""
         return self._unsent()
 
     @property

@@ -82,7 +82,7 @@ if isinstance(asyncio.current_task, types.BuiltinFunctionType):
     current_task = asyncio.current_task
 else:
     _tasks = getattr(asyncio.tasks, "_current_tasks", None)
-    current_task = _tasks.get if isinstance(_tasks, dict) else asyncio.current_task  # type: ignore[assignment]
+    current_task = _tasks.get if isinstance(_tasks, dict) else asyncio.current_task
 
 # 5. Behaviours, not names (tested in tests/test_internals.py):
 #    a. A Task suspends on any object with ``_asyncio_future_blocking`` and

@@ -115,4 +115,3 @@ class _AwaitWakeup(tuple):  # type: ignore[type-arg]
 
     else:
         __await__ = tuple.__iter__
-

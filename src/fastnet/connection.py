@@ -27,6 +27,8 @@ from .protocol import FrameProtocol
 if TYPE_CHECKING:
     import ssl
 
+    from ._observer import ConnectionObserver
+
 __all__ = ["Connection", "Lifecycle", "WriteBufferFull", "connect"]
 
 T = TypeVar("T")
@@ -96,8 +98,8 @@ class Connection(FrameProtocol):
         # first, so the transport calls the core's methods directly.
         core = framing.ConnectionCore
         if issubclass(cls, core):
-            return super().__new__(cls)  # type: ignore[no-any-return]
-        return core.__new__(_implementation(core, cls))  # type: ignore[no-any-return]
+            return super().__new__(cls)
+        return core.__new__(_implementation(core, cls))
 
     if TYPE_CHECKING:
 
@@ -191,7 +193,7 @@ class Connection(FrameProtocol):
 
     @property
     def state(self) -> types.SimpleNamespace:
-        """The application's own per-connection state: a namespace that lives as long as the connection.
+        """The application's own state for this connection: a namespace as long-lived as it is.
 
         ``conn.state.user = name`` in a handler, read back anywhere the
         connection is at hand (another connection's handler broadcasting to
@@ -239,10 +241,9 @@ class Connection(FrameProtocol):
                 exc, (ConnectionBrokenError, ConnectionClosedError)
             ):
                 self._task_failed(exc)  # type: ignore[arg-type]
-        if not tasks:
-            if self._close_pending:
-                self._close_pending = False
-                self.close()
+        if not tasks and self._close_pending:
+            self._close_pending = False
+            self.close()
 
     def _task_failed(self, exc: Exception) -> None:
         if self._handler_error is None:
@@ -418,7 +419,8 @@ class Connection(FrameProtocol):
     @property
     def transport(self) -> asyncio.Transport:
         """The asyncio transport underneath (for ``get_extra_info`` and the like)."""
-        return self._transport
+        transport: asyncio.Transport = self._transport
+        return transport
 
 
 async def connect(

@@ -21,32 +21,32 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-from . import _frame_py, _outq_py
+from . import _core_py, _frame_py, _outq_py
 from ._compat import USE_EXTENSIONS
 from ._tunables import DIRECT_THRESHOLD as DIRECT_THRESHOLD
 from ._tunables import MAX_READ as MAX_READ
 from ._tunables import READ_SIZE as READ_SIZE
 
 if TYPE_CHECKING or not USE_EXTENSIONS:
+    from ._core_py import ConnectionCore as ConnectionCore
     from ._frame_py import (
         LengthPrefixedDecoder,
         LengthPrefixedEncoder,
         LineDecoder,
         LineEncoder,
     )
-    from ._core_py import ConnectionCore
     from ._outq_py import OutQueue
 
     ACCELERATED = False
 else:
     try:
+        from ._core import ConnectionCore
         from ._frame import (
             LengthPrefixedDecoder,
             LengthPrefixedEncoder,
             LineDecoder,
             LineEncoder,
         )
-        from ._core import ConnectionCore
         from ._outq import OutQueue
 
         ACCELERATED = True
@@ -57,7 +57,6 @@ else:
             LineDecoder,
             LineEncoder,
         )
-        from ._core_py import ConnectionCore
         from ._outq_py import OutQueue
 
         ACCELERATED = False
@@ -68,12 +67,14 @@ LengthPrefixedEncoderPy = _frame_py.LengthPrefixedEncoder
 LineDecoderPy = _frame_py.LineDecoder
 LineEncoderPy = _frame_py.LineEncoder
 OutQueuePy = _outq_py.OutQueue
+ConnectionCorePy = _core_py.ConnectionCore
 if ACCELERATED:
     LengthPrefixedDecoderC = LengthPrefixedDecoder
     LengthPrefixedEncoderC = LengthPrefixedEncoder
     LineDecoderC = LineDecoder
     LineEncoderC = LineEncoder
     OutQueueC = OutQueue
+    ConnectionCoreC = ConnectionCore
 
 Buffer = bytes | bytearray | memoryview
 """A payload: any flat bytes-like object the codecs and ``Connection.send`` accept."""

@@ -757,7 +757,8 @@ async def _report_progress(
 def _run_process(params: BenchParams, pipe: Pipe | None) -> dict[str, Any]:
     loop = new_event_loop(params.loop)
     try:
-        return loop.run_until_complete(_measure(params, _Control(pipe)))
+        result: dict[str, Any] = loop.run_until_complete(_measure(params, _Control(pipe)))
+        return result
     finally:
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()

@@ -66,7 +66,7 @@ _PAUSE_WRITE = PAUSE_WRITE
 _reraise_factory = _reasons.reraise_factory
 
 
-class FrameProtocol(asyncio.BufferedProtocol, _Base):  # type: ignore[misc]
+class FrameProtocol(asyncio.BufferedProtocol, _Base):
     """The asyncio protocol of one framed connection, apart from its per-read core.
 
     Subclassed by ``fastnet.Connection``; the connection core (``_core``)

@@ -42,6 +42,7 @@ import os
 import socket
 from typing import Any
 
+from ._tunables import DEFAULT_MAX_WRITE_BUFFER
 from .connection import Connection
 from .framing import Framing, LengthPrefixed
 from .listener import (
@@ -54,7 +55,6 @@ from .listener import (
     bind_unix,
     format_address,
 )
-from ._tunables import DEFAULT_MAX_WRITE_BUFFER
 from .supervisor import (
     DEFAULT_FRAME_TIMEOUT,
     CallbackHandler,

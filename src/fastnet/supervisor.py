@@ -42,12 +42,11 @@ import sys
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+from ._tunables import DEFAULT_MAX_WRITE_BUFFER
 from .connection import Connection
 from .errors import ConnectionBrokenError, ConnectionClosedError, FrameError
-from .framing import Framing
+from .framing import Buffer, Framing
 from .listener import format_peer
-from ._tunables import DEFAULT_MAX_WRITE_BUFFER
-from .framing import Buffer
 
 try:  # imported once, here: a lazy import can fail later with EMFILE
     import fcntl

@@ -377,3 +377,34 @@ def test_send_raises_write_buffer_full_at_the_limit_exactly(arun: Runner[Any]) -
             writer.transport.abort()
 
     arun(scenario())
+
+
+# ------------------------------------------------------- over-long lines
+
+
+@pytest.mark.parametrize("on_too_long", ["error", "skip"])
+def test_an_over_long_line_closes_or_is_skipped(arun: Runner[Any], on_too_long: str) -> None:
+    # "error" (the default): the server closes the connection, a framing
+    # error; the next valid line is not read. "skip": the line is dropped,
+    # counted, and the connection goes on.
+    framing = fastnet.Lines(max_length=16, on_too_long=on_too_long)  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        async with serving(echo, framing=framing) as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(b"first\n" + b"x" * 40 + b"\nsecond\n")
+            writer.write_eof()
+            assert await asyncio.wait_for(reader.readline(), 5) == b"first\n"
+            rest = await asyncio.wait_for(reader.read(), 5)
+            await wait_until(lambda: server.stats()["active"] == 0)
+            stats = server.stats()
+            if on_too_long == "skip":
+                assert rest == b"second\n"
+                assert stats["lines_skipped"] == 1 and stats["frame_errors"] == 0
+            else:
+                assert rest == b""
+                assert stats["frame_errors"] == 1 and stats["lines_skipped"] == 0
+            writer.close()
+            await writer.wait_closed()
+
+    arun(scenario())

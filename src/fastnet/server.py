@@ -312,7 +312,8 @@ class Server:
         (transport writes: frames_out / writes is the coalescing factor),
         ``handler_errors``, ``frame_errors``, ``accept_errors``,
         ``idle_timeouts``, ``frame_timeouts``, ``rejected`` (by the
-        admission hook). Counters are kept per read and per write, and
+        admission hook), ``lines_skipped`` (over-long lines dropped by
+        ``Lines(on_too_long="skip")``). Counters are kept per read and per write, and
         summed here over the open connections.
         """
         result = self._supervisor.stats()

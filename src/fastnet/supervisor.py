@@ -170,6 +170,7 @@ class _Counters:
         "frames_out",
         "handler_errors",
         "idle_timeouts",
+        "lines_skipped",
         "writes",
     )
 
@@ -183,6 +184,7 @@ class _Counters:
         self.frames_out = 0
         self.handler_errors = 0
         self.idle_timeouts = 0
+        self.lines_skipped = 0  # over-long lines a Lines(on_too_long="skip") decoder dropped
         self.writes = 0
 
 
@@ -532,6 +534,10 @@ class Supervisor:
         c.bytes_out += conn.bytes_out
         c.frames_out += conn.frames_out
         c.writes += conn.writes
+        skipped = _lines_skipped(conn)
+        if skipped:
+            c.lines_skipped += skipped
+            logger.info("%s sent %d over-long lines; skipped", format_peer(conn.peer), skipped)
 
     # ------------------------------------------ the connection's observer role
 
@@ -665,8 +671,17 @@ class Supervisor:
             result["bytes_out"] += conn.bytes_out
             result["frames_out"] += conn.frames_out
             result["writes"] += conn.writes
+            result["lines_skipped"] += _lines_skipped(conn)
         result["active"] = len(self.connections)
         return result
+
+
+def _lines_skipped(conn: Connection) -> int:
+    # Over-long lines the connection's line decoder skipped without an error
+    # (Lines(on_too_long="skip")); 0 for other framings.
+    if getattr(conn._framing, "on_too_long", None) != "skip":
+        return 0
+    return int(conn._decoder.skipped)
 
 
 async def _as_coroutine(awaitable: Awaitable[None]) -> None:

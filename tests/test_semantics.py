@@ -408,3 +408,31 @@ def test_an_over_long_line_closes_or_is_skipped(arun: Runner[Any], on_too_long: 
             await writer.wait_closed()
 
     arun(scenario())
+
+
+def test_a_framing_error_closes_a_client_connection(arun: Runner[Any]) -> None:
+    # The server sends one frame, then a header over max_frame. The client
+    # gets the frame, then ConnectionBrokenError from the FrameTooLarge, and
+    # the connection is closed: before, it stayed OPEN, send() went through
+    # and wait_closed() never returned.
+    async def bad_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(frame_bytes(b"abc") + (0x7FFFFFFF).to_bytes(4, "big"))
+        await reader.read()
+        writer.close()
+
+    async def scenario() -> None:
+        server = await asyncio.start_server(bad_server, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        conn = await fastnet.connect("127.0.0.1", port)
+        assert await conn.recv() == b"abc"
+        with pytest.raises(ConnectionBrokenError) as info:
+            await asyncio.wait_for(conn.recv(), 5)
+        assert isinstance(info.value.__cause__, FrameTooLarge)
+        await asyncio.wait_for(conn.wait_closed(), 5)
+        assert conn.closing and conn.lifecycle is Lifecycle.CLOSED
+        with pytest.raises(ConnectionBrokenError):
+            conn.send(b"still here?")
+        server.close()
+        await server.wait_closed()
+
+    arun(scenario())

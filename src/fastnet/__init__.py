@@ -1,19 +1,25 @@
 """fastnet: production TCP services that speak a framed protocol.
 
-Layout (data flows top to bottom on receive):
+Layout (data flows top to bottom on receive; docs/design.md §0 draws what runs per read):
 
-    framing.py      framing specs (LengthPrefixed, Lines); picks the codec backend
+    framing.py      framing specs (LengthPrefixed, Lines); picks the backend (codecs and core)
     _frame.pyx      Cython hot path: streaming decoders over self-managed buffers, encoders
-    _frame_py.py    pure-Python twin of _frame, identical behaviour
+    _outq.pyx       OutQueue: frames validated and encoded as they are sent
+    _core.pyx       ConnectionCore: a connection's per-read and per-send path, in C
+    *_py.py         the pure-Python twin of each extension module, identical behaviour
     errors.py       exception hierarchy shared by both backends
-    protocol.py     FrameProtocol: the asyncio.BufferedProtocol mechanics (receive, wake, write)
-    connection.py   Connection, what a handler sees (recv, send, drain, close); connect()
+    transports.py   the transport strategy: how to write and read on each transport
+    _internals.py   every private asyncio/uvloop name fastnet relies on, one test each
+    protocol.py     FrameProtocol: once per connection (set-up, end of input, lifecycle, finish)
+    lifecycle.py    the lifecycle states and their allowed transitions
+    connection.py   Connection, what a handler sees (recv, send, drain, close, spawn); connect()
     listener.py     bind, the accept loop (slots, back-off, admission hook)
     supervisor.py   one connection's life: handler kinds, errors, lingering close, timeouts
     server.py       Server, the public facade: wiring, stats, shutdown
     runner.py       loop choice, serve()/run(), signals
     apps.py         built-in apps for `fastnet serve`: echo, kv
     cli.py          the `fastnet` command (serve, info, bench); __main__.py runs it
+    _cliargs.py     the parsers the command and the load generator share
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from .framing import (
     LengthPrefixed,
     Lines,
 )
+from .lifecycle import Lifecycle
 from .runner import run, serve
 from .server import CallbackHandler, Server, callback_handler
 
@@ -54,6 +61,7 @@ __all__ = [
     "FrameTooLarge",
     "IncompleteFrame",
     "LengthPrefixed",
+    "Lifecycle",
     "Lines",
     "Server",
     "WriteBufferFull",

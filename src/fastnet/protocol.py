@@ -180,6 +180,13 @@ class FrameProtocol(asyncio.BufferedProtocol, _Base):
             self._queue_frames(exc.frames)
         self._report_frame_error(exc)
         self._input_ended(_reasons.broken_factory(exc))
+        if self._server is None:
+            # A client: the stream cannot be read past the bad bytes, and no
+            # supervisor will close it. Close now: sends raise, wait_closed()
+            # returns, and a server still writing is not left blocked.
+            if self._send_block is None:
+                self._send_block = _reasons.broken_factory(exc)
+            self._abort()
 
     def _report_frame_error(self, exc: FrameError) -> None:
         server = self._server

@@ -436,3 +436,22 @@ def test_a_framing_error_closes_a_client_connection(arun: Runner[Any]) -> None:
         await server.wait_closed()
 
     arun(scenario())
+
+
+def test_abort_is_a_reset_for_the_peer(arun: Runner[Any]) -> None:
+    # With no unread input, closing the socket would send FIN, and the peer
+    # could take the aborted exchange for a complete one.
+    async def aborter(conn: fastnet.Connection) -> None:
+        await conn.recv()
+        conn.send(b"partial")
+        conn.abort()
+
+    async def scenario() -> None:
+        async with serving(aborter) as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(frame_bytes(b"go"))
+            with pytest.raises(ConnectionResetError):
+                await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+
+    arun(scenario())

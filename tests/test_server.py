@@ -415,6 +415,7 @@ def test_server_properties_and_stats(arun: Runner[Any]) -> None:
             "frames_out",
             "handler_errors",
             "idle_timeouts",
+            "lines_skipped",
             "rejected",
             "writes",
         }

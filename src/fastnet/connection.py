@@ -347,11 +347,15 @@ class Connection(FrameProtocol):
         self._transport.close()
 
     def abort(self) -> None:
-        """Close the connection at once, discarding unsent data; cancel its spawned tasks."""
+        """Close the connection at once, discarding unsent data; cancel its spawned tasks.
+
+        The peer sees a reset (RST), not an orderly close: it cannot take an
+        aborted exchange for a complete one.
+        """
         for task in list(self._tasks):
             task.cancel()
         self._close_pending = False
-        self._abort()
+        self._abort(reset=True)
 
     async def wait_closed(self) -> None:
         """Wait until the socket is closed (the transport called ``connection_lost``)."""

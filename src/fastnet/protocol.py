@@ -23,7 +23,10 @@ sees the end after the queued frames (``async for`` ends, ``recv`` raises).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +62,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger("fastnet")
+
+_SO_LINGER_RESET = struct.pack("ii", 1, 0)  # linger on, 0 s: close(2) sends RST
 
 # Names the tests and older code use.
 _PAUSE_INBOX = PAUSE_INBOX
@@ -286,10 +291,22 @@ class FrameProtocol(asyncio.BufferedProtocol, _Base):
             self._send_block = _reasons.closed_by_us
         self._input_ended(_reasons.closed_by_us, quiet=False, pause=False)
 
-    def _abort(self) -> None:
+    def _abort(self, reset: bool = False) -> None:
+        """Close at once, discarding unsent data; with ``reset``, the peer sees a reset (RST).
+
+        Without SO_LINGER 0 the kernel sends an orderly FIN when no input is
+        waiting unread: right for a timeout on an idle connection, wrong for
+        ``Connection.abort()``, where a peer could take an aborted exchange
+        for a complete one.
+        """
         self._out.clear()
         self._mark_closing()
-        self._transport.abort()
+        transport = self._transport
+        sock = transport.get_extra_info("socket") if reset else None
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):  # closed already
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _SO_LINGER_RESET)
+        transport.abort()
 
     # ----------------------------------------------------- supervisor hooks
     # Read by the server's one timer (supervisor.py) every tick, O(1) each;

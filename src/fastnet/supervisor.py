@@ -257,7 +257,11 @@ def _unacknowledged_probe(transport: asyncio.BaseTransport) -> Callable[[], int]
 
 
 def _abort_with_reset(conn: Connection) -> None:
-    """Abort ``conn`` so that the peer sees a reset (RST), not an orderly close."""
+    """Abort ``conn`` so that the peer sees a reset (RST), not an orderly close.
+
+    (``Connection.abort`` does so too; this also covers a connection whose
+    transport is being set up.)
+    """
     transport = conn._transport
     if transport is None:
         return

@@ -223,7 +223,8 @@ class _Decoder:
             self._peek = 0 < missing == nbytes
             return frames
         finally:
-            if not self._direct_missing():
+            # A refused nbytes leaves the window open (as in _frame.pyx): keep its buffer.
+            if self._window < 0 and not self._direct_missing():
                 self._scratch = None
             self._busy = False
 

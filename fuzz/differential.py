@@ -212,3 +212,38 @@ def drive_decoder(fdp: Any, pair: Lockstep, stream: bytes) -> None:
     pair.check_state()
     pair.call("eof")
     pair.check_state()
+
+
+def require_sanitizers() -> None:
+    """Exit non-zero unless the imported extension is a sanitizer build with its runtime loaded.
+
+    ``make asan`` runs this after installing, so a build that silently lost
+    its sanitizer flags (a stale build directory, a cached wheel) cannot pass
+    for one.
+    """
+    import sys
+    from pathlib import Path
+
+    from fastnet import _frame
+
+    problems = []
+    library = Path(_frame.__file__).read_bytes()
+    for marker in (b"__asan_report", b"__ubsan_handle"):
+        if marker not in library:
+            problems.append(f"{_frame.__file__} has no {marker.decode()}* calls")
+    maps = Path("/proc/self/maps")
+    if maps.exists() and b"libasan" not in maps.read_bytes():
+        problems.append("the ASan runtime is not loaded (LD_PRELOAD)")
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if problems:
+        sys.exit(1)
+    print(f"sanitizer build: {_frame.__file__}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--require-sanitizers"]:
+        sys.exit("usage: python fuzz/differential.py --require-sanitizers")
+    require_sanitizers()

@@ -13,7 +13,7 @@
 #                    the codec tests (and the fuzz corpora) run under the preloaded sanitizers
 #   make fuzz        each fuzz/ harness for FUZZ_TIME seconds (default 180) on that build; new
 #                    inputs are merged, minimised, into fuzz/corpus/<harness>/
-#   make fuzz-ci     the same for FUZZ_TIME=60, on a scratch copy of the corpora (CI runs it)
+#   make fuzz-ci     each harness for FUZZ_CI_TIME=60 s, the corpora only read (CI runs it)
 #   make test-matrix the non-slow suite with the extension on each CPython 3.10-3.13 found
 #                    (pyenv or python3.X on PATH), each in .venv/py3.X; missing ones are skipped
 #
@@ -120,9 +120,10 @@ CODEC_TESTS := tests/test_length_prefixed.py tests/test_lines.py tests/test_code
 # allocator_may_return_null lets a huge allocation become MemoryError, as
 # without ASan; PYTHONMALLOC=malloc makes every object an ASan allocation.
 SANITIZER_LIBS = $(foreach lib,libasan.so libubsan.so,$(shell $(CC) -print-file-name=$(lib)))
-SANITIZER_ENV = LD_PRELOAD="$(SANITIZER_LIBS)" PYTHONMALLOC=malloc \
-	ASAN_OPTIONS=detect_leaks=0:allocator_may_return_null=1:abort_on_error=0:halt_on_error=1 \
+sanitizer_env = LD_PRELOAD="$(strip $(1) $(SANITIZER_LIBS))" PYTHONMALLOC=malloc \
+	ASAN_OPTIONS=detect_leaks=0:allocator_may_return_null=1:halt_on_error=1$(2) \
 	UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
+SANITIZER_ENV = $(call sanitizer_env)
 # libFuzzer's options for every run: an input takes milliseconds, so one
 # that runs for 10 s is a hang; the RSS limit leaves room for ASan's shadow
 # memory and quarantine on top of the 8 MiB frames the harnesses build.
@@ -144,33 +145,47 @@ $(ASAN_VENV)/.installed: pyproject.toml setup.py $(EXT_SOURCES) $(PACKAGE_FILES)
 asan: $(ASAN_VENV)/.installed
 	$(SANITIZER_ENV) $(ASAN_PY) -m pytest -p no:cacheprovider $(CODEC_TESTS) $(PYTEST_ARGS)
 
-# Each harness explores from the repo corpus into a scratch one, then the
-# union is merged into a fresh directory that replaces the repo corpus: only
-# inputs that add coverage are kept, so the corpus stays small.
-fuzz: $(ASAN_VENV)/.installed
+# The fuzzers run under the sanitizer environment plus fuzz/sancov_forward.c,
+# preloaded ahead of libasan so that atheris's libFuzzer, not libasan's
+# no-op hooks, receives the coverage counters (the file says why).
+SANCOV_FORWARD := $(FUZZ_WORK)/sancov_forward.so
+# PATH: libFuzzer's -merge runs the harness again as a command (its shebang
+# names python3), which must be the sanitizer venv's.
+FUZZ_ENV = PATH="$(abspath $(ASAN_VENV))/bin:$$PATH" \
+	$(call sanitizer_env,$(abspath $(SANCOV_FORWARD)),:verify_asan_link_order=0) \
+	FASTNET_LIBFUZZER="$$($(ASAN_PY) -c 'import importlib.util as u; print(u.find_spec("atheris.core_with_libfuzzer").origin)')"
+
+$(SANCOV_FORWARD): fuzz/sancov_forward.c
+	@mkdir -p $(@D)
+	$(CC) -shared -fPIC -O2 -o $@ $< -ldl
+
+# Each harness explores from the repo corpus into a scratch one; then the
+# union is merged into a fresh directory that replaces the repo corpus: a
+# smallest set of inputs that covers every feature any of them reached
+# (-set_cover_merge), so the corpus stays a few dozen files.
+fuzz: $(ASAN_VENV)/.installed $(SANCOV_FORWARD)
 	@set -e; for h in $(FUZZ_HARNESSES); do \
-		rm -rf $(FUZZ_WORK)/$$h $(FUZZ_WORK)/$$h.min; mkdir -p fuzz/corpus/$$h $(FUZZ_WORK)/$$h $(FUZZ_WORK)/$$h.min; \
+		rm -rf $(FUZZ_WORK)/$$h $(FUZZ_WORK)/$$h.min; \
+		mkdir -p fuzz/corpus/$$h $(FUZZ_WORK)/$$h $(FUZZ_WORK)/$$h.min; \
 		echo "== fuzz $$h for $(FUZZ_TIME) s"; \
-		$(SANITIZER_ENV) $(ASAN_PY) fuzz/fuzz_$$h.py $(LIBFUZZER_ARGS) -max_total_time=$(FUZZ_TIME) \
+		$(FUZZ_ENV) $(ASAN_PY) fuzz/fuzz_$$h.py $(LIBFUZZER_ARGS) -max_total_time=$(FUZZ_TIME) \
 			-artifact_prefix=$(FUZZ_WORK)/$$h- $(FUZZ_WORK)/$$h fuzz/corpus/$$h; \
-		$(SANITIZER_ENV) $(ASAN_PY) fuzz/fuzz_$$h.py -merge=1 $(FUZZ_WORK)/$$h.min fuzz/corpus/$$h $(FUZZ_WORK)/$$h \
-			2>&1 | tail -n 1; \
+		$(FUZZ_ENV) $(ASAN_PY) fuzz/fuzz_$$h.py -set_cover_merge=1 \
+			$(FUZZ_WORK)/$$h.min fuzz/corpus/$$h $(FUZZ_WORK)/$$h 2>&1 | grep -v '^INFO: Instrumenting' | tail -n 2; \
 		rm -rf fuzz/corpus/$$h; cp -r $(FUZZ_WORK)/$$h.min fuzz/corpus/$$h; \
-		echo "== $$h: $$(ls fuzz/corpus/$$h | wc -l) inputs in fuzz/corpus/$$h"; \
+		echo "== $$h: $$(ls fuzz/corpus/$$h | wc -l) inputs kept in fuzz/corpus/$$h"; \
 	done
 
-# As fuzz, but the repo corpus is only read: CI leaves the checkout as it was.
-fuzz-ci: $(ASAN_VENV)/.installed
+# As fuzz, for FUZZ_CI_TIME seconds each; the repo corpus is only read (seeds).
+FUZZ_CI_TIME ?= 60
+fuzz-ci: $(ASAN_VENV)/.installed $(SANCOV_FORWARD)
 	@set -e; for h in $(FUZZ_HARNESSES); do \
 		rm -rf $(FUZZ_WORK)/$$h; mkdir -p $(FUZZ_WORK)/$$h; \
-		echo "== fuzz $$h for $(or $(FUZZ_CI_TIME),60) s"; \
-		$(SANITIZER_ENV) $(ASAN_PY) fuzz/fuzz_$$h.py $(LIBFUZZER_ARGS) -max_total_time=$(or $(FUZZ_CI_TIME),60) \
+		echo "== fuzz $$h for $(FUZZ_CI_TIME) s"; \
+		$(FUZZ_ENV) $(ASAN_PY) fuzz/fuzz_$$h.py $(LIBFUZZER_ARGS) -max_total_time=$(FUZZ_CI_TIME) \
 			-artifact_prefix=$(FUZZ_WORK)/$$h- $(FUZZ_WORK)/$$h fuzz/corpus/$$h; \
 	done
 
-# One venv per CPython 3.10-3.13 that this machine has; a version not found
-# is reported and skipped. Each venv gets a non-editable install (the
-# editable .venv's extension in src/ is built for one version only).
 # A CPython X.Y: python3.X on PATH if it runs (a pyenv shim of a version
 # that is not selected does not), else the newest pyenv-installed X.Y.*.
 FIND_PYTHON = for c in python$$v $$(ls -d "$$(pyenv root 2>/dev/null || echo "$${PYENV_ROOT:-$$HOME/.pyenv}")"/versions/$$v.*/bin/python 2>/dev/null | sort -V | tail -n 1); do \
@@ -181,7 +196,7 @@ FIND_PYTHON = for c in python$$v $$(ls -d "$$(pyenv root 2>/dev/null || echo "$$
 # own venv with a non-editable install (the editable .venv's extension in src/
 # is built for one version only); a version not found is reported and skipped.
 test-matrix:
-	@set -e; ran=""; for v in 3.10 3.11 3.12 3.13; do \
+	@set -e; ran=""; failed=""; for v in 3.10 3.11 3.12 3.13; do \
 		py=""; $(FIND_PYTHON); \
 		if [ -z "$$py" ]; then echo "== CPython $$v: not found, skipped"; continue; fi; \
 		echo "== CPython $$v: $$py"; \
@@ -189,9 +204,11 @@ test-matrix:
 		rm -rf build src/fastnet/_frame.c; \
 		$(VENV)/py$$v/bin/python -m pip install -q '.[test]'; \
 		$(VENV)/py$$v/bin/python -c 'import fastnet, sys; assert fastnet.ACCELERATED, "no extension"; print("fastnet", fastnet.__version__, "accelerated, CPython", sys.version.split()[0])'; \
-		$(VENV)/py$$v/bin/python -m pytest -p no:cacheprovider -x -q -m "not slow" $(PYTEST_ARGS); \
-		ran="$$ran $$v"; \
-	done; echo "== test-matrix passed on:$$ran"; test -n "$$ran"
+		if $(VENV)/py$$v/bin/python -m pytest -p no:cacheprovider -x -q -m "not slow" $(PYTEST_ARGS); \
+		then ran="$$ran $$v"; else failed="$$failed $$v"; fi; \
+	done; \
+	echo "== test-matrix: passed on:$${ran:- none}; failed on:$${failed:- none}"; \
+	test -n "$$ran" && test -z "$$failed"
 
 RUFF := $(firstword $(wildcard $(VENV)/bin/ruff) $(shell command -v ruff 2>/dev/null))
 MYPY := $(firstword $(wildcard $(VENV)/bin/mypy) $(shell command -v mypy 2>/dev/null))

@@ -231,6 +231,8 @@ def require_sanitizers() -> None:
     for marker in (b"__asan_report", b"__ubsan_handle"):
         if marker not in library:
             problems.append(f"{_frame.__file__} has no {marker.decode()}* calls")
+    if b".debug_info" not in library:
+        problems.append(f"{_frame.__file__} has no debug information (symbols for reports)")
     maps = Path("/proc/self/maps")
     if maps.exists() and b"libasan" not in maps.read_bytes():
         problems.append("the ASan runtime is not loaded (LD_PRELOAD)")

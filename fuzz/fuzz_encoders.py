@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz the encoders: the extension against the pure-Python twin.
 
 Strategy: the input chooses a length-prefixed or a line layout and a list of
@@ -23,6 +24,7 @@ import atheris
 
 with atheris.instrument_imports(include=["fastnet", "differential"]):
     import differential
+
     from fastnet import LengthPrefixed, Lines
     from fastnet import _frame_py as py_impl
 
@@ -97,8 +99,8 @@ def test_one_input(data: bytes) -> None:
             pair.call("encode_many", tuple(payloads))
         elif op == 3:
             # A generator: encode_many may consume it only once.
-            c_out = differential.outcome(lambda: pair.c.encode_many(p for p in payloads))
-            py_out = differential.outcome(lambda: pair.py.encode_many(p for p in payloads))
+            c_out = differential.outcome(lambda ps=payloads: pair.c.encode_many(p for p in ps))
+            py_out = differential.outcome(lambda ps=payloads: pair.py.encode_many(p for p in ps))
             if c_out != py_out:
                 raise pair.fail("encode_many(generator)", c_out, py_out)
         elif isinstance(spec, LengthPrefixed):

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz the length-prefixed decoder: the extension against the pure-Python twin.
 
 Strategy: the input chooses a layout (field size 1/2/3/4/8, byte order,
@@ -22,6 +23,7 @@ import atheris
 
 with atheris.instrument_imports(include=["fastnet", "differential"]):
     import differential
+
     from fastnet import LengthPrefixed
 
 # max_frame values: 0 and tiny limits (every frame too large), around the
@@ -74,7 +76,9 @@ def test_one_input(data: bytes) -> None:
     spec = make_spec(fdp)
     stream = make_stream(fdp, spec)
     c, py = differential.backends()
-    pair = differential.Lockstep(c.LengthPrefixedDecoder(spec), py.LengthPrefixedDecoder(spec), repr(spec))
+    pair = differential.Lockstep(
+        c.LengthPrefixedDecoder(spec), py.LengthPrefixedDecoder(spec), repr(spec)
+    )
     differential.drive_decoder(fdp, pair, stream)
 
 

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz the line decoder: the extension against the pure-Python twin.
 
 Strategy: the input chooses a delimiter (one to four bytes, mostly from a
@@ -22,6 +23,7 @@ import atheris
 
 with atheris.instrument_imports(include=["fastnet", "differential"]):
     import differential
+
     from fastnet import Lines
 
 # Bytes delimiters are drawn from: with so few, a random stream contains
@@ -36,7 +38,9 @@ def make_spec(fdp: Any) -> Lines:
         delimiter = fdp.PickValueInList([b"\n", b"\r\n", b"\x00", b"\n\n", b"END", b"\r\n\r\n"])
     else:
         size = fdp.ConsumeIntInRange(1, 4)
-        delimiter = bytes(ALPHABET[fdp.ConsumeIntInRange(0, len(ALPHABET) - 1)] for _ in range(size))
+        delimiter = bytes(
+            ALPHABET[fdp.ConsumeIntInRange(0, len(ALPHABET) - 1)] for _ in range(size)
+        )
     return Lines(
         delimiter=delimiter,
         max_length=fdp.PickValueInList(MAX_LENGTHS),

@@ -236,4 +236,3 @@ clean:
 
 distclean: clean
 	rm -rf $(VENV) $(PURE_VENV)
-

@@ -9,6 +9,13 @@
 #   make build       sdist, then a wheel built from it, into dist/
 #   make lint        ruff and mypy, each if installed (make lint-deps installs the pinned ones)
 #   make clean       build products; make distclean removes the virtual environments too
+#   make asan        the extension built with ASan+UBSan and FASTNET_DEBUG=1 in .venv/asan, and
+#                    the codec tests (and the fuzz corpora) run under the preloaded sanitizers
+#   make fuzz        each fuzz/ harness for FUZZ_TIME seconds (default 180) on that build; new
+#                    inputs are merged, minimised, into fuzz/corpus/<harness>/
+#   make fuzz-ci     each harness for FUZZ_CI_TIME=60 s, the corpora only read (CI runs it)
+#   make test-matrix the non-slow suite with the extension on each CPython 3.10-3.13 found
+#                    (pyenv or python3.X on PATH), each in .venv/py3.X; missing ones are skipped
 #
 # Re-runs are cheap: fastnet is installed in editable mode, so a changed .py
 # file needs nothing, and the extension is rebuilt only when its sources,
@@ -39,6 +46,7 @@ NO_EXT_GUARD = $(if $(FASTNET_NO_EXTENSIONS),$(error FASTNET_NO_EXTENSIONS is se
 	(`make test-pure` tests the pure-Python package)))
 
 .PHONY: all test test-pure serve bench bench-micro bench-compare build lint lint-deps clean distclean
+.PHONY: asan fuzz fuzz-ci test-matrix
 
 all: test
 
@@ -92,6 +100,116 @@ bench-compare: $(VENV)/.bench-installed
 build: | $(PY)
 	$(PY) -m pip install -q 'build>=1.2'
 	$(PY) -m build --outdir dist .
+
+# --- Sanitizers, fuzzing, the version matrix --------------------------------
+# The sanitizer build is a normal (non-editable) install into its own venv, so
+# it never mixes with the editable .venv build. build/ and the generated .c
+# are removed around it: setuptools skips an extension whose build/ output
+# looks up to date, and Cython reuses a .c generated without FASTNET_DEBUG.
+ASAN_VENV ?= $(VENV)/asan
+ASAN_PY := $(ASAN_VENV)/bin/python
+FUZZ_TIME ?= 180
+FUZZ_ARGS ?=
+FUZZ_HARNESSES := $(patsubst fuzz/fuzz_%.py,%,$(wildcard fuzz/fuzz_*.py))
+FUZZ_WORK := build/fuzz
+CODEC_TESTS := tests/test_length_prefixed.py tests/test_lines.py tests/test_codec_edges.py \
+	tests/test_buffers.py tests/test_differential.py tests/test_encode.py tests/test_fuzz_regressions.py \
+	tests/test_outq.py
+# The sanitizer runtimes the compiler links against, preloaded because the
+# python binary itself is not instrumented: ASan must come first in the
+# process. Leak detection is off (CPython keeps objects alive at exit);
+# allocator_may_return_null lets a huge allocation become MemoryError, as
+# without ASan; PYTHONMALLOC=malloc makes every object an ASan allocation.
+SANITIZER_LIBS = $(foreach lib,libasan.so libubsan.so,$(shell $(CC) -print-file-name=$(lib)))
+sanitizer_env = LD_PRELOAD="$(strip $(1) $(SANITIZER_LIBS))" PYTHONMALLOC=malloc \
+	ASAN_OPTIONS=detect_leaks=0:allocator_may_return_null=1:halt_on_error=1$(2) \
+	UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
+SANITIZER_ENV = $(call sanitizer_env)
+# libFuzzer's options for every run: an input takes milliseconds, so one
+# that runs for 10 s is a hang; the RSS limit leaves room for ASan's shadow
+# memory and quarantine on top of the 8 MiB frames the harnesses build.
+LIBFUZZER_ARGS = -print_final_stats=1 -timeout=10 -rss_limit_mb=4096 $(FUZZ_ARGS)
+
+$(ASAN_PY):
+	$(PYTHON) -m venv $(ASAN_VENV)
+
+$(ASAN_VENV)/.installed: pyproject.toml setup.py $(EXT_SOURCES) $(PACKAGE_FILES) | $(ASAN_PY)
+	$(NO_EXT_GUARD)
+	@for lib in $(SANITIZER_LIBS); do test -f "$$lib" || { \
+		echo "error: $(CC) has no sanitizer runtime $$lib (Debian: apt-get install gcc)" >&2; exit 1; }; done
+	rm -rf build src/fastnet/*.c
+	FASTNET_SANITIZE=1 FASTNET_DEBUG=1 $(ASAN_PY) -m pip install '.[test,fuzz]'
+	rm -rf build src/fastnet/*.c
+	$(SANITIZER_ENV) $(ASAN_PY) fuzz/differential.py --require-sanitizers
+	@touch $@
+
+asan: $(ASAN_VENV)/.installed
+	$(SANITIZER_ENV) $(ASAN_PY) -m pytest -p no:cacheprovider $(CODEC_TESTS) $(PYTEST_ARGS)
+
+# The fuzzers run under the sanitizer environment plus fuzz/sancov_forward.c,
+# preloaded ahead of libasan so that atheris's libFuzzer, not libasan's
+# no-op hooks, receives the coverage counters (the file says why).
+SANCOV_FORWARD := $(FUZZ_WORK)/sancov_forward.so
+# PATH: libFuzzer's -merge runs the harness again as a command (its shebang
+# names python3), which must be the sanitizer venv's.
+FUZZ_ENV = PATH="$(abspath $(ASAN_VENV))/bin:$$PATH" \
+	$(call sanitizer_env,$(abspath $(SANCOV_FORWARD)),:verify_asan_link_order=0) \
+	FASTNET_LIBFUZZER="$$($(ASAN_PY) -c 'import importlib.util as u; print(u.find_spec("atheris.core_with_libfuzzer").origin)')"
+
+$(SANCOV_FORWARD): fuzz/sancov_forward.c
+	@mkdir -p $(@D)
+	$(CC) -shared -fPIC -O2 -o $@ $< -ldl
+
+# Each harness explores from the repo corpus into a scratch one; then the
+# union is merged into a fresh directory that replaces the repo corpus: a
+# smallest set of inputs that covers every feature any of them reached
+# (-set_cover_merge), so the corpus stays a few dozen files.
+fuzz: $(ASAN_VENV)/.installed $(SANCOV_FORWARD)
+	@set -e; for h in $(FUZZ_HARNESSES); do \
+		rm -rf $(FUZZ_WORK)/$$h $(FUZZ_WORK)/$$h.min; \
+		mkdir -p fuzz/corpus/$$h $(FUZZ_WORK)/$$h $(FUZZ_WORK)/$$h.min; \
+		echo "== fuzz $$h for $(FUZZ_TIME) s"; \
+		$(FUZZ_ENV) $(ASAN_PY) fuzz/fuzz_$$h.py $(LIBFUZZER_ARGS) -max_total_time=$(FUZZ_TIME) \
+			-artifact_prefix=$(FUZZ_WORK)/$$h- $(FUZZ_WORK)/$$h fuzz/corpus/$$h; \
+		$(FUZZ_ENV) $(ASAN_PY) fuzz/fuzz_$$h.py -set_cover_merge=1 \
+			$(FUZZ_WORK)/$$h.min fuzz/corpus/$$h $(FUZZ_WORK)/$$h 2>&1 | grep -v '^INFO: Instrumenting' | tail -n 2; \
+		rm -rf fuzz/corpus/$$h; cp -r $(FUZZ_WORK)/$$h.min fuzz/corpus/$$h; \
+		echo "== $$h: $$(ls fuzz/corpus/$$h | wc -l) inputs kept in fuzz/corpus/$$h"; \
+	done
+
+# As fuzz, for FUZZ_CI_TIME seconds each; the repo corpus is only read (seeds).
+FUZZ_CI_TIME ?= 60
+fuzz-ci: $(ASAN_VENV)/.installed $(SANCOV_FORWARD)
+	@set -e; for h in $(FUZZ_HARNESSES); do \
+		rm -rf $(FUZZ_WORK)/$$h; mkdir -p $(FUZZ_WORK)/$$h; \
+		echo "== fuzz $$h for $(FUZZ_CI_TIME) s"; \
+		$(FUZZ_ENV) $(ASAN_PY) fuzz/fuzz_$$h.py $(LIBFUZZER_ARGS) -max_total_time=$(FUZZ_CI_TIME) \
+			-artifact_prefix=$(FUZZ_WORK)/$$h- $(FUZZ_WORK)/$$h fuzz/corpus/$$h; \
+	done
+
+# A CPython X.Y: python3.X on PATH if it runs (a pyenv shim of a version
+# that is not selected does not), else the newest pyenv-installed X.Y.*.
+FIND_PYTHON = for c in python$$v $$(ls -d "$$(pyenv root 2>/dev/null || echo "$${PYENV_ROOT:-$$HOME/.pyenv}")"/versions/$$v.*/bin/python 2>/dev/null | sort -V | tail -n 1); do \
+	if "$$c" -c "import sys; sys.exit(sys.version_info[:2] != tuple(map(int, '$$v'.split('.'))))" 2>/dev/null; then \
+		py=$$c; break; fi; done
+
+# The non-slow suite on each CPython 3.10-3.13 this machine has, each in its
+# own venv with a non-editable install (the editable .venv's extension in src/
+# is built for one version only); a version not found is reported and skipped.
+test-matrix:
+	@set -e; ran=""; failed=""; for v in 3.10 3.11 3.12 3.13; do \
+		py=""; $(FIND_PYTHON); \
+		if [ -z "$$py" ]; then echo "== CPython $$v: not found, skipped"; continue; fi; \
+		echo "== CPython $$v: $$py"; \
+		test -x $(VENV)/py$$v/bin/python || "$$py" -m venv $(VENV)/py$$v; \
+		rm -rf build src/fastnet/*.c; \
+		$(VENV)/py$$v/bin/python -m pip install -q '.[test]'; \
+		$(VENV)/py$$v/bin/python -c 'import fastnet, sys; assert fastnet.ACCELERATED, "no extension"; print("fastnet", fastnet.__version__, "accelerated, CPython", sys.version.split()[0])'; \
+		if $(VENV)/py$$v/bin/python -m pytest -p no:cacheprovider -x -q -m "not slow" $(PYTEST_ARGS); \
+		then ran="$$ran $$v"; else failed="$$failed $$v"; fi; \
+	done; \
+	echo "== test-matrix: passed on:$${ran:- none}; failed on:$${failed:- none}"; \
+	test -n "$$ran" && test -z "$$failed"
 
 RUFF := $(firstword $(wildcard $(VENV)/bin/ruff) $(shell command -v ruff 2>/dev/null))
 MYPY := $(firstword $(wildcard $(VENV)/bin/mypy) $(shell command -v mypy 2>/dev/null))

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Differential fuzzer of OutQueue: the extension against its twin and the encoder.
 
 Run: ``python fuzz/fuzz_outq.py -max_total_time=60`` (needs ``pip install

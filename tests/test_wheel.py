@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tarfile
@@ -238,6 +239,58 @@ def test_wheel_contents(wheel: Path) -> None:
     unwanted = sorted(n for n in names if n.endswith((".c", ".h", ".html")))
     assert not unwanted, f"C sources or annotation files in {wheel.name}: {unwanted}"
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), sorted(names)
+
+
+def _elf_section_names(data: bytes) -> list[str]:
+    """Section names of an ELF file (32 or 64 bit, either byte order), read from its headers."""
+    assert data[:4] == b"\x7fELF", "not an ELF file"
+    wide = data[4] == 2  # EI_CLASS: 1 = 32-bit, 2 = 64-bit
+    order = "<" if data[5] == 1 else ">"  # EI_DATA: 1 = little-endian
+    if wide:
+        (shoff,) = struct.unpack_from(order + "Q", data, 0x28)
+        entsize, count, names_index = struct.unpack_from(order + "HHH", data, 0x3A)
+    else:
+        (shoff,) = struct.unpack_from(order + "I", data, 0x20)
+        entsize, count, names_index = struct.unpack_from(order + "HHH", data, 0x2E)
+
+    def section(index: int) -> tuple[int, int, int]:
+        """(name offset, file offset, size) of section ``index``."""
+        base = shoff + index * entsize
+        if wide:
+            (name,) = struct.unpack_from(order + "I", data, base)
+            offset, size = struct.unpack_from(order + "QQ", data, base + 0x18)
+        else:
+            (name,) = struct.unpack_from(order + "I", data, base)
+            offset, size = struct.unpack_from(order + "II", data, base + 0x10)
+        return name, offset, size
+
+    _, table, table_size = section(names_index)
+    strings = data[table : table + table_size]
+    names = []
+    for index in range(count):
+        start = section(index)[0]
+        names.append(strings[start : strings.index(b"\0", start)].decode("ascii"))
+    return names
+
+
+@pytest.mark.c_extension
+def test_wheel_extension_is_stripped(wheel: Path) -> None:
+    """Release wheels carry no debug information (setup.py compiles with -g0, links with -s)."""
+    with zipfile.ZipFile(wheel) as zf:
+        (compiled,) = [
+            n
+            for n in zf.namelist()
+            if n.startswith("fastnet/_frame.") and n.endswith((".so", ".pyd"))
+        ]
+        data = zf.read(compiled)
+    if data[:4] != b"\x7fELF":
+        pytest.skip(f"{compiled} is not an ELF file; the check reads ELF section headers")
+    names = _elf_section_names(data)
+    assert ".text" in names and ".dynsym" in names, names  # the reader read real headers
+    debug = sorted(n for n in names if n.startswith((".debug", ".zdebug")))
+    assert not debug, f"{compiled} carries debug sections: {debug}"
+    if sys.platform.startswith("linux"):
+        assert ".symtab" not in names, f"{compiled} keeps its static symbol table"
 
 
 @pytest.mark.c_extension

@@ -51,6 +51,7 @@ else:
 
         ACCELERATED = True
     except ImportError:  # built without the extension (FASTNET_NO_EXTENSIONS at install)
+        from ._core_py import ConnectionCore
         from ._frame_py import (
             LengthPrefixedDecoder,
             LengthPrefixedEncoder,

@@ -89,10 +89,17 @@ class AbuseServer:
         loop: ``asyncio`` or ``uvloop``.
         backend: ``c`` or ``py`` (``FASTNET_NO_EXTENSIONS=1``).
         fd_limit: an RLIMIT_NOFILE soft limit for the server alone.
+        cwd: the server's working directory (importable: ``module:function`` apps).
     """
 
     def __init__(
-        self, args: list[str], *, loop: str, backend: str, fd_limit: int | None = None
+        self,
+        args: list[str],
+        *,
+        loop: str,
+        backend: str,
+        fd_limit: int | None = None,
+        cwd: str | None = None,
     ) -> None:
         command = [sys.executable, "-m", "fastnet", "serve", *args, "--port", "0"]
         command += ["--loop", loop, "--log-level", "warning"]
@@ -113,14 +120,16 @@ class AbuseServer:
             stderr=self.stderr,
             env=process_env(backend),
             preexec_fn=preexec,
+            cwd=cwd,
         )
         self.pid = self.proc.pid
         line = _readline(self.proc.stdout, START_TIMEOUT)
         if not line.startswith("listening on "):
+            self.proc.kill()
+            self.proc.wait()
+            error = self.error_text().strip()
             self.close()
-            raise AssertionError(
-                f"the server did not start ({' '.join(args)}): {line!r}\n{self.error_text()}"
-            )
+            raise AssertionError(f"the server did not start ({' '.join(args)}): {line!r} {error}")
         self.port = int(line.rpartition(":")[2])
         self.ticks = os.sysconf("SC_CLK_TCK")
 
@@ -184,10 +193,50 @@ def abuse_server(args: list[str], **kwargs: Any) -> Iterator[AbuseServer]:
 
 
 def _readline(stream: Any, timeout: float) -> str:
-    ready, _, _ = select.select([stream], [], [], timeout)
-    if not ready:
-        return ""
-    return str(stream.readline().decode(errors="replace"))
+    # One byte at a time from the descriptor: a buffered readline could
+    # swallow what follows the line (the pinger's report), which
+    # communicate() would then never see.
+    fd = stream.fileno()
+    deadline = time.monotonic() + timeout
+    line = b""
+    while not line.endswith(b"\n"):
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        byte = os.read(fd, 1)
+        if not byte:
+            break
+        line += byte
+    return line.decode(errors="replace")
+
+
+# --------------------------------------------------------------------- apps
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# What answer_once replies: larger than a small receive buffer, so a client
+# that does not read leaves it unacknowledged in the server's send queue.
+ANSWER_SIZE = 64 * 1024
+
+
+ANSWER_REQUEST = b"answer me"
+
+
+async def answer_once(conn: Any) -> None:
+    """An app (``abuse_support:answer_once``, run from this directory).
+
+    A connection whose first frame is ``ANSWER_REQUEST`` gets one answer of
+    ``ANSWER_SIZE`` bytes, and the handler returns while the client may
+    still be connected, so the server closes it with a lingering close.
+    Any other connection (the pinger's) is echoed.
+    """
+    request = await conn.recv()
+    if request == ANSWER_REQUEST:
+        conn.send((request * (ANSWER_SIZE // len(request) + 1))[:ANSWER_SIZE])
+        return
+    conn.send(request)
+    async for frame in conn:
+        conn.send(frame)
 
 
 # ----------------------------------------------------------------- framing
@@ -215,6 +264,10 @@ def reset(sock: socket.socket) -> None:
 
 def closed_by_peer(sock: socket.socket) -> bool:
     """True if the peer has closed or reset ``sock`` (a non-blocking read says so)."""
+    # select() first: recv on a socket with a timeout would wait for it.
+    readable, _, _ = select.select([sock], [], [], 0)
+    if not readable:
+        return False
     try:
         data = sock.recv(65536, socket.MSG_DONTWAIT)
     except (BlockingIOError, InterruptedError):

@@ -45,6 +45,9 @@ from typing import Any
 
 import pytest
 from abuse_support import (
+    ANSWER_REQUEST,
+    ANSWER_SIZE,
+    HERE,
     AbuseServer,
     PeakRSS,
     abuse_server,
@@ -59,6 +62,7 @@ from test_server_support import HAVE_UVLOOP, Runner, serving
 
 import fastnet
 from fastnet import ConnectionBrokenError, FrameTooLarge
+from fastnet.apps import echo
 from fastnet.connection import Connection
 
 pytest_plugins = ["test_server_support"]
@@ -155,12 +159,12 @@ def server_errors(server: AbuseServer) -> list[str]:
 
 
 def test_clients_that_reset_mid_frame(process_variant: tuple[str, str]) -> None:
-    """Each abusive client gets one echo, sends half of a 64 KiB frame, then resets (SO_LINGER 0).
+    """For 2 s, rounds of 20 clients: one echo each, then half of a 64 KiB frame, then a reset.
 
     Allowed memory: the half-frames in flight, 20 clients x 64 KiB at once.
     """
     loop, backend = process_variant
-    rounds, concurrent, size = 15, 20, 64 * 1024
+    rounds, concurrent, size, duration = 200, 20, 64 * 1024, 2.0
     rng = random.Random(1)
     with (
         abuse_server(["echo"], loop=loop, backend=backend) as server,
@@ -168,11 +172,13 @@ def test_clients_that_reset_mid_frame(process_variant: tuple[str, str]) -> None:
     ):
         base_fds, base_rss = server.fds(), server.rss_kib()
         with PeakRSS(server.pid) as peak:
+            end = time.monotonic() + duration
             for _ in range(rounds):
-                socks = [socket.create_connection(("127.0.0.1", server.port), 5.0)]
-                socks += [
+                if time.monotonic() >= end:
+                    break
+                socks = [
                     socket.create_connection(("127.0.0.1", server.port), 5.0)
-                    for _ in range(concurrent - 1)
+                    for _ in range(concurrent)
                 ]
                 for sock in socks:
                     payload = rng.randbytes(rng.randint(1, 4096))
@@ -209,13 +215,13 @@ def test_half_close_after_sending_gets_every_reply(variant: tuple[str, str]) -> 
     """1,000 clients pipeline 16 KiB of requests, shutdown(SHUT_WR), and read only later.
 
     Their receive buffers are small (4 KiB), so the echoes cannot all be
-    delivered until they read: each connection lingers on the server after
-    its handler returned. Meanwhile (3 s) the server must stay idle and hold
-    at most 16 KiB (idle budget) + 16 KiB (the unsent echo) per connection.
-    Then every client reads: every reply must arrive, byte for byte, then EOF.
+    delivered until they read. While they wait (2 s), the server may hold at
+    most 16 KiB (idle budget) + 16 KiB (the echo not yet delivered) per
+    connection. Then every client reads: every reply must arrive, byte for
+    byte, then EOF.
     """
     loop, backend = variant
-    clients, request_bytes, quiet = 1000, 16 * 1024, 3.0
+    clients, request_bytes, wait = 1000, 16 * 1024, 2.0
     rng = random.Random(2)
     payloads: list[bytes] = []
     while sum(len(p) + 4 for p in payloads) < request_bytes:
@@ -234,10 +240,7 @@ def test_half_close_after_sending_gets_every_reply(variant: tuple[str, str]) -> 
                 sock.sendall(wire)
                 sock.shutdown(socket.SHUT_WR)
                 socks.append(sock)
-            time.sleep(0.5)  # the server reads, echoes, sees EOF: lingering now
-            cpu_before = server.cpu_seconds()
-            time.sleep(quiet)
-            cpu_used = (server.cpu_seconds() - cpu_before) / quiet
+            time.sleep(wait)
         received = {sock: bytearray() for sock in socks}
         ended: set[socket.socket] = set()
         with selectors.DefaultSelector() as sel:
@@ -267,11 +270,67 @@ def test_half_close_after_sending_gets_every_reply(variant: tuple[str, str]) -> 
     assert len(ended) == clients, f"{clients - len(ended)} clients never saw the server's EOF"
     assert complete == clients, f"{clients - complete} of {clients} clients lost replies"
     assert_healthy(report)
-    assert cpu_used <= LINGER_CPU_BOUND, (
-        f"the server used {cpu_used:.0%} of a core while {clients} connections lingered "
-        f"(bound {LINGER_CPU_BOUND:.0%}): lingering closes must wait on events, not poll"
-    )
     allowed = clients * (IDLE_CONNECTION_KIB + request_bytes / 1024)
+    assert_memory(peak.peak, base_rss, allowed, f"{clients} half-closed connections")
+
+
+@pytest.mark.parametrize("variant", TWO_VARIANTS)
+def test_lingering_closes_cost_no_cpu(variant: tuple[str, str]) -> None:
+    """1,000 clients each get a 64 KiB answer, and do not read it (4 KiB receive buffers).
+
+    The handler (``abuse_support:answer_once``) returns after answering, so
+    each connection lingers on the server until its answer is acknowledged.
+    For 3 s the server's only other work is the pinger: it may use at most
+    a tenth of a core. Then every client reads: the whole answer, then EOF.
+    Allowed memory: 16 KiB + the 64 KiB answer per connection.
+    """
+    loop, backend = variant
+    clients, quiet = 1000, 3.0
+    request = ANSWER_REQUEST
+    answer = (request * (ANSWER_SIZE // len(request) + 1))[:ANSWER_SIZE]
+    args = ["abuse_support:answer_once", "--max-connections", str(clients + 100)]
+    with (
+        abuse_server(args, loop=loop, backend=backend, cwd=HERE) as server,
+        pinging(server.port) as pinger,
+    ):
+        base_fds, base_rss = server.fds(), server.rss_kib()
+        socks = []
+        with PeakRSS(server.pid) as peak:
+            for _ in range(clients):
+                sock = socket.socket()
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                sock.settimeout(5.0)
+                sock.connect(("127.0.0.1", server.port))
+                sock.sendall(frame(request))
+                socks.append(sock)
+            time.sleep(1.0)  # every handler has answered and returned: lingering now
+            lingering = server.fds() - base_fds
+            cpu_before = server.cpu_seconds()
+            time.sleep(quiet)
+            cpu_used = (server.cpu_seconds() - cpu_before) / quiet
+        complete = ended = 0
+        for sock in socks:
+            got = bytearray()
+            with contextlib.suppress(OSError):
+                while True:
+                    data = sock.recv(262144)
+                    if not data:
+                        ended += 1
+                        break
+                    got += data
+            complete += bytes(got) == frame(answer)
+            sock.close()
+        assert_released(server, base_fds)
+        report = pinger.finish()
+    assert lingering >= clients // 2, f"only {lingering} connections lingered: the test is void"
+    assert complete == clients, f"{clients - complete} of {clients} answers lost"
+    assert ended == clients, f"{clients - ended} connections not ended with EOF"
+    assert_healthy(report)
+    assert cpu_used <= LINGER_CPU_BOUND, (
+        f"the server used {cpu_used:.0%} of a core while {lingering} connections lingered "
+        f"(bound {LINGER_CPU_BOUND:.0%}): a lingering close must wait on events, not poll"
+    )
+    allowed = clients * (IDLE_CONNECTION_KIB + ANSWER_SIZE / 1024)
     assert_memory(peak.peak, base_rss, allowed, f"{clients} lingering connections")
 
 
@@ -620,43 +679,50 @@ def test_a_header_of_2_63_is_a_typed_frame_too_large(arun: Runner[Any]) -> None:
 def test_a_line_without_delimiter_past_max_length_closes_the_connection(
     variant: tuple[str, str],
 ) -> None:
-    """50 clients send a valid line, then ``max_length`` + 1 bytes with no delimiter.
+    """For 1.5 s, rounds of 50 clients: a valid line, then ``max_length`` + 1 bytes, no delimiter.
 
     The valid line is echoed; then the server closes the connection (the
     line is too long as soon as max_length + 1 bytes have arrived). Allowed
     memory: two line limits per connection.
     """
     loop, backend = variant
-    clients, max_length = 50, 64 * 1024
+    clients, max_length, duration = 50, 64 * 1024, 1.5
     args = ["echo", "--framing", "lines", "--max-frame", "64K"]
     with (
         abuse_server(args, loop=loop, backend=backend) as server,
         pinging(server.port, "lines") as pinger,
     ):
         base_fds, base_rss = server.fds(), server.rss_kib()
+        echoed = rounds = 0
+        still_open: list[socket.socket] = []
+        end = time.monotonic() + duration
         with PeakRSS(server.pid) as peak:
-            socks = [
-                socket.create_connection(("127.0.0.1", server.port), 5.0) for _ in range(clients)
-            ]
-            for i, sock in enumerate(socks):
-                sock.sendall(b"line %d\n" % i + b"y" * (max_length + 1))
-            echoed = 0
-            for i, sock in enumerate(socks):
-                want = b"line %d\n" % i
-                got = b""
-                with contextlib.suppress(OSError):
-                    while len(got) < len(want):
-                        data = sock.recv(100)
-                        if not data:
-                            break
-                        got += data
-                echoed += got == want
-            still_open = wait_all_closed_by_peer(socks, RELEASE_TIMEOUT)
-        for sock in socks:
-            sock.close()
+            while time.monotonic() < end and rounds < 100:
+                rounds += 1
+                socks = [
+                    socket.create_connection(("127.0.0.1", server.port), 5.0)
+                    for _ in range(clients)
+                ]
+                for i, sock in enumerate(socks):
+                    sock.sendall(b"line %d\n" % i + b"y" * (max_length + 1))
+                for i, sock in enumerate(socks):
+                    want = b"line %d\n" % i
+                    got = b""
+                    with contextlib.suppress(OSError):
+                        while len(got) < len(want):
+                            data = sock.recv(100)
+                            if not data:
+                                break
+                            got += data
+                    echoed += got == want
+                still_open += wait_all_closed_by_peer(socks, RELEASE_TIMEOUT)
+                for sock in socks:
+                    sock.close()
         assert_released(server, base_fds)
         report = pinger.finish()
-    assert echoed == clients, f"only {echoed} of {clients} valid lines echoed before the bad one"
+    assert echoed == clients * rounds, (
+        f"only {echoed} of {clients * rounds} valid lines echoed before the bad one"
+    )
     assert still_open == [], f"{len(still_open)} connections left open after an over-long line"
     assert_healthy(report)
     assert_memory(peak.peak, base_rss, clients * 2 * max_length / 1024, f"{clients} long lines")
@@ -791,7 +857,7 @@ def test_closed_connections_are_freed_without_the_cycle_collector(
     payload = os.urandom(64 * 1024)
 
     async def scenario() -> int:
-        async with serving(fastnet.apps.echo) as server:
+        async with serving(echo) as server:
             for _ in range(20):
                 conn = await fastnet.connect("127.0.0.1", server.port)
                 conn.send(payload)

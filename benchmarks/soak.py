@@ -662,10 +662,12 @@ def chart(result: dict[str, Any], path: Path) -> None:
     start = result["run"]["load_start_s"] / 60 if "run" in result else 0
     rss = [s["rss_kib"] / 1024 for s in samples]
     fds = [s["fds"] for s in samples]
+    # The last sample follows the end of the load: no rate for it.
     rates = [0.0] + [
         (b["frames_verified"] - a["frames_verified"]) / max(b["t"] - a["t"], 1e-9)
         for a, b in itertools.pairwise(samples)
     ]
+    rates[-1] = rates[-2] if len(rates) > 1 else 0.0
     panels = (
         (axes[0], rss, "server RSS (MiB)", verdict.get("rss_bound_kib"), 1 / 1024),
         (axes[1], fds, "server open descriptors", verdict.get("fd_bound"), 1),
@@ -740,9 +742,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             args.warmup = min(60.0, max(10.0, args.duration / 10))
         if args.interval is None:
             args.interval = 1.0 if args.duration <= 600 else 5.0
+        if args.loop == "auto":  # record the loop the server will pick
+            args.loop = "uvloop" if loop_available("uvloop") else "asyncio"
         if args.burst < 1 or args.max_size < 8 or args.rate < 0 or args.churn < 0:
             parser.error("--burst >= 1, --max-size >= 8, --rate and --churn >= 0")
     return args
+
+
+def loop_available(name: str) -> bool:
+    try:
+        __import__(name)
+    except ImportError:
+        return False
+    return True
 
 
 def loop_factory(name: str) -> Any:

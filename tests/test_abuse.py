@@ -194,6 +194,9 @@ def test_clients_that_reset_mid_frame(process_variant: tuple[str, str]) -> None:
                     sock.sendall(half)
                 for sock in socks:
                     reset(sock)
+                # The next round once the server let go of this one: at most
+                # `concurrent` connections are ever open, as the allowance says.
+                server.wait_fds(base_fds, RELEASE_TIMEOUT)
             assert_released(server, base_fds)
         report = pinger.finish()
     assert_healthy(report)
@@ -718,6 +721,9 @@ def test_a_line_without_delimiter_past_max_length_closes_the_connection(
                 still_open += wait_all_closed_by_peer(socks, RELEASE_TIMEOUT)
                 for sock in socks:
                     sock.close()
+                # The next round once the server let go of this one: at most
+                # `clients` connections are ever open, as the allowance says.
+                server.wait_fds(base_fds, RELEASE_TIMEOUT)
         assert_released(server, base_fds)
         report = pinger.finish()
     assert echoed == clients * rounds, (

@@ -380,7 +380,7 @@ def test_slowloris_beyond_max_connections_is_cut_by_the_frame_deadline(
                 if closed_by_peer(sock):
                     closed_after.append(time.monotonic() - start)
                     continue
-                data = (header + b"x" * 996)[sent[sock] : sent[sock] + 1]
+                data = (header + b"x" * 1000)[sent[sock] : sent[sock] + 1]
                 with contextlib.suppress(BlockingIOError, OSError):
                     sent[sock] += sock.send(data)
                 still.append(sock)

@@ -6,6 +6,9 @@
 #   make serve       the example echo server in the foreground (SERVE_ARGS, default port 8080)
 #   make bench       codec micro-benchmarks (pytest-benchmark, make bench-micro), then the
 #                    end-to-end comparison benchmarks/compare.py (make bench-compare)
+#   make soak        10,000 connections against `fastnet serve echo` for 30 minutes, nothing
+#                    lost, RSS and descriptors flat (benchmarks/soak.py; SOAK_ARGS, e.g.
+#                    SOAK_ARGS="--duration 300"); make soak-ci is the 60 s run CI makes
 #   make build       sdist, then a wheel built from it, into dist/
 #   make lint        ruff and mypy, each if installed (make lint-deps installs the pinned ones)
 #   make clean       build products; make distclean removes the virtual environments too
@@ -28,6 +31,7 @@ PYTEST_ARGS ?=
 SERVE_ARGS ?= echo --port 8080
 BENCH_ARGS ?=
 COMPARE_ARGS ?=
+SOAK_ARGS ?=
 
 PY := $(VENV)/bin/python
 PURE_PY := $(PURE_VENV)/bin/python
@@ -45,7 +49,8 @@ NO_EXT_GUARD = $(if $(FASTNET_NO_EXTENSIONS),$(error FASTNET_NO_EXTENSIONS is se
 	`make $(or $(MAKECMDGOALS),all)` builds and uses the extension; unset it \
 	(`make test-pure` tests the pure-Python package)))
 
-.PHONY: all test test-pure serve bench bench-micro bench-compare build lint lint-deps clean distclean
+.PHONY: all test test-pure serve bench bench-micro bench-compare soak soak-ci build lint lint-deps \
+	clean distclean
 .PHONY: asan fuzz fuzz-ci test-matrix
 
 all: test
@@ -94,6 +99,17 @@ bench-micro: $(VENV)/.bench-installed
 bench-compare: $(VENV)/.bench-installed
 	$(NO_EXT_GUARD)
 	$(PY) benchmarks/compare.py $(COMPARE_ARGS)
+
+# The documented soak: results and the chart (matplotlib, from the bench
+# extra) go to benchmarks/results/soak.json and soak.png.
+soak: $(VENV)/.bench-installed
+	$(NO_EXT_GUARD)
+	$(PY) benchmarks/soak.py $(SOAK_ARGS)
+
+# CI's soak: 60 s, no chart (no matplotlib needed), results in build/soak/.
+soak-ci: $(EXTENSION)
+	$(NO_EXT_GUARD)
+	$(PY) benchmarks/soak.py --duration 60 --no-plot --out build/soak $(SOAK_ARGS)
 
 # `python -m build` makes the sdist first and builds the wheel from it, as a
 # user's pip does from PyPI. FASTNET_NO_EXTENSIONS=1 make build gives a pure wheel.

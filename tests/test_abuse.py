@@ -39,6 +39,7 @@ import os
 import random
 import selectors
 import socket
+import struct
 import sys
 import time
 from typing import Any
@@ -846,8 +847,9 @@ def test_a_slow_reader_is_not_idle(variant: tuple[str, str]) -> None:
 
 
 @pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("ending", ["close", "framing-error", "reset"])
 def test_closed_connections_are_freed_without_the_cycle_collector(
-    codec: Any, loop_kind: str
+    codec: Any, loop_kind: str, ending: str
 ) -> None:
     """A closed connection must be freed by reference counting, at once.
 
@@ -864,18 +866,36 @@ def test_closed_connections_are_freed_without_the_cycle_collector(
 
     async def scenario() -> int:
         async with serving(echo) as server:
+            loop = asyncio.get_running_loop()
             for _ in range(20):
-                conn = await fastnet.connect("127.0.0.1", server.port)
-                conn.send(payload)
-                assert await conn.recv() == payload
-                conn.close()
-                await conn.wait_closed()
+                if ending == "close":
+                    conn = await fastnet.connect("127.0.0.1", server.port)
+                    conn.send(payload)
+                    assert await conn.recv() == payload
+                    conn.close()
+                    await conn.wait_closed()
+                    del conn
+                    continue
+                # A raw client: half a frame then a reset, or a header over
+                # max_frame (the framing error's traceback must not tie the
+                # connection into a cycle).
+                sock = socket.socket()
+                sock.setblocking(False)
+                await loop.sock_connect(sock, ("127.0.0.1", server.port))
+                if ending == "reset":
+                    await loop.sock_sendall(sock, (1000).to_bytes(4, "big") + b"h" * 500)
+                    await asyncio.sleep(0.01)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                else:
+                    await loop.sock_sendall(sock, (2**31).to_bytes(4, "big"))
+                    await loop.sock_recv(sock, 1)  # the server's close
+                sock.close()
             await _until_no_active(server)
-            del conn
             return sum(
                 1
                 for o in gc.get_objects()
-                if isinstance(o, Connection) and getattr(o, "_server", None) is server
+                # server-side connections (their observer is the server's supervisor)
+                if isinstance(o, Connection) and o._server is not None
             )
 
     from fastnet.server import run_coroutine

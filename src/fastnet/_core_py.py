@@ -46,7 +46,7 @@ import asyncio
 import contextlib
 import os
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _reasons
 from ._internals import current_task, fatal_error
@@ -65,9 +65,10 @@ from ._wakeup import _AwaitWakeup, _Wakeup
 from .errors import ConnectionBusyError, FrameError
 from .lifecycle import CLOSED, CLOSING, OPEN
 
-__all__ = ["ConnectionCore"]
+if TYPE_CHECKING:
+    from .framing import Buffer
 
-Buffer = bytes | bytearray | memoryview
+__all__ = ["ConnectionCore"]
 
 _EMPTY: Sequence[bytes] = ()  # the inbox when nothing is queued; never mutated
 

@@ -3,8 +3,7 @@
 from collections.abc import Iterable
 
 from ._frame import LengthPrefixedEncoder, LineEncoder
-
-Buffer = bytes | bytearray | memoryview
+from .framing import Buffer
 
 class OutQueue:
     def __init__(

@@ -24,12 +24,14 @@ the test suite runs against both.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from ._frame_py import LengthPrefixedEncoder, LineEncoder
 
-__all__ = ["OutQueue"]
+if TYPE_CHECKING:
+    from .framing import Buffer
 
-Buffer = bytes | bytearray | memoryview
+__all__ = ["OutQueue"]
 
 # Size of the buffer the first frame allocates: one page holds the replies
 # to a typical read of small frames (16 pipelined 64-byte frames and their

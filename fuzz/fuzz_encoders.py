@@ -77,7 +77,10 @@ def check_round_trip(spec: LengthPrefixed | Lines, payloads: list[Any], encoded:
 
 def test_one_input(data: bytes) -> None:
     fdp = atheris.FuzzedDataProvider(data)
-    spec = make_spec(fdp)
+    try:
+        spec = make_spec(fdp)
+    except ValueError:  # a layout the spec refuses when built (tests/test_encode.py covers it)
+        return
     c, py = differential.backends()
     if isinstance(spec, LengthPrefixed):
         pair = differential.Lockstep(

@@ -74,7 +74,10 @@ def make_stream(fdp: Any, spec: Lines) -> bytes:
 
 def test_one_input(data: bytes) -> None:
     fdp = atheris.FuzzedDataProvider(data)
-    spec = make_spec(fdp)
+    try:
+        spec = make_spec(fdp)
+    except ValueError:  # a layout the spec refuses when built (tests/test_encode.py covers it)
+        return
     stream = make_stream(fdp, spec)
     c, py = differential.backends()
     pair = differential.Lockstep(c.LineDecoder(spec), py.LineDecoder(spec), repr(spec))

@@ -162,6 +162,13 @@ class FrameProtocol(asyncio.BufferedProtocol, _Base):
                 self._send_block = _reasons.broken_factory(exc)
         self._out.clear()
         self._wake_drain(exc)
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            # asyncio's TLS transport on Python 3.10 is not marked closed when
+            # the TLS layer closes the socket under it (after the peer's
+            # close_notify), and warns (ResourceWarning) when it is collected.
+            with contextlib.suppress(Exception):
+                transport.close()
         waiters, self._closed_waiters = self._closed_waiters, []
         for waiter in waiters:
             if not waiter.done():

@@ -91,8 +91,13 @@ IDLE_CONNECTION_KIB = 16
 # The README's bound on what the server holds for a client that sends
 # requests and never reads the replies.
 UNREAD_CONNECTION_KIB = 512
-# Seconds the server gets to close its side of connections the abuse left.
-RELEASE_TIMEOUT = 10.0
+# Seconds the server gets to close its side of connections the abuse left:
+# its own bound on any close, the lingering close's CLOSE_LINGER (30 s), plus
+# a margin. They are normally all closed within milliseconds; a full-suite CI
+# run once saw one descriptor of the storm test (asyncio, pure backend) still
+# open after 10 s, not reproduced alone (closing note). A descriptor that is
+# never released still fails.
+RELEASE_TIMEOUT = 35.0
 # Descriptors this module needs at most (the storm's sockets and the
 # half-closing clients, plus the interpreter's own).
 FDS_NEEDED = 4096

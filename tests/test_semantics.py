@@ -305,7 +305,6 @@ def test_fan_out_survives_a_slow_reader(arun: Runner[Any]) -> None:
                     if not other.try_send(frame):
                         dropped.append(1)
                         sizes.append(other.write_buffer_size)
-                        assert not other.writable
         finally:
             room.remove(conn)
 

@@ -8,7 +8,8 @@
   file run as a script), so its latencies measure the server and not this
   process's Python work on the abusive sockets: it sends one frame every
   ``PING_INTERVAL`` seconds, waits for the echo, checks it byte for byte and
-  records the round trip, until told to stop; then it reports every ping,
+  records the round trip, until told to stop (and at least ``MIN_PINGS``
+  round trips have run); then it reports every ping,
   failure and latency as one JSON line.
 - ``PeakRSS``: a thread that samples the server's RSS every few milliseconds
   and keeps the highest value, so a transient peak is seen.
@@ -42,6 +43,9 @@ from typing import Any
 START_TIMEOUT = 15.0
 # Seconds between pings: 100 a second, enough for a p99 over a few seconds.
 PING_INTERVAL = 0.01
+# The pinger keeps going after "stop" until it has this many round trips, so
+# an abuse that ends quickly still leaves a sample worth a p99.
+MIN_PINGS = 20
 # A ping not answered within this is lost (and the pinger stops).
 PING_TIMEOUT = 10.0
 # The pinger's payloads: 16 to 512 bytes, printable (so a line never holds
@@ -407,6 +411,7 @@ def ping_main(port: int, framing: str) -> int:
     buf = bytearray()
     seq = 0
     ready = False
+    stopping = False
     while True:
         seq += 1
         size = rng.randint(*PING_SIZES)
@@ -425,8 +430,11 @@ def ping_main(port: int, framing: str) -> int:
         if not ready:
             print("ready", flush=True)
             ready = True
-        stop, _, _ = select.select([sys.stdin], [], [], PING_INTERVAL)
-        if stop:
+        if not stopping:
+            stopping = bool(select.select([sys.stdin], [], [], PING_INTERVAL)[0])
+        else:
+            time.sleep(PING_INTERVAL)
+        if stopping and len(latencies) >= MIN_PINGS:
             break
     if not ready:
         print("ready", flush=True)  # let the test read the report

@@ -49,6 +49,7 @@ from abuse_support import (
     ANSWER_REQUEST,
     ANSWER_SIZE,
     HERE,
+    MIN_PINGS,
     AbuseServer,
     PeakRSS,
     abuse_server,
@@ -121,7 +122,7 @@ def _fd_budget() -> None:
 
 
 def assert_healthy(
-    report: dict[str, Any], min_pings: int = 20, p99_bound_ms: float = P99_BOUND_MS
+    report: dict[str, Any], min_pings: int = MIN_PINGS, p99_bound_ms: float = P99_BOUND_MS
 ) -> None:
     """Every ping came back verified, enough of them ran, and their p99 is in bounds."""
     assert report["failures"] == [], f"the healthy client failed: {report['failures'][:3]}"

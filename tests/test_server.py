@@ -417,6 +417,9 @@ def test_server_properties_and_stats(arun: Runner[Any]) -> None:
             "idle_timeouts",
             "lines_skipped",
             "rejected",
+            "tls_handshake_errors",
+            "tls_handshake_timeouts",
+            "tls_handshakes",
             "writes",
         }
 

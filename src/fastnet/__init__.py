@@ -16,7 +16,8 @@ Layout (data flows top to bottom on receive; docs/design.md §0 draws what runs 
     listener.py     bind, the accept loop (slots, back-off, admission hook)
     supervisor.py   one connection's life: handler kinds, errors, lingering close, timeouts
     server.py       Server, the public facade: wiring, stats, shutdown
-    runner.py       loop choice, serve()/run(), signals
+    runner.py       loop choice, serve()/run(), signals (SIGHUP reloads TLS files)
+    tls.py          TLS contexts from certificate files, Connection.tls, reload
     apps.py         built-in apps for `fastnet serve`: echo, kv
     cli.py          the `fastnet` command (serve, info, bench); __main__.py runs it
     _cliargs.py     the parsers the command and the load generator share
@@ -24,6 +25,7 @@ Layout (data flows top to bottom on receive; docs/design.md §0 draws what runs 
 
 from __future__ import annotations
 
+from . import tls
 from .connection import Connection, WriteBufferFull, connect
 from .errors import (
     ConnectionBrokenError,
@@ -70,4 +72,5 @@ __all__ = [
     "connect",
     "run",
     "serve",
+    "tls",
 ]

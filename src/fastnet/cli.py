@@ -8,8 +8,8 @@ and logs to stderr.
 Exit status: 0 after a graceful shutdown; 2 for a usage error (a bad option
 value, an unknown or unloadable ``APP``, a bad ``--framing``, ``--loop
 uvloop`` without uvloop), reported as one line on stderr; 1 when the server
-cannot start (the address cannot be bound or resolved), reported as one line
-naming the address. Anything else is a bug, in fastnet or in the app: it
+cannot start (the address cannot be bound or resolved, a TLS file is bad),
+reported as one line naming the address or the file. Anything else is a bug, in fastnet or in the app: it
 propagates with its traceback (status 1) rather than being shortened to a
 line that hides where it came from.
 
@@ -47,6 +47,7 @@ from ._cliargs import (
 )
 from .framing import ACCELERATED
 from .server import DEFAULT_BACKLOG, DEFAULT_MAX_CONNECTIONS, CallbackHandler, Handler, run
+from .tls import DEFAULT_HANDSHAKE_TIMEOUT, TLSConfigError, TLSFiles
 
 __all__ = [
     "CLIError",
@@ -63,7 +64,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 EXIT_STATUS = (
     "Exit status: 0 after a graceful shutdown; 1 when the server cannot start (the address "
-    "cannot be bound or resolved), with one line on stderr; 2 for a usage error (a bad "
+    "cannot be bound or resolved, a TLS file is bad), with one line on stderr; 2 for a usage error (a bad "
     "option value, an unknown or unloadable APP, a bad --framing), with one line on stderr."
 )
 
@@ -197,6 +198,21 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
         action="store_true",
         help="set SO_REUSEPORT, so several processes can serve the same port",
     )
+    tls = serve.add_argument_group(
+        "TLS", "serve TLS 1.2+ (SIGHUP reloads the files; a bad file keeps the old certificate)"
+    )
+    tls.add_argument("--tls-cert", metavar="FILE", help="PEM certificate chain (turns TLS on)")
+    tls.add_argument("--tls-key", metavar="FILE", help="PEM private key (default: in --tls-cert)")
+    tls.add_argument(
+        "--tls-ca", metavar="FILE", help="require client certificates signed by these CAs (mTLS)"
+    )
+    tls.add_argument(
+        "--tls-handshake-timeout",
+        type=positive_float,
+        default=DEFAULT_HANDSHAKE_TIMEOUT,
+        metavar="S",
+        help=f"abort a TLS handshake after S seconds ({DEFAULT_HANDSHAKE_TIMEOUT:g})",
+    )
     add_loop_argument(serve)
     serve.add_argument(
         "--log-level", choices=LOG_LEVELS, default="info", type=str.lower, help="(info)"
@@ -253,6 +269,11 @@ def server_options(args: argparse.Namespace) -> dict[str, Any]:
         options["frame_timeout"] = args.frame_timeout
     if args.host.startswith("unix:"):
         options["unix"] = args.host[len("unix:") :]
+    if args.tls_cert is not None:
+        options["ssl"] = TLSFiles(args.tls_cert, args.tls_key, args.tls_ca)
+        options["tls_handshake_timeout"] = args.tls_handshake_timeout
+    elif args.tls_key is not None or args.tls_ca is not None:
+        raise UsageError("--tls-key and --tls-ca need --tls-cert")
     return options
 
 
@@ -273,6 +294,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         run(handler, args.host, args.port, loop=args.loop, on_ready=ready, **options)
+    except TLSConfigError as exc:  # a certificate, key or CA file (it names the file)
+        raise CLIError(str(exc)) from None
     except OSError as exc:
         if started:  # not a bind error: a failure while serving, shown whole
             raise

@@ -23,6 +23,8 @@ from .errors import ConnectionBrokenError, ConnectionClosedError, WriteBufferFul
 from .framing import Buffer, Framing, LengthPrefixed
 from .lifecycle import CLOSED, CLOSING, PEER_CLOSED, Lifecycle
 from .protocol import FrameProtocol
+from .tls import TLSInfo, tls_info
+from .transports import extra_info
 
 if TYPE_CHECKING:
     import ssl
@@ -413,6 +415,14 @@ class Connection(FrameProtocol):
         self._set_transport(transport)
 
     @property
+    def tls(self) -> TLSInfo | None:
+        """The TLS session (version, cipher, ALPN protocol, peer certificate); None on plain TCP."""
+        transport = self._transport
+        if transport is None:
+            return None
+        return tls_info(extra_info(transport, "ssl_object"))
+
+    @property
     def strategy(self) -> str:
         """How fastnet drives the transport: ``selector``, ``uvloop``, ``tls`` or ``plain``.
 
@@ -446,8 +456,11 @@ async def connect(
         max_write_buffer: the hard limit of unsent bytes (see ``Connection``).
         half_close: keep the connection open for sending after the server
             closed its side (False: the connection closes, see ``peer_closed``).
-        **kwargs: passed to ``loop.create_connection`` (``ssl``,
-            ``local_addr``, ``happy_eyeballs_delay``...).
+        **kwargs: passed to ``loop.create_connection``: ``ssl`` (an
+            ``ssl.SSLContext``, e.g. ``fastnet.tls.client_context(ca=...)``;
+            ``conn.tls`` then describes the session), ``server_hostname``
+            (the name the server's certificate must carry; by default
+            ``host``), ``ssl_handshake_timeout``, ``local_addr``...
 
     Returns:
         The connected ``Connection``; close it, or use it as an async

@@ -42,7 +42,7 @@ from ._tunables import (
 )
 from .errors import ConnectionBrokenError, ConnectionClosedError, FrameError, WriteBufferFull
 from .lifecycle import CLOSED, CLOSING, PEER_CLOSED, Lifecycle, check_transition
-from .transports import TLS_STRATEGY, TransportStrategy, choose_strategy
+from .transports import TLS_STRATEGY, TransportStrategy, choose_strategy, extra_info
 
 if TYPE_CHECKING:
     from ._core_py import ConnectionCore
@@ -132,10 +132,15 @@ class FrameProtocol(asyncio.BufferedProtocol, _Base):
             if frames:
                 self._queue_frames(frames)
             self._input_ended(_reasons.peer_closed, pause=False)
-        if self._half_close:
+        if self._half_close and self._strategy.kind != "tls":
             # Keep the transport open for writing: the handler may still
             # answer the last requests of a peer that closed its sending side.
             return True
+        if self._strategy.kind == "tls" and self._out:
+            # TLS has no half-close here: the loop's TLS layer closes after
+            # the peer's close_notify (it ignores True), writing out what
+            # its transport holds; replies already queued go with it.
+            self._flush()
         # A client: the server is done with us. Sends now raise at once, and
         # the transport closes (after writing what it holds), so
         # wait_closed() returns and pending calls end instead of hanging.
@@ -309,7 +314,7 @@ class FrameProtocol(asyncio.BufferedProtocol, _Base):
         self._out.clear()
         self._mark_closing()
         transport = self._transport
-        sock = transport.get_extra_info("socket") if reset else None
+        sock = extra_info(transport, "socket") if reset else None
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):  # closed already
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _SO_LINGER_RESET)

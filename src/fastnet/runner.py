@@ -4,6 +4,8 @@
 new event loop (uvloop when installed, as uvicorn does). The first signal
 starts a graceful shutdown and restores the default dispositions, so a
 second one kills the process at once, even if a handler blocks the loop.
+On a server given its TLS files (``ssl=TLSFiles(...)``), SIGHUP reloads them
+(``Server.reload_tls``).
 """
 
 from __future__ import annotations
@@ -100,7 +102,8 @@ async def serve(
         on_ready: called with the server once it is listening.
         handle_signals: the first SIGINT or SIGTERM starts a graceful
             shutdown and restores the default dispositions, so a second one
-            kills the process at once (main thread only).
+            kills the process at once (main thread only); SIGHUP reloads
+            the TLS files of a server given ``ssl=TLSFiles(...)``.
 
     Raises:
         OSError: the address cannot be bound.
@@ -173,6 +176,15 @@ def _install_signal_handlers(server: Server) -> Callable[[], None]:
             continue
         installed.append(sig)
 
+    if server.tls_files is not None and hasattr(signal, "SIGHUP"):
+        previous[signal.SIGHUP] = signal.getsignal(signal.SIGHUP)
+        try:
+            loop.add_signal_handler(signal.SIGHUP, _reload_tls, server)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass
+        else:
+            installed.append(signal.SIGHUP)
+
     def restore() -> None:
         uninstall()
         for sig, handler in previous.items():
@@ -181,3 +193,8 @@ def _install_signal_handlers(server: Server) -> Callable[[], None]:
                     signal.signal(sig, handler)
 
     return restore
+
+
+def _reload_tls(server: Server) -> None:
+    logger.info("SIGHUP received: reloading the TLS certificate")
+    server.reload_tls()  # logs the outcome; the old context stays on failure

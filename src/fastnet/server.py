@@ -40,6 +40,7 @@ import asyncio
 import logging
 import os
 import socket
+import ssl as _ssl
 from typing import Any
 
 from ._tunables import DEFAULT_MAX_WRITE_BUFFER
@@ -62,6 +63,7 @@ from .supervisor import (
     Supervisor,
     callback_handler,
 )
+from .tls import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT, TLSConfigError, TLSFiles
 
 __all__ = [
     "ACCEPT_CAPACITY_ERRNOS",
@@ -136,6 +138,14 @@ class Server:
         admit: the admission hook, ``admit(sock, peer) -> bool``, called
             with each accepted socket before a connection is set up; False
             closes the socket (counted as ``rejected``). None admits all.
+        ssl: serve TLS: a server ``ssl.SSLContext`` (see
+            ``fastnet.tls.server_context``), or a ``fastnet.tls.TLSFiles``,
+            loaded now and again by ``reload_tls()``.
+        tls_handshake_timeout: seconds a TLS handshake may take, holding a
+            connection slot; a stalled or failed handshake is aborted and
+            counted (``tls_handshake_timeouts``, ``tls_handshake_errors``).
+        tls_shutdown_timeout: seconds a closing TLS connection waits for
+            the peer's close_notify after sending its own, then aborts.
 
     Use ``async with Server(...) as server`` (or ``await server.start()``),
     then ``await server.serve_forever()``; ``await server.shutdown()`` stops
@@ -159,6 +169,9 @@ class Server:
         unix: str | os.PathLike[str] | None = None,
         max_write_buffer: int = DEFAULT_MAX_WRITE_BUFFER,
         admit: Admission | None = None,
+        ssl: _ssl.SSLContext | TLSFiles | None = None,
+        tls_handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        tls_shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
     ) -> None:
         if not callable(handler) and not isinstance(handler, CallbackHandler):
             raise TypeError(f"handler must be an async callable, not {type(handler).__name__}")
@@ -174,6 +187,12 @@ class Server:
             raise ValueError("give sock or unix, not both")
         if admit is not None and not callable(admit):
             raise TypeError(f"admit must be callable, not {type(admit).__name__}")
+        if tls_handshake_timeout <= 0 or tls_shutdown_timeout <= 0:
+            raise ValueError("tls_handshake_timeout and tls_shutdown_timeout must be positive")
+        self._tls_files = ssl if isinstance(ssl, TLSFiles) else None
+        context = ssl.load() if isinstance(ssl, TLSFiles) else ssl
+        if context is not None and not isinstance(context, _ssl.SSLContext):
+            raise TypeError(f"ssl must be an SSLContext or TLSFiles, not {type(ssl).__name__}")
         self._handler = handler
         self._host = host
         self._port = port
@@ -192,6 +211,9 @@ class Server:
             max_write_buffer=max_write_buffer,
             idle_timeout=idle_timeout,
             frame_timeout=frame_timeout,
+            ssl=context,
+            tls_handshake_timeout=tls_handshake_timeout,
+            tls_shutdown_timeout=tls_shutdown_timeout,
         )
 
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -302,6 +324,47 @@ class Server:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.shutdown()
 
+    # -------------------------------------------------------------------- TLS
+
+    @property
+    def ssl(self) -> _ssl.SSLContext | None:
+        """The server context new TLS handshakes use; None for a plain TCP server."""
+        return self._supervisor.ssl
+
+    @property
+    def tls_files(self) -> TLSFiles | None:
+        """The files ``reload_tls()`` loads (given as ``ssl=TLSFiles(...)``), or None."""
+        return self._tls_files
+
+    def reload_tls(self, context: _ssl.SSLContext | None = None) -> bool:
+        """Use a new server context for new handshakes; established connections keep theirs.
+
+        Without ``context``, the files the server was given (``TLSFiles``)
+        are loaded again into a new context. On any error the old context
+        stays in force, the error is logged in one line, and False is
+        returned. ``fastnet serve`` calls this on SIGHUP.
+
+        Raises:
+            RuntimeError: the server does not serve TLS, or was given a
+                context and no files to load a new one from.
+        """
+        if self._supervisor.ssl is None:
+            raise RuntimeError("reload_tls(): this server does not serve TLS")
+        if context is None:
+            files = self._tls_files
+            if files is None:
+                raise RuntimeError("reload_tls(): pass a context; the server has no files to load")
+            try:
+                context = files.load()
+            except TLSConfigError as exc:
+                logger.error("TLS reload failed, the old certificate stays in use: %s", exc)
+                return False
+        elif not isinstance(context, _ssl.SSLContext):
+            raise TypeError(f"context must be an SSLContext, not {type(context).__name__}")
+        self._supervisor.ssl = context
+        logger.info("TLS reloaded: new handshakes use the new context")
+        return True
+
     # ------------------------------------------------------------- statistics
 
     def stats(self) -> dict[str, int]:
@@ -313,7 +376,8 @@ class Server:
         ``handler_errors``, ``frame_errors``, ``accept_errors``,
         ``idle_timeouts``, ``frame_timeouts``, ``rejected`` (by the
         admission hook), ``lines_skipped`` (over-long lines dropped by
-        ``Lines(on_too_long="skip")``). Counters are kept per read and per write, and
+        ``Lines(on_too_long="skip")``), ``tls_handshakes`` (completed),
+        ``tls_handshake_errors`` and ``tls_handshake_timeouts``. Counters are kept per read and per write, and
         summed here over the open connections.
         """
         result = self._supervisor.stats()

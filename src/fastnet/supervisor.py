@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 import struct
 import sys
 from collections.abc import Awaitable, Callable, Iterable
@@ -47,6 +48,8 @@ from .connection import Connection
 from .errors import ConnectionBrokenError, ConnectionClosedError, FrameError
 from .framing import Buffer, Framing
 from .listener import format_peer
+from .tls import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT
+from .transports import extra_info
 
 try:  # imported once, here: a lazy import can fail later with EMFILE
     import fcntl
@@ -171,6 +174,9 @@ class _Counters:
         "handler_errors",
         "idle_timeouts",
         "lines_skipped",
+        "tls_handshake_errors",
+        "tls_handshake_timeouts",
+        "tls_handshakes",
         "writes",
     )
 
@@ -185,6 +191,9 @@ class _Counters:
         self.handler_errors = 0
         self.idle_timeouts = 0
         self.lines_skipped = 0  # over-long lines a Lines(on_too_long="skip") decoder dropped
+        self.tls_handshake_errors = 0  # failed: not TLS, bad certificate, reset...
+        self.tls_handshake_timeouts = 0
+        self.tls_handshakes = 0  # completed
         self.writes = 0
 
 
@@ -239,7 +248,7 @@ def _unacknowledged_probe(transport: asyncio.BaseTransport) -> Callable[[], int]
     """
     if not sys.platform.startswith("linux") or fcntl is None or termios is None:
         return None
-    sock = transport.get_extra_info("socket")
+    sock = extra_info(transport, "socket")
     if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return None
     fd = sock.fileno()
@@ -265,7 +274,7 @@ def _abort_with_reset(conn: Connection) -> None:
     transport = conn._transport
     if transport is None:
         return
-    sock = transport.get_extra_info("socket")
+    sock = extra_info(transport, "socket")
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         with contextlib.suppress(OSError):  # closed already
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _SO_LINGER_RESET)
@@ -340,6 +349,14 @@ class Supervisor:
             while the handler waits for input; None for no limit.
         frame_timeout: seconds a frame may take from its first byte to its
             last; None for no limit.
+        ssl: a server ``SSLContext``: every connection is TLS. The attribute
+            may be replaced at any time (``Server.reload_tls``); new
+            handshakes use the new context.
+        tls_handshake_timeout: seconds a TLS handshake may take (it holds a
+            connection slot meanwhile).
+        tls_shutdown_timeout: seconds to wait for the peer's close_notify
+            after ours, where the event loop supports it (uvloop, CPython
+            3.11+); the lingering close bounds it elsewhere.
 
     Attributes:
         connections: the connections open (registered before any frame of
@@ -357,6 +374,9 @@ class Supervisor:
         max_write_buffer: int = DEFAULT_MAX_WRITE_BUFFER,
         idle_timeout: float | None = None,
         frame_timeout: float | None = DEFAULT_FRAME_TIMEOUT,
+        ssl: ssl.SSLContext | None = None,
+        tls_handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        tls_shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
     ) -> None:
         # One of the two is set: a task handler, or a callback handler's function.
         self._callback: CallbackFunction | None = None
@@ -369,6 +389,9 @@ class Supervisor:
         self._max_write_buffer = max_write_buffer
         self.idle_timeout = idle_timeout
         self.frame_timeout = frame_timeout
+        self.ssl = ssl
+        self.tls_handshake_timeout = tls_handshake_timeout
+        self.tls_shutdown_timeout = tls_shutdown_timeout
         self.connections: set[Connection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.counters = _Counters()
@@ -423,12 +446,19 @@ class Supervisor:
             return conn
 
         try:
-            try:
-                _, conn = await loop.connect_accepted_socket(factory, sock)
-            except OSError as exc:  # the peer vanished during setup
-                logger.debug("could not set up an accepted connection: %s", exc)
-                sock.close()
-                return
+            context = self.ssl
+            if context is None:
+                try:
+                    _, conn = await loop.connect_accepted_socket(factory, sock)
+                except OSError as exc:  # the peer vanished during setup
+                    logger.debug("could not set up an accepted connection: %s", exc)
+                    sock.close()
+                    return
+            else:
+                made_conn = await self._handshake(loop, factory, made, sock, context)
+                if made_conn is None:
+                    return
+                conn = made_conn
             if self.shutting_down:
                 conn._begin_shutdown()
             await self._run_handler(conn)
@@ -468,6 +498,40 @@ class Supervisor:
             else:
                 self.counters.closed += 1
             release()
+
+    async def _handshake(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        factory: Callable[[], Connection],
+        made: list[Connection],
+        sock: socket.socket,
+        context: ssl.SSLContext,
+    ) -> Connection | None:
+        # The TLS handshake, within tls_handshake_timeout (fastnet's own
+        # timer: the loop's ssl_handshake_timeout is a backstop, and its
+        # expiry is not told apart from other aborts). Returns the
+        # connection, or None after a failure (counted, logged at debug
+        # level with the peer, the socket closed).
+        timeout = self.tls_handshake_timeout
+        peer = _peer_of(sock)
+        options: dict[str, Any] = {"ssl": context, "ssl_handshake_timeout": timeout + 1.0}
+        if _loop_has_tls_shutdown_timeout(loop):
+            options["ssl_shutdown_timeout"] = self.tls_shutdown_timeout
+        try:
+            await asyncio.wait_for(loop.connect_accepted_socket(factory, sock, **options), timeout)
+        except asyncio.TimeoutError:
+            self.counters.tls_handshake_timeouts += 1
+            logger.debug("TLS handshake with %s timed out after %.3g s", peer, timeout)
+        except (OSError, EOFError) as exc:  # ssl.SSLError is an OSError
+            self.counters.tls_handshake_errors += 1
+            logger.debug("TLS handshake with %s failed: %s", peer, _handshake_error(exc))
+        else:
+            self.counters.tls_handshakes += 1
+            # The protocol the factory made: uvloop returns its own
+            # SSLProtocol from connect_accepted_socket, not ours.
+            return made[-1]
+        sock.close()  # closed already by the transport, except on some early errors
+        return None
 
     async def _run_handler(self, conn: Connection) -> None:
         loop = self._loop
@@ -678,6 +742,29 @@ class Supervisor:
             result["lines_skipped"] += _lines_skipped(conn)
         result["active"] = len(self.connections)
         return result
+
+
+def _peer_of(sock: socket.socket) -> str:
+    try:
+        return format_peer(sock.getpeername())
+    except OSError:
+        return "a peer that has gone"
+
+
+def _handshake_error(exc: BaseException) -> str:
+    # One line: OpenSSL's reason ("wrong version number", "certificate
+    # verify failed"...) rather than the whole SSLError repr.
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        detail = getattr(exc, "verify_message", None)
+        reason = exc.reason.replace("_", " ").lower()
+        return f"{reason} ({detail})" if detail else reason
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _loop_has_tls_shutdown_timeout(loop: asyncio.AbstractEventLoop) -> bool:
+    # connect_accepted_socket takes ssl_shutdown_timeout on CPython 3.11+
+    # and on uvloop (0.15+); CPython 3.10's does not.
+    return sys.version_info >= (3, 11) or type(loop).__module__.startswith("uvloop")
 
 
 def _lines_skipped(conn: Connection) -> int:

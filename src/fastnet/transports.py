@@ -24,12 +24,19 @@ import asyncio
 import functools
 import os
 from collections.abc import Callable
-from typing import NamedTuple, cast
+from typing import Any, NamedTuple, cast
 
 from ._internals import fatal_error, is_selector_socket_transport, is_uvloop_stream_transport
 from .framing import Buffer
 
-__all__ = ["IOV_MAX", "TLS_STRATEGY", "TransportStrategy", "choose_strategy", "write_vectored"]
+__all__ = [
+    "IOV_MAX",
+    "TLS_STRATEGY",
+    "TransportStrategy",
+    "choose_strategy",
+    "extra_info",
+    "write_vectored",
+]
 
 # Most buffers one vectored write takes. POSIX guarantees 16 (_XOPEN_IOV_MAX);
 # Linux and the BSDs take 1024. A longer list is joined instead.
@@ -50,6 +57,20 @@ class TransportStrategy(NamedTuple):
 
 
 TLS_STRATEGY = TransportStrategy("tls", None, -1)
+
+
+def extra_info(transport: asyncio.BaseTransport, name: str) -> Any:
+    """``transport.get_extra_info(name)``, or None once the transport cannot say.
+
+    asyncio's TLS transport (``sslproto._SSLProtocolTransport``, CPython
+    3.11-3.13) raises AttributeError from ``get_extra_info`` once its TLS
+    layer has let go of it after a close; a closing connection asks for its
+    socket then (to reset it, to probe its send queue).
+    """
+    try:
+        return transport.get_extra_info(name)
+    except AttributeError:
+        return None
 
 
 def choose_strategy(transport: asyncio.BaseTransport) -> TransportStrategy:

@@ -9,9 +9,9 @@ Exit status: 0 after a graceful shutdown; 2 for a usage error (a bad option
 value, an unknown or unloadable ``APP``, a bad ``--framing``, ``--loop
 uvloop`` without uvloop), reported as one line on stderr; 1 when the server
 cannot start (the address cannot be bound or resolved, a TLS file is bad),
-reported as one line naming the address or the file. Anything else is a bug, in fastnet or in the app: it
-propagates with its traceback (status 1) rather than being shortened to a
-line that hides where it came from.
+reported as one line naming the address or the file. Anything else is a
+bug, in fastnet or in the app: it propagates with its traceback (status 1)
+rather than being shortened to a line that hides where it came from.
 
 The spellings the options accept (sizes, framings, loops, ports) are defined
 once in ``fastnet._cliargs``, shared with ``fastnet bench``.
@@ -64,8 +64,9 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 EXIT_STATUS = (
     "Exit status: 0 after a graceful shutdown; 1 when the server cannot start (the address "
-    "cannot be bound or resolved, a TLS file is bad), with one line on stderr; 2 for a usage error (a bad "
-    "option value, an unknown or unloadable APP, a bad --framing), with one line on stderr."
+    "cannot be bound or resolved, a TLS file is bad), with one line on stderr; 2 for a usage "
+    "error (a bad option value, an unknown or unloadable APP, a bad --framing), with one line "
+    "on stderr."
 )
 
 

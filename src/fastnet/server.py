@@ -377,8 +377,8 @@ class Server:
         ``idle_timeouts``, ``frame_timeouts``, ``rejected`` (by the
         admission hook), ``lines_skipped`` (over-long lines dropped by
         ``Lines(on_too_long="skip")``), ``tls_handshakes`` (completed),
-        ``tls_handshake_errors`` and ``tls_handshake_timeouts``. Counters are kept per read and per write, and
-        summed here over the open connections.
+        ``tls_handshake_errors`` and ``tls_handshake_timeouts``. Counters are
+        kept per read and per write, and summed here over the open connections.
         """
         result = self._supervisor.stats()
         listener = self._listener

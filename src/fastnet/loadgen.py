@@ -39,6 +39,15 @@ so it does no per-frame Python work.
 - ``--processes K`` splits the connections over ``K`` processes, which
   connect, wait for a common start signal, run, and send back their counters
   and histograms to be merged.
+- ``--tls`` connects with TLS (``fastnet.tls.client_context``). The record
+  layer is the event loop's; the per-read path above it is the same. The
+  options travel to ``--processes`` workers as file names, and each worker
+  builds its own context (an ``SSLContext`` does not pickle). Without
+  ``--tls-ca`` the server's certificate is not verified (``curl -k``): the
+  generator measures servers, it does not authenticate them.
+- When every connection has failed (a refused connection, a failed TLS
+  handshake, a plain client that a TLS server hung up on), the run ends at
+  once with the errors instead of sleeping through the window.
 
 The cost is a few Python operations per read callback, whatever the number of
 frames the read completed. ``--server-pid`` additionally reads the server
@@ -52,9 +61,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import os
+import ssl
 import sys
 import time
 from collections import deque
@@ -83,6 +94,7 @@ from ._cliargs import (
 )
 from .framing import LengthPrefixed, Lines
 from .server import new_event_loop
+from .tls import client_context
 
 __all__ = [
     "BenchParams",
@@ -144,6 +156,20 @@ HISTOGRAM_SHIFT = 10
 
 # Error messages kept for the report; the count of errors is always exact.
 MAX_MESSAGES = 10
+
+# Seconds a connection (TCP connect plus the TLS handshake) may take before it
+# counts as an error. asyncio's own TLS handshake default is 60 s; a server
+# that has not answered in 10 s on loopback is not going to.
+CONNECT_TIMEOUT = 10.0
+
+# The first two bytes of a TLS record a server may send a client that spoke
+# plain bytes to it: an alert (0x15) or a handshake record (0x16), then the
+# major version 3 (RFC 8446 section 5.1).
+TLS_RECORD_STARTS = (b"\x15\x03", b"\x16\x03")
+
+# Added to the error of a plain connection that a server hung up on, or
+# answered with a TLS record, before echoing anything.
+PLAIN_TO_TLS_HINT = "if the server serves TLS, run the generator with --tls"
 
 # --------------------------------------------------------------------------- options
 
@@ -212,6 +238,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also report this process's CPU time per frame (Linux)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    tls = parser.add_argument_group(
+        "TLS",
+        "connect with TLS 1.2+; without --tls-ca the server's certificate is NOT "
+        "verified (like curl -k)",
+    )
+    tls.add_argument("--tls", action="store_true", help="connect with TLS")
+    tls.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        default=None,
+        help="verify the server's certificate against these PEM CAs (default: no verification)",
+    )
+    tls.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        default=None,
+        help="PEM client certificate, for servers that require one (mTLS)",
+    )
+    tls.add_argument(
+        "--tls-key",
+        metavar="FILE",
+        default=None,
+        help="PEM private key of --tls-cert (default: in --tls-cert)",
+    )
+    tls.add_argument(
+        "--tls-server-name",
+        metavar="NAME",
+        default=None,
+        help="name sent in SNI and verified against the certificate (default: --host)",
+    )
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -237,6 +293,46 @@ class BenchParams:
     server_pid: int | None = None
     processes: int = 1
     progress: bool = False
+    tls: bool = False
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_server_name: str | None = None
+
+
+def tls_context(params: BenchParams) -> ssl.SSLContext | None:
+    """The client context ``params`` asks for, or None without ``tls``.
+
+    The server is verified only when ``tls_ca`` is given.
+
+    Raises:
+        ValueError: a ``tls_*`` option without ``tls``, or a key without a
+            certificate.
+        fastnet.tls.TLSConfigError: a file is missing or not what it should
+            be (a ``ValueError`` too); the message names the file.
+    """
+    if not params.tls:
+        given = [
+            option
+            for option, value in (
+                ("--tls-ca", params.tls_ca),
+                ("--tls-cert", params.tls_cert),
+                ("--tls-key", params.tls_key),
+                ("--tls-server-name", params.tls_server_name),
+            )
+            if value is not None
+        ]
+        if given:
+            raise ValueError(f"{', '.join(given)} need{'s' if len(given) == 1 else ''} --tls")
+        return None
+    if params.tls_key is not None and params.tls_cert is None:
+        raise ValueError("--tls-key needs --tls-cert")
+    return client_context(
+        ca=params.tls_ca,
+        cert=params.tls_cert,
+        key=params.tls_key,
+        verify=params.tls_ca is not None,
+    )
 
 
 class Ring:
@@ -353,11 +449,20 @@ class Stats:
     histogram: Histogram = field(default_factory=Histogram)
     recording: bool = False  # inside the measured window: record latencies
     stopping: bool = False  # after the window: send no new frames
+    connected: int = 0  # connections opened
+    failed: int = 0  # of those, failed since
+    # Set when every connection opened has failed: nothing left to measure.
+    all_failed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def error(self, message: str) -> None:
         self.errors += 1
         if len(self.messages) < MAX_MESSAGES:
             self.messages.append(message)
+
+    def connection_failed(self) -> None:
+        self.failed += 1
+        if self.failed >= self.connected:
+            self.all_failed.set()
 
 
 class EchoClient(asyncio.Protocol):
@@ -458,9 +563,12 @@ class EchoClient(asyncio.Protocol):
             return  # we were closing it
         self.failed = True
         reason = f": {exc}" if exc else ""
+        if not self.received and not self._is_tls():
+            reason += f" (before any reply; {PLAIN_TO_TLS_HINT})"
         self.stats.error(
             f"connection {self.number} closed by the server after {self.done} frames{reason}"
         )
+        self.stats.connection_failed()
         self._release_drain()
 
     # -- helpers
@@ -485,6 +593,11 @@ class EchoClient(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
+    def _is_tls(self) -> bool:
+        return self.transport is not None and (
+            self.transport.get_extra_info("ssl_object") is not None
+        )
+
     def _release_drain(self) -> None:
         if self.drained is not None and not self.drained.done():
             self.drained.set_result(None)
@@ -503,8 +616,14 @@ class EchoClient(asyncio.Protocol):
                 f"connection {self.number}: echo differs from what was sent at byte {at} "
                 f"(frame {at // ring.frame_size}, byte {at % ring.frame_size} of the frame)"
             )
+        if not self.received and bytes(data[:2]) in TLS_RECORD_STARTS and not self._is_tls():
+            message = (
+                f"connection {self.number}: the server answered with a TLS record, "
+                f"not an echo; {PLAIN_TO_TLS_HINT}"
+            )
         self.failed = True
         self.stats.error(message)
+        self.stats.connection_failed()
         self._release_drain()
         if self.transport is not None:
             self.transport.abort()
@@ -627,6 +746,14 @@ async def _open(params: BenchParams, ring: Ring, stats: Stats) -> list[EchoClien
     loop = asyncio.get_running_loop()
     gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
     protocol = client_class(ring)
+    context = tls_context(params)
+    tls: dict[str, Any] = {}
+    if context is not None:
+        tls = {
+            "ssl": context,
+            "server_hostname": params.tls_server_name or params.host,
+            "ssl_handshake_timeout": CONNECT_TIMEOUT,
+        }
 
     async def connect(number: int) -> EchoClient | None:
         async with gate:
@@ -636,11 +763,20 @@ async def _open(params: BenchParams, ring: Ring, stats: Stats) -> list[EchoClien
                         lambda: protocol(number, ring, params.depth, stats),
                         params.host,
                         params.port,
+                        **tls,
                     ),
-                    timeout=10.0,
+                    timeout=CONNECT_TIMEOUT,
                 )
+            except ssl.SSLError as exc:  # before OSError: it is one
+                stats.error(
+                    f"connection {number}: TLS handshake with {params.host}:{params.port} "
+                    f"failed: {exc}{_handshake_hint(exc, params)}"
+                )
+                return None
             except (OSError, asyncio.TimeoutError) as exc:
                 reason = str(exc) or type(exc).__name__
+                if isinstance(exc, ConnectionError) and context is not None:
+                    reason += " (during the TLS handshake: does the server serve TLS?)"
                 stats.error(
                     f"connection {number}: cannot connect to {params.host}:{params.port}: {reason}"
                 )
@@ -651,6 +787,43 @@ async def _open(params: BenchParams, ring: Ring, stats: Stats) -> list[EchoClien
     return [c for c in clients if c is not None]
 
 
+def _handshake_hint(exc: ssl.SSLError, params: BenchParams) -> str:
+    """What to try after a failed handshake, when the error says enough to tell."""
+    text = str(exc)
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        name = params.tls_server_name or params.host
+        return (
+            f" (verified against --tls-ca {params.tls_ca} for the name {name!r}; "
+            "--tls-server-name sets the name, and without --tls-ca nothing is verified)"
+        )
+    if "WRONG_VERSION_NUMBER" in text or "PACKET_LENGTH_TOO_LONG" in text:
+        return " (the server did not answer with TLS: is it a plain server?)"
+    if "CERTIFICATE_REQUIRED" in text or "HANDSHAKE_FAILURE" in text:
+        return " (a server that requires client certificates wants --tls-cert and --tls-key)"
+    return ""
+
+
+def _tls_session(clients: list[EchoClient], params: BenchParams) -> dict[str, Any] | None:
+    """The TLS version and cipher of the first connection, for the report; None without TLS."""
+    if not params.tls:
+        return None
+    session: dict[str, Any] = {
+        "version": None,
+        "cipher": None,
+        "verified": params.tls_ca is not None,
+        "client_certificate": params.tls_cert is not None,
+    }
+    for client in clients:
+        transport = client.transport
+        ssl_object = None if transport is None else transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            cipher = ssl_object.cipher()
+            session["version"] = ssl_object.version()
+            session["cipher"] = cipher[0] if cipher else None
+            break
+    return session
+
+
 async def _measure(params: BenchParams, control: _Control) -> dict[str, Any]:
     """Run one generator process; return its raw counters."""
     spec = parse_framing(params.framing)
@@ -659,6 +832,10 @@ async def _measure(params: BenchParams, control: _Control) -> dict[str, Any]:
     stats = Stats()
     _raise_fd_limit(params.connections)
     clients = await _open(params, ring, stats)
+    stats.connected = len(clients)
+    if not clients:
+        stats.all_failed.set()
+    tls_session = _tls_session(clients, params)
     control.ready(len(clients), stats)
 
     progress_task = None
@@ -668,7 +845,7 @@ async def _measure(params: BenchParams, control: _Control) -> dict[str, Any]:
     for client in clients:
         client.start()
     if clients:
-        await asyncio.sleep(params.warmup)
+        await _sleep_unless_all_failed(params.warmup, stats)
     start_frames = _frames(clients)
     start_cpu = time.process_time()
     start_server = _cpu_ticks(params.server_pid) if params.server_pid else None
@@ -676,7 +853,7 @@ async def _measure(params: BenchParams, control: _Control) -> dict[str, Any]:
     start = time.perf_counter()
     stats.recording = True
     if clients:
-        await asyncio.sleep(params.duration)
+        await _sleep_unless_all_failed(params.duration, stats)
     stats.recording = False
     stats.stopping = True
     end = time.perf_counter()
@@ -728,7 +905,16 @@ async def _measure(params: BenchParams, control: _Control) -> dict[str, Any]:
         "loadgen_cpu_s": end_cpu - start_cpu,
         "server_cpu_s": server_cpu,
         "machine_busy_s": machine,
+        "tls": tls_session,
     }
+
+
+async def _sleep_unless_all_failed(seconds: float, stats: Stats) -> None:
+    """Sleep ``seconds``, or less if every connection fails meanwhile."""
+    if stats.all_failed.is_set():
+        return
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(stats.all_failed.wait(), timeout=seconds)
 
 
 def _frames(clients: list[EchoClient]) -> int:
@@ -901,6 +1087,7 @@ def _merge(params: BenchParams, parts: list[dict[str, Any]]) -> dict[str, Any]:
         "framing": framing_text(parse_framing(params.framing)) or params.framing,
         "processes": len(parts),
         "loop": resolve_loop(params.loop),
+        "tls": _merge_tls(parts),
         "warmup_s": params.warmup,
         "duration_s": round(window, 4),
         "frames": frames,
@@ -926,6 +1113,25 @@ def _merge(params: BenchParams, parts: list[dict[str, Any]]) -> dict[str, Any]:
     return report
 
 
+def _merge_tls(parts: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The TLS session of the report: a process's that connected, else the first's."""
+    sessions = [p["tls"] for p in parts if p.get("tls") is not None]
+    connected = [s for s in sessions if s["version"] is not None]
+    chosen: dict[str, Any] | None = (connected or sessions or [None])[0]
+    return chosen
+
+
+def _tls_text(tls: dict[str, Any] | None) -> str:
+    """``, TLSv1.3 CIPHER (server NOT verified)`` for the summary's first line."""
+    if tls is None:
+        return ""
+    session = " ".join(part for part in (tls["version"] or "TLS", tls["cipher"]) if part)
+    notes = ["server verified" if tls["verified"] else "server NOT verified"]
+    if tls["client_certificate"]:
+        notes.append("client certificate")
+    return f", {session} ({', '.join(notes)})"
+
+
 def _format(report: dict[str, Any]) -> str:
     lat = report["latency_ms"]
 
@@ -936,7 +1142,7 @@ def _format(report: dict[str, Any]) -> str:
         f"fastnet bench {report['host']}:{report['port']}: {report['connected']}/"
         f"{report['connections']} connections x depth {report['depth']} x "
         f"{report['size']} B, {report['framing']}, {report['processes']} process(es), "
-        f"{report['loop']}",
+        f"{report['loop']}{_tls_text(report['tls'])}",
         f"  measured     {report['duration_s']:.2f} s after {report['warmup_s']:g} s warmup",
         f"  frames/s     {report['frames_per_s']:,.0f}   ({report['frames']:,} frames)",
         f"  MiB/s        {report['mib_per_s']:,.2f} payload each way "
@@ -976,10 +1182,12 @@ def bench(params: BenchParams) -> dict[str, Any]:
     Returns:
         The same object ``--json`` prints: frames, frames_per_s, mib_per_s,
         latency_ms (p50, p99, p99.9, max), errors, error_messages, and the
-        generator's and (with ``server_pid``) the server's CPU use.
+        generator's and (with ``server_pid``) the server's CPU use; with
+        ``tls``, the session (version, cipher, whether the server was verified).
 
     Raises:
-        ValueError: parameters out of range.
+        ValueError: parameters out of range, or a TLS option or file that
+            cannot be used (``fastnet.tls.TLSConfigError`` names the file).
         GeneratorFailed: a generator process failed.
     """
     if params.connections < 1:
@@ -991,6 +1199,7 @@ def bench(params: BenchParams) -> dict[str, Any]:
     # Validate the loop, framing and size here, before any process starts.
     parse_loop(params.loop)
     Ring(parse_framing(params.framing), params.size, params.depth, 1)
+    tls_context(params)  # the files are checked here too, before any process starts
     processes = min(params.processes, params.connections)
     if processes > 1:
         params = BenchParams(**{**asdict(params), "processes": processes})
@@ -1024,10 +1233,15 @@ def run(args: argparse.Namespace) -> int:
         server_pid=args.server_pid,
         processes=args.processes,
         progress=sys.stderr.isatty(),
+        tls=args.tls,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_server_name=args.tls_server_name,
     )
     try:
         report = bench(params)
-    except ValueError as exc:  # parameters out of range, a bad framing or loop
+    except ValueError as exc:  # parameters out of range, a bad framing, loop or TLS file
         print(f"fastnet bench: error: {exc}", file=sys.stderr)
         return 2
     except GeneratorFailed as exc:

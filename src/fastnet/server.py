@@ -144,8 +144,10 @@ class Server:
         tls_handshake_timeout: seconds a TLS handshake may take, holding a
             connection slot; a stalled or failed handshake is aborted and
             counted (``tls_handshake_timeouts``, ``tls_handshake_errors``).
-        tls_shutdown_timeout: seconds a closing TLS connection waits for
-            the peer's close_notify after sending its own, then aborts.
+        tls_shutdown_timeout: seconds a closing TLS connection may take to
+            flush its last replies, send close_notify and see the peer's
+            answer (or EOF) before it is aborted: TLS cannot half-close, so
+            this replaces the lingering close there (30 s, as that).
 
     Use ``async with Server(...) as server`` (or ``await server.start()``),
     then ``await server.serve_forever()``; ``await server.shutdown()`` stops

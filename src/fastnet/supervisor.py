@@ -292,12 +292,14 @@ class _Lingering:
 
     __slots__ = ("_conn", "_deadline", "_handle", "_interval", "_loop", "_probe", "_quiet", "_seen")
 
-    def __init__(self, conn: Connection, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, conn: Connection, loop: asyncio.AbstractEventLoop, limit: float = CLOSE_LINGER
+    ) -> None:
         self._conn = conn
         self._loop = loop
         self._probe = _unacknowledged_probe(conn._transport)
         now = loop.time()
-        self._deadline = now + CLOSE_LINGER
+        self._deadline = now + limit
         self._seen = conn.bytes_in
         self._quiet = now  # since when the peer has sent nothing
         self._interval = LINGER_POLL_MIN
@@ -354,9 +356,8 @@ class Supervisor:
             handshakes use the new context.
         tls_handshake_timeout: seconds a TLS handshake may take (it holds a
             connection slot meanwhile).
-        tls_shutdown_timeout: seconds to wait for the peer's close_notify
-            after ours, where the event loop supports it (uvloop, CPython
-            3.11+); the lingering close bounds it elsewhere.
+        tls_shutdown_timeout: seconds a closing TLS connection may take to
+            flush, send close_notify and see the peer's answer, then aborted.
 
     Attributes:
         connections: the connections open (registered before any frame of
@@ -585,10 +586,19 @@ class Supervisor:
         # peer has sent nothing for LINGER_QUIET seconds, as nginx's
         # lingering_timeout). A peer that does neither (it stopped reading)
         # is aborted after CLOSE_LINGER seconds.
+        #
+        # TLS cannot half-close: there the loop's TLS layer flushes, sends
+        # close_notify and waits for the peer's (or its EOF), aborting after
+        # its ssl_shutdown_timeout; the same timer aborts after
+        # tls_shutdown_timeout (plus a second) where the loop has no such
+        # timeout of its own (CPython 3.10).
         if conn._lost:
             return
         assert self._loop is not None
-        lingering = _Lingering(conn, self._loop)
+        if conn.strategy == "tls":
+            lingering = _Lingering(conn, self._loop, self.tls_shutdown_timeout + 1.0)
+        else:
+            lingering = _Lingering(conn, self._loop)
         try:
             await conn.wait_closed()
         finally:

@@ -47,9 +47,11 @@ __all__ = [
 # (asyncio's own default is 60 s, which lets a client that connects and
 # sends nothing hold a slot for a minute).
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
-# Seconds to wait for the peer's close_notify after sending ours before the
-# connection is aborted (asyncio's default is 30 s).
-DEFAULT_SHUTDOWN_TIMEOUT = 5.0
+# Seconds a closing TLS connection may take to flush its last replies, send
+# close_notify and see the peer's answer (or its EOF) before it is aborted:
+# the TLS counterpart of the plain lingering close, with the same bound
+# (supervisor.CLOSE_LINGER; asyncio's default is 30 s too).
+DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 
 _PEM_CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
 

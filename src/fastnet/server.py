@@ -222,6 +222,7 @@ class Server:
         self._listener: Listener | None = None
         self._sockname: Any = None
         self._stopping = False
+        self._draining = False
         self._shutdown_task: asyncio.Task[None] | None = None
         self._done: asyncio.Event | None = None
 
@@ -318,6 +319,21 @@ class Server:
     def shutting_down(self) -> bool:
         """True once ``shutdown()`` has begun."""
         return self._stopping
+
+    @property
+    def draining(self) -> bool:
+        """True from ``announce_drain()`` or the start of ``shutdown()``: not ready for new work.
+
+        Health checks (``/readyz``) report it, so a load balancer stops
+        sending new connections before the listener closes.
+        """
+        return self._draining or self._stopping
+
+    def announce_drain(self) -> None:
+        """Mark the server as draining, while it still accepts (a drain delay before shutdown)."""
+        if not self._draining:
+            self._draining = True
+            logger.info("draining: no longer ready for new connections")
 
     async def __aenter__(self) -> Server:
         await self.start()

@@ -20,7 +20,9 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +213,9 @@ class FakeTransport:
     def abort(self) -> None:
         self.aborted = self.closed = True
 
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default  # a plain connection: no "ssl_object"
+
 
 Mutation = Callable[[list[bytes]], list[bytes]]
 
@@ -379,6 +384,24 @@ def test_lost_connection_is_an_error() -> None:
     stats = asyncio.run(main())
     assert stats.errors == 1
     assert "connection 3 closed by the server after 0 frames: reset by peer" in stats.messages[0]
+
+
+def test_a_tls_record_in_reply_to_plain_frames_names_tls() -> None:
+    async def main() -> Stats:
+        ring = Ring(LengthPrefixed(), 64, 4, 1024)
+        stats = Stats()
+        stats.connected = 1
+        client = EchoClient(5, ring, 4, stats)
+        client.connection_made(FakeTransport())  # type: ignore[arg-type]
+        client.start()
+        client.data_received(b"\x15\x03\x03\x00\x02\x02\x46")  # a TLS alert record
+        assert stats.all_failed.is_set()  # the only connection failed: the run may end
+        return stats
+
+    stats = asyncio.run(main())
+    assert stats.errors == 1
+    assert "connection 5: the server answered with a TLS record" in stats.messages[0]
+    assert "--tls" in stats.messages[0]
 
 
 def test_orderly_close_after_drain_is_not_an_error() -> None:
@@ -651,3 +674,177 @@ def test_struct_layout_matches_baselines() -> None:
     """The baselines speak fastnet's default framing: 4-byte big-endian length."""
     ring = Ring(LengthPrefixed(), 64, 1, 64)
     assert struct.unpack_from(">I", ring.data)[0] == 64
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """PEM files made by trustme: one CA, a server certificate, a client certificate."""
+
+    ca: Path
+    server: Path  # certificate chain and key in one file
+    client: Path  # the client's certificate chain
+    client_key: Path
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
+    trustme = pytest.importorskip("trustme")
+    where = tmp_path_factory.mktemp("tls")
+    ca = trustme.CA()
+    files = TLSFiles(
+        ca=where / "ca.pem",
+        server=where / "server.pem",
+        client=where / "client.pem",
+        client_key=where / "client.key",
+    )
+    ca.cert_pem.write_to_path(str(files.ca))
+    ca.issue_cert("127.0.0.1", "localhost").private_key_and_cert_chain_pem.write_to_path(
+        str(files.server)
+    )
+    client = ca.issue_cert("bench-client@example.org")
+    for blob in client.cert_chain_pems:
+        blob.write_to_path(str(files.client), append=True)
+    client.private_key_pem.write_to_path(str(files.client_key))
+    return files
+
+
+def _tls_server(files: TLSFiles, *extra: str) -> tuple[subprocess.Popen[str], int]:
+    env = dict(os.environ)
+    env.pop("FASTNET_NO_EXTENSIONS", None)
+    command = [sys.executable, "-m", "fastnet", "serve", "echo", "--port", "0",
+               "--log-level", "warning", "--tls-cert", str(files.server), *extra]  # fmt: skip
+    return _start(command, env)
+
+
+@pytest.mark.parametrize("verify", [True, False], ids=["ca", "no-ca"])
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_tls_bench_against_fastnet_serve(tls_files: TLSFiles, verify: bool, loop: str) -> None:
+    """``--tls`` with and without ``--tls-ca``, small frames and large (BufferedProtocol)."""
+    if loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        pytest.skip("uvloop is not installed")
+    proc, port = _tls_server(tls_files, "--loop", loop)
+    try:
+        ca = ["--tls-ca", str(tls_files.ca)] if verify else []
+        done = _cli(port, "--tls", *ca, "--loop", loop)
+        large = _cli(port, "--tls", *ca, "--size", "64K", "--processes", "2")
+    finally:
+        _stop(proc)
+    for run in (done, large):
+        assert run.returncode == 0, run.stderr
+        report = json.loads(run.stdout)
+        assert report["errors"] == 0, report["error_messages"]
+        assert report["frames"] > 0
+        assert report["tls"]["version"] in ("TLSv1.2", "TLSv1.3")
+        assert report["tls"]["verified"] is verify
+    assert json.loads(large.stdout)["processes"] == 2
+
+
+def test_tls_summary_says_whether_the_server_was_verified(tls_files: TLSFiles) -> None:
+    proc, port = _tls_server(tls_files)
+    try:
+        unverified = subprocess.run(
+            [sys.executable, "-m", "fastnet", "bench", "--port", str(port), "--tls",
+             "--connections", "2", "--duration", "0.3", "--warmup", "0"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        _stop(proc)
+    assert unverified.returncode == 0, unverified.stderr
+    assert "(server NOT verified)" in unverified.stdout.splitlines()[0]
+
+
+def test_tls_verification_failure_is_a_clear_error(tls_files: TLSFiles) -> None:
+    proc, port = _tls_server(tls_files)
+    try:
+        done = _cli(port, "--tls", "--tls-ca", str(tls_files.ca), "--tls-server-name", "other")
+    finally:
+        _stop(proc)
+    assert done.returncode == 1
+    report = json.loads(done.stdout)
+    assert report["errors"] == 16 and report["frames"] == 0
+    assert "TLS handshake" in report["error_messages"][0]
+    assert "CERTIFICATE_VERIFY_FAILED" in report["error_messages"][0]
+    assert "--tls-server-name" in report["error_messages"][0]
+
+
+def test_tls_mutual_with_a_client_certificate(tls_files: TLSFiles) -> None:
+    proc, port = _tls_server(tls_files, "--tls-ca", str(tls_files.ca))
+    try:
+        with_cert = _cli(
+            port, "--tls", "--tls-ca", str(tls_files.ca), "--tls-cert", str(tls_files.client),
+            "--tls-key", str(tls_files.client_key), "--processes", "2",
+        )  # fmt: skip
+        without = _cli(port, "--tls", "--tls-ca", str(tls_files.ca))
+    finally:
+        _stop(proc)
+    assert with_cert.returncode == 0, with_cert.stderr
+    report = json.loads(with_cert.stdout)
+    assert report["errors"] == 0, report["error_messages"]
+    assert report["frames"] > 0
+    assert report["tls"]["client_certificate"] is True
+    # Without a certificate the server refuses: every connection is an error.
+    assert without.returncode == 1
+    refused = json.loads(without.stdout)
+    assert refused["frames"] == 0 and refused["errors"] == 16
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_plain_bench_against_a_tls_server_fails_fast_and_says_why(
+    tls_files: TLSFiles, loop: str
+) -> None:
+    """Without ``--tls`` a TLS server hangs up: an error naming --tls, at once, not a hang."""
+    if loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        pytest.skip("uvloop is not installed")
+    proc, port = _tls_server(tls_files, "--loop", loop)
+    try:
+        started = time.monotonic()
+        done = _cli(port, "--duration", "30", "--warmup", "1")
+        elapsed = time.monotonic() - started
+    finally:
+        _stop(proc)
+    assert done.returncode == 1
+    report = json.loads(done.stdout)
+    assert report["frames"] == 0 and report["errors"] == 16
+    assert all("--tls" in m for m in report["error_messages"]), report["error_messages"]
+    # Every connection failed at once: the run ends then, not after 31 s.
+    assert elapsed < 15, elapsed
+
+
+def test_tls_bench_against_a_plain_server_is_a_handshake_error() -> None:
+    proc, port = _start([sys.executable, str(PROTOCOL_ECHO), "--port", "0"])
+    try:
+        done = _cli(port, "--tls")
+    finally:
+        _stop(proc)
+    assert done.returncode == 1
+    report = json.loads(done.stdout)
+    assert report["frames"] == 0 and report["errors"] == 16
+    assert all("TLS handshake" in m for m in report["error_messages"]), report["error_messages"]
+
+
+def test_tls_options_need_tls_and_files_are_named(tls_files: TLSFiles) -> None:
+    for extra, message in (
+        (["--tls-ca", str(tls_files.ca)], "--tls-ca needs --tls"),
+        (["--tls-server-name", "x", "--tls-cert", "c"], "--tls-cert, --tls-server-name need --tls"),
+        (["--tls", "--tls-key", str(tls_files.client_key)], "--tls-key needs --tls-cert"),
+        (["--tls", "--tls-ca", "/nonexistent/ca.pem"], "CA file /nonexistent/ca.pem"),
+        (["--tls", "--tls-cert", str(tls_files.client_key)], "no PEM certificate"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "fastnet", "bench", "--port", "1", *extra],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 2, (extra, done.stderr)
+        assert message in done.stderr, (extra, done.stderr)
+
+
+def test_bench_help_says_tls_is_unverified_without_a_ca() -> None:
+    parser = argparse.ArgumentParser()
+    loadgen.add_arguments(parser)
+    text = " ".join(parser.format_help().split())
+    assert "without --tls-ca the server's certificate is NOT verified" in text

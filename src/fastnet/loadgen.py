@@ -157,6 +157,10 @@ HISTOGRAM_SHIFT = 10
 # Error messages kept for the report; the count of errors is always exact.
 MAX_MESSAGES = 10
 
+# Shortest measured window, seconds, over which CPU use is reported as cores:
+# 0.1 s is 10 ticks of the usual 100 Hz CPU-time clock, so at most 10% off.
+MIN_BUSY_WINDOW = 0.1
+
 # Seconds a connection (TCP connect plus the TLS handshake) may take before it
 # counts as an error. asyncio's own TLS handshake default is 60 s; a server
 # that has not answered in 10 s on loopback is not going to.
@@ -1067,10 +1071,13 @@ def _merge(params: BenchParams, parts: list[dict[str, Any]]) -> dict[str, Any]:
     loadgen_cpu = sum(p["loadgen_cpu_s"] for p in parts)
     server_cpu = parts[0]["server_cpu_s"] if parts else None
     machine = parts[0]["machine_busy_s"] if parts else None
+    # Utilisations need a window long enough to mean something: a run that
+    # ended early because every connection failed has none worth reporting.
+    busy_window = window if window >= MIN_BUSY_WINDOW else 0.0
     other = None
-    if machine is not None and window:
+    if machine is not None and busy_window:
         # Whatever else ran on the machine in the window: the noise figure.
-        other = max(0.0, (machine - loadgen_cpu - (server_cpu or 0.0)) / window)
+        other = max(0.0, (machine - loadgen_cpu - (server_cpu or 0.0)) / busy_window)
 
     def ms(q: float) -> float | None:
         value = histogram.percentile(q)
@@ -1099,14 +1106,14 @@ def _merge(params: BenchParams, parts: list[dict[str, Any]]) -> dict[str, Any]:
         "error_messages": messages,
         "loadgen_cpu_s": round(loadgen_cpu, 4),
         "loadgen_cpu_us_per_frame": round(loadgen_cpu / frames * 1e6, 4) if frames else None,
-        "loadgen_cpu_util": round(loadgen_cpu / window, 3) if window else None,
+        "loadgen_cpu_util": round(loadgen_cpu / busy_window, 3) if busy_window else None,
         "server_pid": params.server_pid,
         "server_cpu_s": None if server_cpu is None else round(server_cpu, 3),
         "server_cpu_us_per_frame": (
             round(server_cpu / frames * 1e6, 4) if server_cpu is not None and frames else None
         ),
         "server_cpu_util": (
-            round(server_cpu / window, 3) if server_cpu is not None and window else None
+            round(server_cpu / busy_window, 3) if server_cpu is not None and busy_window else None
         ),
         "other_cpu_util": None if other is None else round(other, 3),
     }

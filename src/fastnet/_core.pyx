@@ -21,13 +21,16 @@ import os
 
 from cpython.list cimport PyList_GET_SIZE
 from cpython.object cimport PyObject
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from ._outq cimport OutQueue
 
 from . import _reasons
 from ._internals import current_task, fatal_error
 from ._tunables import (
+    BATCH_BOUNDS,
     DEFAULT_MAX_WRITE_BUFFER,
+    HANDLER_SECONDS_BOUNDS,
     LARGE_FRAME,
     PAUSE_INBOX,
     PAUSE_WRITE,
@@ -41,7 +44,7 @@ from ._wakeup import _AwaitWakeup, _Wakeup
 from .errors import ConnectionBusyError, FrameError
 from .lifecycle import CLOSED, CLOSING, OPEN
 
-__all__ = ["ConnectionCore"]
+__all__ = ["ConnectionCore", "ReadStats"]
 
 # The tunables, as C constants for this module (read once, at import).
 cdef long long c_READ_HIGH_FRAMES = READ_HIGH_FRAMES
@@ -59,6 +62,79 @@ cdef object _current_task = current_task
 cdef type _bytes = bytes
 cdef type _bytearray = bytearray
 cdef type _list = list
+
+
+cdef enum:
+    MAX_BUCKETS = 32
+cdef int c_N_BATCH = len(BATCH_BOUNDS)
+cdef int c_N_HANDLER = len(HANDLER_SECONDS_BOUNDS)
+cdef long long c_BATCH_BOUNDS[MAX_BUCKETS]
+cdef double c_HANDLER_BOUNDS[MAX_BUCKETS]
+assert c_N_BATCH < MAX_BUCKETS and c_N_HANDLER < MAX_BUCKETS
+for _i, _bound in enumerate(BATCH_BOUNDS):
+    c_BATCH_BOUNDS[_i] = _bound
+for _i, _bound in enumerate(HANDLER_SECONDS_BOUNDS):
+    c_HANDLER_BOUNDS[_i] = _bound
+
+
+cdef inline double _monotonic() noexcept:
+    # CLOCK_MONOTONIC, as time.monotonic() reads it (a vDSO call, no system call).
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
+
+
+cdef class ReadStats:
+    """Histograms the connections of one server fill per read, when metrics are on.
+
+    See the twin (``_core_py.ReadStats``): frames per read, and seconds per
+    handler run; one bucket increment per observation, read at scrape time.
+    """
+
+    cdef long long _batch_counts[MAX_BUCKETS]
+    cdef long long _batch_sum
+    cdef long long _handler_counts[MAX_BUCKETS]
+    cdef double _handler_sum
+
+    def __cinit__(self):
+        cdef int i
+        for i in range(MAX_BUCKETS):
+            self._batch_counts[i] = 0
+            self._handler_counts[i] = 0
+        self._batch_sum = 0
+        self._handler_sum = 0.0
+
+    cdef inline void _batch(self, long long frames) noexcept:
+        cdef int i = 0
+        while i < c_N_BATCH and frames > c_BATCH_BOUNDS[i]:
+            i += 1
+        self._batch_counts[i] += 1
+        self._batch_sum += frames
+
+    cdef inline void _handler(self, double seconds) noexcept:
+        cdef int i = 0
+        while i < c_N_HANDLER and seconds > c_HANDLER_BOUNDS[i]:
+            i += 1
+        self._handler_counts[i] += 1
+        self._handler_sum += seconds
+
+    def observe_batch(self, long long frames):
+        """Count one read that delivered ``frames`` frames."""
+        self._batch(frames)
+
+    def observe_handler(self, double seconds):
+        """Count one handler run of ``seconds``."""
+        self._handler(seconds)
+
+    def snapshot(self):
+        """``(batch bucket counts, frames, handler bucket counts, seconds)``; counts per bucket,
+        not cumulative, the last one for +Inf."""
+        return (
+            [self._batch_counts[i] for i in range(c_N_BATCH + 1)],
+            self._batch_sum,
+            [self._handler_counts[i] for i in range(c_N_HANDLER + 1)],
+            self._handler_sum,
+        )
 
 
 cdef Py_ssize_t _payload_size(object frame) except -1:
@@ -117,6 +193,7 @@ cdef class ConnectionCore:
     cdef public int _read_fd
     cdef public int _read_paused
     cdef public bint _read_pauses_on_write
+    cdef public ReadStats _read_stats
     cdef public object _send_block
     cdef public object _server
     cdef public object _strategy
@@ -124,6 +201,7 @@ cdef class ConnectionCore:
     cdef public object _transport
     cdef public object _user_state
     cdef public object _wakeup
+    cdef public double _woke_at
     cdef public object _write
     cdef public object _write_buffers
     cdef public bint _write_paused
@@ -189,6 +267,12 @@ cdef class ConnectionCore:
         self.bytes_out = 0
         self.frames_out = 0
         self.writes = 0
+        self._read_stats = None
+        self._woke_at = 0.0
+
+    def _new_read_stats(self):
+        """A new ``ReadStats`` of this backend, for a server to share among its connections."""
+        return ReadStats()
 
     # ------------------------------------------------------------ receiving
 
@@ -238,9 +322,18 @@ cdef class ConnectionCore:
         if not frames:
             return 0
         self.frames_in += len(frames)
+        cdef ReadStats stats = self._read_stats
+        cdef double began
+        if stats is not None:
+            stats._batch(len(frames))
         on_frames = self._on_frames
         if on_frames is not None:
-            self._deliver(on_frames, frames)
+            if stats is not None:
+                began = _monotonic()
+                self._deliver(on_frames, frames)
+                stats._handler(_monotonic() - began)
+            else:
+                self._deliver(on_frames, frames)
             return 0
         inbox = self._inbox
         if self._pos == len(inbox):
@@ -283,6 +376,8 @@ cdef class ConnectionCore:
         if callback is None:
             return 0
         wakeup._callback = None
+        if self._read_stats is not None:
+            self._woke_at = _monotonic()
         if _current_task(self._loop) is None:
             context = wakeup._context
             self._delivering = True
@@ -366,6 +461,12 @@ cdef class ConnectionCore:
             raise ConnectionBusyError("another task is already receiving on this connection")
         if self._read_paused & c_PAUSE_INBOX:
             self._caught_up()
+        cdef double woke_at = self._woke_at
+        if woke_at:
+            # A task handler's run: from its wake-up to this wait.
+            self._woke_at = 0.0
+            if self._read_stats is not None:
+                self._read_stats._handler(_monotonic() - woke_at)
         wakeup._asyncio_future_blocking = True
         return 0
 

@@ -45,13 +45,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import _reasons
 from ._internals import current_task, fatal_error
 from ._tunables import (
+    BATCH_BOUNDS,
     DEFAULT_MAX_WRITE_BUFFER,
+    HANDLER_SECONDS_BOUNDS,
     LARGE_FRAME,
     PAUSE_INBOX,
     PAUSE_WRITE,
@@ -68,9 +72,49 @@ from .lifecycle import CLOSED, CLOSING, OPEN
 if TYPE_CHECKING:
     from .framing import Buffer
 
-__all__ = ["ConnectionCore"]
+__all__ = ["ConnectionCore", "ReadStats"]
 
 _EMPTY: Sequence[bytes] = ()  # the inbox when nothing is queued; never mutated
+_monotonic = time.monotonic  # CLOCK_MONOTONIC, as the extension reads it
+
+
+class ReadStats:
+    """Histograms the connections of one server fill per read, when metrics are on.
+
+    ``batches``: frames per read (bounds ``BATCH_BOUNDS``). ``handler``:
+    seconds per handler run (``HANDLER_SECONDS_BOUNDS``): a callback
+    handler's call per batch, or a task handler's time from its wake-up to
+    its next wait for input. Each observation is one bucket increment; the
+    exporter reads ``snapshot()`` at scrape time.
+    """
+
+    __slots__ = ("_batch_counts", "_batch_sum", "_handler_counts", "_handler_sum")
+
+    def __init__(self) -> None:
+        self._batch_counts = [0] * (len(BATCH_BOUNDS) + 1)
+        self._batch_sum = 0
+        self._handler_counts = [0] * (len(HANDLER_SECONDS_BOUNDS) + 1)
+        self._handler_sum = 0.0
+
+    def observe_batch(self, frames: int) -> None:
+        """Count one read that delivered ``frames`` frames."""
+        self._batch_counts[bisect_left(BATCH_BOUNDS, frames)] += 1
+        self._batch_sum += frames
+
+    def observe_handler(self, seconds: float) -> None:
+        """Count one handler run of ``seconds``."""
+        self._handler_counts[bisect_left(HANDLER_SECONDS_BOUNDS, seconds)] += 1
+        self._handler_sum += seconds
+
+    def snapshot(self) -> tuple[list[int], int, list[int], float]:
+        """``(batch bucket counts, frames, handler bucket counts, seconds)``; counts per bucket,
+        not cumulative, the last one for +Inf."""
+        return (
+            list(self._batch_counts),
+            self._batch_sum,
+            list(self._handler_counts),
+            self._handler_sum,
+        )
 
 
 class ConnectionCore:
@@ -118,6 +162,7 @@ class ConnectionCore:
         "_read_fd",
         "_read_paused",
         "_read_pauses_on_write",
+        "_read_stats",
         "_send_block",
         "_server",
         "_strategy",
@@ -125,6 +170,7 @@ class ConnectionCore:
         "_transport",
         "_user_state",
         "_wakeup",
+        "_woke_at",
         "_write",
         "_write_buffers",
         "_write_paused",
@@ -209,6 +255,8 @@ class ConnectionCore:
         self.bytes_out = 0
         self.frames_out = 0
         self.writes = 0
+        self._read_stats: ReadStats | None = None  # set by a server with metrics on
+        self._woke_at = 0.0  # when a task handler was last woken (metrics only)
 
     # ------------------------------------------------------------ receiving
 
@@ -251,6 +299,10 @@ class ConnectionCore:
                 return
             self._received(nbytes)
 
+    def _new_read_stats(self) -> ReadStats:
+        """A new ``ReadStats`` of this backend, for a server to share among its connections."""
+        return ReadStats()
+
     def _received(self, nbytes: int) -> None:
         self.bytes_in += nbytes
         try:
@@ -261,11 +313,19 @@ class ConnectionCore:
         if not frames:
             return
         self.frames_in += len(frames)
+        stats = self._read_stats
+        if stats is not None:
+            stats.observe_batch(len(frames))
         on_frames = self._on_frames
         if on_frames is not None:
             # A callback handler runs here and now; its replies leave as one
             # write right after.
-            self._deliver(on_frames, frames)
+            if stats is not None:
+                began = _monotonic()
+                self._deliver(on_frames, frames)
+                stats.observe_handler(_monotonic() - began)
+            else:
+                self._deliver(on_frames, frames)
             return
         # Queue the frames: the inbox is the decoder's list unless the handler
         # has not finished the previous one.
@@ -308,6 +368,8 @@ class ConnectionCore:
         if callback is None:
             return
         wakeup._callback = None
+        if self._read_stats is not None:
+            self._woke_at = _monotonic()
         if current_task(self._loop) is None:
             context = wakeup._context
             self._delivering = True
@@ -393,6 +455,13 @@ class ConnectionCore:
         # The handler has caught up: resume reading if backpressure paused it.
         if self._read_paused & PAUSE_INBOX:
             self._caught_up()
+        woke_at = self._woke_at
+        if woke_at:
+            # A task handler's run: from its wake-up to this wait.
+            self._woke_at = 0.0
+            stats = self._read_stats
+            if stats is not None:
+                stats.observe_handler(_monotonic() - woke_at)
         wakeup._asyncio_future_blocking = True
 
     def _caught_up(self) -> None:

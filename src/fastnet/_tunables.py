@@ -11,8 +11,10 @@ observable behaviour; a change here changes both backends at once.
 from __future__ import annotations
 
 __all__ = [
+    "BATCH_BOUNDS",
     "DEFAULT_MAX_WRITE_BUFFER",
     "DIRECT_THRESHOLD",
+    "HANDLER_SECONDS_BOUNDS",
     "LARGE_FRAME",
     "MAX_READ",
     "PAUSE_INBOX",
@@ -83,3 +85,31 @@ READ_BURST = 16
 PAUSE_INBOX = 1  # the handler has too many frames queued
 PAUSE_WRITE = 2  # the transport is over its write high-water mark
 PAUSE_STOP = 4  # no more input wanted: shutdown, framing error, close
+
+# Histogram buckets the core fills when metrics are on (ReadStats), upper
+# bounds inclusive, +Inf implied. Frames per read: powers of two up to the
+# inbox's high-water mark. Handler time (seconds): 5 µs to 10 s, about three
+# buckets a decade, fine enough for a p99 from a callback that answers in
+# microseconds and from a task that awaits a database.
+BATCH_BOUNDS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+HANDLER_SECONDS_BOUNDS = (
+    0.000005,
+    0.00001,
+    0.000025,
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    10.0,
+)

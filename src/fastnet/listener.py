@@ -29,6 +29,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from .metrics import accept_error_kind
+
 __all__ = [
     "ACCEPT_BATCH",
     "ACCEPT_CAPACITY_ERRNOS",
@@ -202,6 +204,7 @@ class Listener:
             socket; it must call ``release()`` once, when the connection is
             closed, to free the slot.
         admit: the admission hook (``Admission``); None admits everyone.
+        error_counts: a dict to count accept errors in, by errno name (metrics).
 
     Attributes:
         accepted, accept_errors, rejected: counters.
@@ -214,8 +217,10 @@ class Listener:
         on_accept: Callable[[socket.socket, Any, Callable[[], None]], None],
         *,
         admit: Admission | None = None,
+        error_counts: dict[str, int] | None = None,
     ) -> None:
         self.sock = sock
+        self._error_counts = error_counts
         self._slots = slots
         self._on_accept = on_accept
         self._admit = admit
@@ -262,6 +267,10 @@ class Listener:
                     except OSError as exc:
                         in_a_row = 0
                         self.accept_errors += 1
+                        counts = self._error_counts
+                        if counts is not None:
+                            kind = accept_error_kind(exc)
+                            counts[kind] = counts.get(kind, 0) + 1
                         if exc.errno in ACCEPT_IGNORABLE_ERRNOS:
                             logger.debug("accept failed (%s); accepting the next one", exc)
                             continue

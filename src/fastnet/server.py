@@ -56,6 +56,8 @@ from .listener import (
     bind_unix,
     format_address,
 )
+from .metrics import Hooks, ServerMetrics
+from .metrics import register as register_metrics
 from .supervisor import (
     DEFAULT_FRAME_TIMEOUT,
     CallbackHandler,
@@ -148,6 +150,12 @@ class Server:
             flush its last replies, send close_notify and see the peer's
             answer (or EOF) before it is aborted: TLS cannot half-close, so
             this replaces the lingering close there (30 s, as that).
+        metrics: Prometheus metrics (``pip install 'fastnet[metrics]'``):
+            True registers fastnet's collector in prometheus_client's global
+            registry, a ``CollectorRegistry`` in that one; None/False: off
+            (``stats()`` still counts). See ``fastnet.metrics``.
+        hooks: a ``fastnet.metrics.Hooks`` of callables for connection
+            events (open, close, handler and framing errors, TLS).
 
     Use ``async with Server(...) as server`` (or ``await server.start()``),
     then ``await server.serve_forever()``; ``await server.shutdown()`` stops
@@ -174,6 +182,8 @@ class Server:
         ssl: _ssl.SSLContext | TLSFiles | None = None,
         tls_handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         tls_shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
+        metrics: Any = None,
+        hooks: Hooks | None = None,
     ) -> None:
         if not callable(handler) and not isinstance(handler, CallbackHandler):
             raise TypeError(f"handler must be an async callable, not {type(handler).__name__}")
@@ -216,7 +226,11 @@ class Server:
             ssl=context,
             tls_handshake_timeout=tls_handshake_timeout,
             tls_shutdown_timeout=tls_shutdown_timeout,
+            metrics=ServerMetrics() if metrics else None,
+            hooks=hooks,
         )
+        if metrics:
+            register_metrics(self, None if metrics is True else metrics)
 
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listener: Listener | None = None
@@ -283,7 +297,14 @@ class Server:
         supervisor = self._supervisor
         supervisor.start()
         slots = asyncio.Semaphore(self.max_connections)
-        self._listener = Listener(sock, slots, supervisor.spawn, admit=self._admit)
+        metrics = supervisor.metrics
+        self._listener = Listener(
+            sock,
+            slots,
+            supervisor.spawn,
+            admit=self._admit,
+            error_counts=None if metrics is None else metrics.accept_errors,
+        )
         self._listener.start()
         logger.info("listening on %s", self.address)
 
@@ -319,6 +340,11 @@ class Server:
     def shutting_down(self) -> bool:
         """True once ``shutdown()`` has begun."""
         return self._stopping
+
+    @property
+    def metrics(self) -> ServerMetrics | None:
+        """The labelled counters and histograms kept with ``metrics=`` on; None otherwise."""
+        return self._supervisor.metrics
 
     @property
     def draining(self) -> bool:

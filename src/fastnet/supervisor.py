@@ -48,6 +48,7 @@ from .connection import Connection
 from .errors import ConnectionBrokenError, ConnectionClosedError, FrameError
 from .framing import Buffer, Framing
 from .listener import format_peer
+from .metrics import CloseInfo, Hooks, ServerMetrics, frame_error_kind, handshake_error_cause
 from .tls import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT
 from .transports import extra_info
 
@@ -358,6 +359,9 @@ class Supervisor:
             connection slot meanwhile).
         tls_shutdown_timeout: seconds a closing TLS connection may take to
             flush, send close_notify and see the peer's answer, then aborted.
+        metrics: where the labelled counters and histograms go (metrics on),
+            or None (metrics off: nothing is timed per read).
+        hooks: the event hooks, or None.
 
     Attributes:
         connections: the connections open (registered before any frame of
@@ -378,6 +382,8 @@ class Supervisor:
         ssl: ssl.SSLContext | None = None,
         tls_handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         tls_shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
+        metrics: ServerMetrics | None = None,
+        hooks: Hooks | None = None,
     ) -> None:
         # One of the two is set: a task handler, or a callback handler's function.
         self._callback: CallbackFunction | None = None
@@ -393,6 +399,11 @@ class Supervisor:
         self.ssl = ssl
         self.tls_handshake_timeout = tls_handshake_timeout
         self.tls_shutdown_timeout = tls_shutdown_timeout
+        self.metrics = metrics
+        self.hooks = hooks
+        # Why a connection is being closed, when it is not its handler's end
+        # (for Hooks.on_close): set by the event, popped at close.
+        self._close_reasons: dict[Connection, str] = {}
         self.connections: set[Connection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.counters = _Counters()
@@ -436,10 +447,17 @@ class Supervisor:
         loop = self._loop
         assert loop is not None
         made: list[Connection] = []
+        opened: float | None = None  # set once the connection is set up
+
+        metrics = self.metrics
 
         def factory() -> Connection:
             conn = Connection(self._framing, server=self, max_write_buffer=self._max_write_buffer)
             conn._on_frames = self._callback
+            if metrics is not None:
+                if metrics.read_stats is None:
+                    metrics.read_stats = conn._new_read_stats()
+                conn._read_stats = metrics.read_stats
             # Registered now, before connection_made: uvloop may deliver the
             # first frames before connect_accepted_socket returns.
             self.connections.add(conn)
@@ -460,6 +478,10 @@ class Supervisor:
                 if made_conn is None:
                     return
                 conn = made_conn
+            opened = loop.time()
+            hooks = self.hooks
+            if hooks is not None:
+                hooks.call("on_open", conn)
             if self.shutting_down:
                 conn._begin_shutdown()
             await self._run_handler(conn)
@@ -487,6 +509,8 @@ class Supervisor:
             # never retrieved", and a transport never closed).
             peer = format_peer(made[0].peer) if made else "an accepted socket"
             logger.exception("supervising the connection to %s failed; aborted", peer)
+            if made:
+                self._close_reasons[made[0]] = "error"
             if made and made[0]._transport is not None:
                 made[0].abort()
             else:
@@ -496,6 +520,9 @@ class Supervisor:
                 conn = made[0]
                 self.connections.discard(conn)
                 self._add_closed(conn)
+                reason = self._close_reasons.pop(conn, "closed")
+                if opened is not None:
+                    self._closed(conn, loop.time() - opened, reason)
             else:
                 self.counters.closed += 1
             release()
@@ -518,19 +545,35 @@ class Supervisor:
         options: dict[str, Any] = {"ssl": context, "ssl_handshake_timeout": timeout + 1.0}
         if _loop_has_tls_shutdown_timeout(loop):
             options["ssl_shutdown_timeout"] = self.tls_shutdown_timeout
+        began = loop.time()
+        metrics = self.metrics
+        hooks = self.hooks
         try:
             await asyncio.wait_for(loop.connect_accepted_socket(factory, sock, **options), timeout)
         except asyncio.TimeoutError:
             self.counters.tls_handshake_timeouts += 1
             logger.debug("TLS handshake with %s timed out after %.3g s", peer, timeout)
+            if hooks is not None:
+                hooks.call("on_tls_error", peer, "timeout", None)
         except (OSError, EOFError) as exc:  # ssl.SSLError is an OSError
             self.counters.tls_handshake_errors += 1
+            cause = handshake_error_cause(exc)
             logger.debug("TLS handshake with %s failed: %s", peer, _handshake_error(exc))
+            if metrics is not None:
+                metrics.count(metrics.tls_errors, cause)
+            if hooks is not None:
+                hooks.call("on_tls_error", peer, cause, exc)
         else:
             self.counters.tls_handshakes += 1
             # The protocol the factory made: uvloop returns its own
             # SSLProtocol from connect_accepted_socket, not ours.
-            return made[-1]
+            conn = made[-1]
+            seconds = loop.time() - began
+            if metrics is not None:
+                metrics.handshake_seconds.observe(seconds)
+            if hooks is not None:
+                hooks.call("on_tls_handshake", conn, seconds)
+            return conn
         sock.close()  # closed already by the transport, except on some early errors
         return None
 
@@ -567,6 +610,9 @@ class Supervisor:
 
     def _handler_failed(self, conn: Connection, exc: Exception) -> None:
         self.counters.handler_errors += 1
+        self._close_reasons[conn] = "handler_error"
+        if self.hooks is not None:
+            self.hooks.call("on_handler_error", conn, exc)
         logger.error(
             "handler raised %s: %s; closing the connection to %s",
             type(exc).__name__,
@@ -604,6 +650,24 @@ class Supervisor:
         finally:
             lingering.cancel()
 
+    def _closed(self, conn: Connection, duration: float, reason: str) -> None:
+        # Once per connection, after close: the duration histogram and the hook.
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.connection_seconds.observe(duration)
+        hooks = self.hooks
+        if hooks is not None and hooks.on_close is not None:
+            info = CloseInfo(
+                peer=conn.peer,
+                duration=duration,
+                bytes_in=conn.bytes_in,
+                bytes_out=conn.bytes_out,
+                frames_in=conn.frames_in,
+                frames_out=conn.frames_out,
+                reason=reason,
+            )
+            hooks.call("on_close", conn, info)
+
     def _add_closed(self, conn: Connection) -> None:
         c = self.counters
         c.closed += 1
@@ -622,6 +686,11 @@ class Supervisor:
     def frame_error(self, conn: Any, exc: FrameError) -> None:
         """Count a framing error; log it (the first few per interval, then a summary)."""
         self.counters.frame_errors += 1
+        self._close_reasons[conn] = "frame_error"
+        if self.metrics is not None:
+            self.metrics.count(self.metrics.frame_errors, frame_error_kind(exc))
+        if self.hooks is not None:
+            self.hooks.call("on_frame_error", conn, exc)
         limiter = self._frame_log
         if limiter is None or limiter.allow():
             logger.info("framing error from %s: %s; closing it", format_peer(conn.peer), exc)
@@ -682,6 +751,7 @@ class Supervisor:
                         idle_now[conn] = (*activity, now)
                     elif now - last[3] >= idle_timeout:
                         self.counters.idle_timeouts += 1
+                        self._close_reasons[conn] = "idle_timeout"
                         logger.info(
                             "closing %s: idle for %.3g s", format_peer(conn.peer), idle_timeout
                         )
@@ -693,6 +763,7 @@ class Supervisor:
 
     def _frame_timed_out(self, conn: Connection, timeout: float) -> None:
         self.counters.frame_timeouts += 1
+        self._close_reasons[conn] = "frame_timeout"
         logger.info(
             "closing %s: a frame took longer than %.3g s (%d bytes of it received)",
             format_peer(conn.peer),
@@ -730,6 +801,7 @@ class Supervisor:
                 for task in pending:
                     task.cancel()
                 for conn in list(self.connections):
+                    self._close_reasons[conn] = "drain_timeout"
                     _abort_with_reset(conn)
                 _, stuck = await asyncio.wait(pending, timeout=CANCEL_GRACE)
                 if stuck:

@@ -404,6 +404,9 @@ class Supervisor:
         # Why a connection is being closed, when it is not its handler's end
         # (for Hooks.on_close): set by the event, popped at close.
         self._close_reasons: dict[Connection, str] = {}
+        # The tasks of connections still in their TLS handshake: no request
+        # of theirs is in flight, so a shutdown cancels them at once.
+        self._handshaking: set[asyncio.Task[None]] = set()
         self.connections: set[Connection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.counters = _Counters()
@@ -548,6 +551,9 @@ class Supervisor:
         began = loop.time()
         metrics = self.metrics
         hooks = self.hooks
+        task = asyncio.current_task()
+        assert task is not None
+        self._handshaking.add(task)
         try:
             await asyncio.wait_for(loop.connect_accepted_socket(factory, sock, **options), timeout)
         except asyncio.TimeoutError:
@@ -574,6 +580,8 @@ class Supervisor:
             if hooks is not None:
                 hooks.call("on_tls_handshake", conn, seconds)
             return conn
+        finally:
+            self._handshaking.discard(task)
         sock.close()  # closed already by the transport, except on some early errors
         return None
 
@@ -777,6 +785,8 @@ class Supervisor:
     def begin_shutdown(self) -> None:
         """Step 2 of a shutdown: no more input; handlers finish the frames they have."""
         self.shutting_down = True
+        for task in list(self._handshaking):
+            task.cancel()  # its socket is closed as the handshake unwinds
         for conn in list(self.connections):
             if conn._transport is not None:
                 conn._begin_shutdown()

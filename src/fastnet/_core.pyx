@@ -424,6 +424,8 @@ cdef class ConnectionCore:
             self._pos = 0
             if self._read_paused & c_PAUSE_INBOX:
                 self._caught_up()
+            if self._read_stats is not None and not self._woke_at:
+                self._woke_at = _monotonic()  # frames were queued: the run starts now
             return inbox if pos == 0 else inbox[pos:]
         self._prepare_wait(False)
         return None
@@ -442,6 +444,8 @@ cdef class ConnectionCore:
             frame = inbox[pos]
             if self._read_paused & c_PAUSE_INBOX:
                 self._consumed_one(frame)
+            if self._read_stats is not None and not self._woke_at:
+                self._woke_at = _monotonic()  # frames were queued: the run starts now
             return frame
         self._prepare_wait(quiet_end)
         return None

@@ -83,7 +83,8 @@ class ReadStats:
 
     ``batches``: frames per read (bounds ``BATCH_BOUNDS``). ``handler``:
     seconds per handler run (``HANDLER_SECONDS_BOUNDS``): a callback
-    handler's call per batch, or a task handler's time from its wake-up to
+    handler's call per batch, or a task handler's time from its wake-up by
+    a read (or, when frames were already queued, from its taking them) to
     its next wait for input. Each observation is one bucket increment; the
     exporter reads ``snapshot()`` at scrape time.
     """
@@ -415,6 +416,8 @@ class ConnectionCore:
             self._pos = 0
             if self._read_paused & PAUSE_INBOX:
                 self._caught_up()
+            if self._read_stats is not None and not self._woke_at:
+                self._woke_at = _monotonic()  # frames were queued: the run starts now
             return inbox if pos == 0 else inbox[pos:]  # type: ignore[return-value]
         self._prepare_wait(False)
         return None
@@ -433,6 +436,8 @@ class ConnectionCore:
             frame = inbox[pos]
             if self._read_paused & PAUSE_INBOX:
                 self._consumed_one(frame)
+            if self._read_stats is not None and not self._woke_at:
+                self._woke_at = _monotonic()  # frames were queued: the run starts now
             return frame
         self._prepare_wait(quiet_end)
         return None

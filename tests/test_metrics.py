@@ -272,3 +272,32 @@ def test_metrics_without_prometheus_client_say_what_to_install(
     monkeypatch.setattr(builtins, "__import__", no_prometheus)
     with pytest.raises(RuntimeError, match=r"pip install 'fastnet\[metrics\]'"):
         fastnet.Server(echo, metrics=True)
+
+
+def test_snapshots_of_workers_sum_into_one_scrape(arun: Runner[Any]) -> None:
+    """Two servers stand for two worker processes of one listener: the supervisor's
+    collector, fed their snapshots, exports the sums (and histogram buckets add up)."""
+    from fastnet.metrics import FastnetCollector, snapshot
+
+    snaps: list[dict[str, Any]] = []
+
+    async def scenario() -> None:
+        for frames in (2, 3):
+            async with serving(echo, metrics=CollectorRegistry()) as server:
+                async with await fastnet.connect("127.0.0.1", server.port) as conn:
+                    assert len(await roundtrip(conn, [b"z"] * frames)) == frames
+                await wait_until(lambda: server.stats()["closed"] == 1)
+                snap = snapshot(server)
+                snap["listener"] = "0.0.0.0:9000"  # one shared listening socket
+                snaps.append(snap)
+
+    arun(scenario())
+    registry = CollectorRegistry()
+    registry.register(FastnetCollector.from_snapshots(lambda: snaps))
+    labels = {"listener": "0.0.0.0:9000"}
+    assert registry.get_sample_value("fastnet_frames_received_total", labels) == 5
+    assert registry.get_sample_value("fastnet_connections_accepted_total", labels) == 2
+    assert registry.get_sample_value("fastnet_connection_duration_seconds_count", labels) == 2
+    reads = registry.get_sample_value("fastnet_frames_per_read_count", labels)
+    assert reads is not None and 2 <= reads <= 5
+    assert registry.get_sample_value("fastnet_frames_per_read_sum", labels) == 5

@@ -53,7 +53,9 @@ __all__ = [
     "accept_error_kind",
     "frame_error_kind",
     "handshake_error_cause",
+    "merge_snapshots",
     "register",
+    "snapshot",
 ]
 
 logger = logging.getLogger("fastnet")
@@ -246,6 +248,51 @@ def snapshot(server: Any) -> dict[str, Any]:
     return data
 
 
+def merge_snapshots(snaps: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Sum snapshots of the same listener (one per worker process): counters, labelled
+    counts and histogram buckets add up; ``draining`` is true if any worker drains."""
+    merged: dict[str, dict[str, Any]] = {}
+    for snap in snaps:
+        into = merged.get(snap["listener"])
+        if into is None:
+            merged[snap["listener"]] = _copy_snapshot(snap)
+            continue
+        for key, value in snap["stats"].items():
+            into["stats"][key] = into["stats"].get(key, 0) + value
+        into["draining"] = into["draining"] or snap["draining"]
+        for table in ("frame_errors", "accept_errors", "tls_errors"):
+            if table in snap:
+                counts = into.setdefault(table, {})
+                for key, value in snap[table].items():
+                    counts[key] = counts.get(key, 0) + value
+        for hist in (
+            "connection_seconds",
+            "handshake_seconds",
+            "frames_per_read",
+            "handler_seconds",
+        ):
+            if hist not in snap:
+                continue
+            if hist not in into:
+                into[hist] = (list(snap[hist][0]), snap[hist][1])
+                continue
+            counts, total = into[hist]
+            into[hist] = (
+                [a + b for a, b in zip(counts, snap[hist][0], strict=True)],
+                total + snap[hist][1],
+            )
+    return [merged[key] for key in sorted(merged)]
+
+
+def _copy_snapshot(snap: dict[str, Any]) -> dict[str, Any]:
+    copy = dict(snap)
+    copy["stats"] = dict(snap["stats"])
+    for table in ("frame_errors", "accept_errors", "tls_errors"):
+        if table in snap:
+            copy[table] = dict(snap[table])
+    return copy
+
+
 # (name, stats key, help): counters straight from stats().
 _COUNTERS = (
     ("connections_accepted", "accepted", "Connections accepted."),
@@ -299,7 +346,7 @@ class FastnetCollector:
         )
 
         if self._snapshots is not None:
-            snaps = self._snapshots()
+            snaps = merge_snapshots(self._snapshots())
         else:
             snaps = sorted((snapshot(s) for s in list(self._servers)), key=lambda d: d["listener"])
         label = ["listener"]

@@ -6,6 +6,9 @@
 #   make serve       the example echo server in the foreground (SERVE_ARGS, default port 8080)
 #   make bench       codec micro-benchmarks (pytest-benchmark, make bench-micro), then the
 #                    end-to-end comparison benchmarks/compare.py (make bench-compare)
+#   make bench-tls   the TLS set of the comparison (compare.py --set tls): TLS echo, new TLS
+#                    connections/s and RSS per idle TLS connection against the TLS Protocol
+#                    baseline, into benchmarks/results/tls.{json,md} (COMPARE_ARGS apply)
 #   make soak        10,000 connections against `fastnet serve echo` for 30 minutes, nothing
 #                    lost, RSS and descriptors flat (benchmarks/soak.py; SOAK_ARGS, e.g.
 #                    SOAK_ARGS="--duration 300"); make soak-ci is the 60 s run CI makes
@@ -49,8 +52,8 @@ NO_EXT_GUARD = $(if $(FASTNET_NO_EXTENSIONS),$(error FASTNET_NO_EXTENSIONS is se
 	`make $(or $(MAKECMDGOALS),all)` builds and uses the extension; unset it \
 	(`make test-pure` tests the pure-Python package)))
 
-.PHONY: all test test-pure serve bench bench-micro bench-compare soak soak-ci build lint lint-deps \
-	clean distclean
+.PHONY: all test test-pure serve bench bench-micro bench-compare bench-tls soak soak-ci build \
+	lint lint-deps clean distclean
 .PHONY: asan fuzz fuzz-ci test-matrix
 
 all: test
@@ -99,6 +102,11 @@ bench-micro: $(VENV)/.bench-installed
 bench-compare: $(VENV)/.bench-installed
 	$(NO_EXT_GUARD)
 	$(PY) benchmarks/compare.py $(COMPARE_ARGS)
+
+# The TLS set needs trustme (the test extra) for its run-time certificates.
+bench-tls: $(VENV)/.bench-installed
+	$(NO_EXT_GUARD)
+	$(PY) benchmarks/compare.py --set tls $(COMPARE_ARGS)
 
 # The documented soak: results and the chart (matplotlib, from the bench
 # extra) go to benchmarks/results/soak.json and soak.png.

@@ -6,6 +6,7 @@ Usage::
     python benchmarks/compare.py --quick    # one short run of each case; prints, writes nothing
     python benchmarks/compare.py --fastnet-before OTHER/bin/python   # before/after in one sitting
     python benchmarks/compare.py --render benchmarks/results/compare.json  # redraw only
+    python benchmarks/compare.py --set tls  # the TLS set: results/tls.{json,md} (make bench-tls)
     python benchmarks/compare.py --help
 
 For every workload, every server and both event loops, the harness starts the
@@ -67,6 +68,31 @@ headroom and the memory figures of ``memory.py``), and
 At the default settings (3 runs of 2 s after 0.5 s of warmup) the whole run
 takes about 10 minutes on a 2-core machine, plus a minute to build Tokio the
 first time.
+
+The TLS set (``--set tls``, issue 9) writes ``results/tls.json`` and
+``results/tls.md`` instead. Certificates are made at run time by trustme (the
+test extra) in a temporary directory. The servers are fastnet's callback echo
+(``fastnet serve echo --tls-cert ... --loop L``) and the reflecting Protocol
+serving TLS (``servers/protocol_reflect.py --tls-cert ...``: ``ssl=`` on
+``create_server``), each on uvloop and on asyncio. The C generator speaks no
+TLS, so:
+
+- TLS echo, 64 x 16 x 64 B and 8 x 4 x 64 KiB: ``python -m fastnet.loadgen
+  --tls`` (``--tls-generator-processes``, 1 by default: its one pinned core
+  is all it can use), with the server's CPU per frame from /proc, the fair
+  comparison when the generator is the limit;
+- new TLS connections per second: ``tls_load.py rate``, a bounded number of
+  connections (``--tls-connections``) over ``--tls-concurrency`` workers,
+  each a full handshake, one echoed frame and a close, with the server's CPU
+  per connection;
+- memory per idle TLS connection: ``tls_load.py idle``, the server's RSS
+  growth over ``--tls-idle-connections`` handshaken idle connections.
+
+In the same rounds, fastnet on uvloop runs the plain-TCP small and rpc
+workloads with compare.py's generator (and, with ``--fastnet-before PYTHON``,
+the same fastnet before a change), next to the published figures of
+``results/compare.json``, to show the plain path unchanged. tls.md judges
+issue 9's targets. About 5 minutes at 3 runs.
 """
 
 from __future__ import annotations
@@ -237,15 +263,24 @@ def pinned(cpu: str, command: list[str], pin: bool) -> list[str]:
 EXTERNAL: dict[str, str] = {}
 
 
-def server_command(kind: ServerKind, loop: str, max_connections: int | None = None) -> list[str]:
-    """The command line of a server; ``max_connections`` raises fastnet's limit."""
+def server_command(
+    kind: ServerKind,
+    loop: str,
+    max_connections: int | None = None,
+    extra: tuple[str, ...] = (),
+) -> list[str]:
+    """The command line of a server; ``max_connections`` raises fastnet's limit.
+
+    ``extra`` is appended (the TLS set's ``--tls-cert FILE --tls-key FILE``,
+    which fastnet serve and the reflecting Protocol both take).
+    """
     if kind.native:
         if "tokio" not in EXTERNAL:
             raise RuntimeError("the Tokio baseline is not built (see build_tokio)")
-        return [EXTERNAL["tokio"], "--host", "127.0.0.1", "--port", "0"]
+        return [EXTERNAL["tokio"], "--host", "127.0.0.1", "--port", "0", *extra]
     if kind.script is not None:
         script = SERVERS_DIR / kind.script
-        return [sys.executable, str(script), "--port", "0", "--loop", loop]
+        return [sys.executable, str(script), "--port", "0", "--loop", loop, *extra]
     python = sys.executable
     if kind.before:
         if "before" not in EXTERNAL:
@@ -255,7 +290,7 @@ def server_command(kind: ServerKind, loop: str, max_connections: int | None = No
     command += ["--loop", loop, "--log-level", "warning"]
     if max_connections is not None:
         command += ["--max-connections", str(max_connections)]
-    return command
+    return command + list(extra)
 
 
 def server_env(kind: ServerKind) -> dict[str, str]:
@@ -270,13 +305,18 @@ class ServerProcess:
     """A server subprocess, started and waited for until it listens."""
 
     def __init__(
-        self, kind: ServerKind, loop: str, pin: bool, max_connections: int | None = None
+        self,
+        kind: ServerKind,
+        loop: str,
+        pin: bool,
+        max_connections: int | None = None,
+        extra: tuple[str, ...] = (),
     ) -> None:
         self.kind = kind
         # Closed in stop(); it outlives this method, so no `with` block.
         self.stderr = tempfile.TemporaryFile()  # noqa: SIM115
         self.proc = subprocess.Popen(
-            pinned(SERVER_CPU, server_command(kind, loop, max_connections), pin),
+            pinned(SERVER_CPU, server_command(kind, loop, max_connections, extra), pin),
             stdout=subprocess.PIPE,
             stderr=self.stderr,
             env=server_env(kind),
@@ -1094,12 +1134,685 @@ def run_memory(args: argparse.Namespace) -> dict[str, Any] | None:
 CHART_LABEL_WIDTH = 12
 
 
+# --------------------------------------------------------------------------- the TLS set
+
+
+# The TLS set (--set tls, issue 9): fastnet's callback echo against the
+# reflecting Protocol, both serving TLS on the same loop, with certificates
+# made by trustme at run time. The C generator speaks no TLS: the echo
+# workloads use python -m fastnet.loadgen --tls, and the connection workloads
+# benchmarks/tls_load.py. Alongside, plain-TCP fastnet on uvloop (compare.py's
+# generator), to show the plain path unchanged by TLS support.
+TLS_LOAD = HERE / "tls_load.py"
+TLS_SERVERS = ("fastnet", "protocol-reflect")
+TLS_BASELINE = "protocol-reflect"
+TLS_ECHO_WORKLOADS = ("small", "large")
+TLS_PLAIN_WORKLOADS = ("small", "rpc")
+TLS_LOOPS = ("uvloop", "asyncio")
+# Issue 9's targets: fastnet ÷ the TLS Protocol on the same loop (frames/s or
+# connections/s at least `bound`), and RSS per idle TLS connection on uvloop.
+TLS_TARGETS = (("small", 1.0), ("large", 1.5), ("connect", 0.9))
+TLS_IDLE_TARGET_KIB = 64.0
+# Python generator processes for the TLS echo workloads: the generator has
+# one core (CPU 1), and processes pinned to one core only share it, so one.
+TLS_GENERATOR_PROCESSES = 1
+
+
+@dataclass(frozen=True)
+class TLSCase:
+    """One case of the TLS set.
+
+    ``mode``: ``echo`` (TLS echo, the Python generator), ``plain`` (plain
+    TCP, compare.py's generator), ``connect`` (new TLS connections per second)
+    or ``idle`` (RSS per idle TLS connection).
+    """
+
+    mode: str
+    workload: str  # a WORKLOADS name for echo and plain; "connect" or "idle"
+    server: str
+    loop: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.mode}/{self.workload}"
+
+
+@dataclass(frozen=True)
+class TLSCertificates:
+    """PEM files trustme made: a CA, and a server certificate for 127.0.0.1 and localhost."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    key_type: str
+
+    def server_args(self) -> tuple[str, ...]:
+        return ("--tls-cert", str(self.cert), "--tls-key", str(self.key))
+
+
+def make_certificates(directory: Path) -> TLSCertificates:
+    """A fresh CA and server certificate (trustme's default key type) in ``directory``."""
+    try:
+        import trustme
+    except ImportError:
+        raise SystemExit(
+            "compare.py --set tls: trustme is needed (pip install trustme; in the test extra)"
+        ) from None
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1", "localhost")
+    certs = TLSCertificates(
+        ca=directory / "ca.pem",
+        cert=directory / "server.pem",
+        key=directory / "server.key",
+        key_type="",
+    )
+    ca.cert_pem.write_to_path(str(certs.ca))
+    for blob in issued.cert_chain_pems:
+        blob.write_to_path(str(certs.cert), append=True)
+    issued.private_key_pem.write_to_path(str(certs.key))
+    key = load_pem_private_key(issued.private_key_pem.bytes(), password=None)
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        key_type = f"ECDSA {key.curve.name}"
+    elif isinstance(key, rsa.RSAPrivateKey):
+        key_type = f"RSA {key.key_size}"
+    else:
+        key_type = type(key).__name__
+    return TLSCertificates(certs.ca, certs.cert, certs.key, key_type)
+
+
+def tls_cases(args: argparse.Namespace) -> list[TLSCase]:
+    loops = [loop for loop in TLS_LOOPS if loop in args.loops]
+    cases = [
+        TLSCase("echo", workload, server, loop)
+        for workload in TLS_ECHO_WORKLOADS
+        for server in TLS_SERVERS
+        for loop in loops
+    ]
+    plain_servers = ["fastnet"] + (["fastnet-before"] if args.fastnet_before else [])
+    cases += [
+        TLSCase("plain", workload, server, "uvloop")
+        for workload in TLS_PLAIN_WORKLOADS
+        for server in plain_servers
+    ]
+    cases += [TLSCase("connect", "connect", s, loop) for s in TLS_SERVERS for loop in loops]
+    cases += [TLSCase("idle", "idle", s, loop) for s in TLS_SERVERS for loop in loops]
+    return cases
+
+
+def tls_loadgen_command(
+    server: ServerProcess, workload: Workload, args: argparse.Namespace, certs: TLSCertificates
+) -> list[str]:
+    loop = args.generator_loop
+    return [
+        sys.executable, "-m", "fastnet.loadgen", "--loop", loop,
+        "--tls", "--tls-ca", str(certs.ca),
+        "--processes", str(args.tls_generator_processes),
+        "--host", server.host,
+        "--port", str(server.port),
+        "--connections", str(workload.connections),
+        "--depth", str(workload.depth),
+        "--size", str(workload.size),
+        "--duration", str(args.duration),
+        "--warmup", str(args.warmup),
+        "--server-pid", str(server.proc.pid),
+        "--json",
+    ]  # fmt: skip
+
+
+def tls_load_command(
+    server: ServerProcess, case: TLSCase, args: argparse.Namespace, certs: TLSCertificates
+) -> list[str]:
+    command = [
+        sys.executable, str(TLS_LOAD), "rate" if case.mode == "connect" else "idle",
+        "--port", str(server.port),
+        "--server-pid", str(server.proc.pid),
+        "--loop", "uvloop" if args.generator_loop != "asyncio" else "asyncio",
+        "--json",
+    ]  # fmt: skip
+    if case.mode == "connect":
+        command += ["--connections", str(args.tls_connections)]
+        command += ["--concurrency", str(args.tls_concurrency)]
+        command += ["--warmup-connections", str(max(1, args.tls_connections // 10))]
+    else:
+        command += ["--connections", str(args.tls_idle_connections)]
+    return command
+
+
+def tls_run_once(
+    case: TLSCase, args: argparse.Namespace, pin: bool, certs: TLSCertificates, label: str
+) -> dict[str, Any]:
+    """One run of a TLS-set case: a fresh server, its load, the server stopped."""
+    kind = next(s for s in SERVERS if s.name == case.server)
+    extra = () if case.mode == "plain" else certs.server_args()
+    limit = args.tls_idle_connections + 10 if case.mode == "idle" else None
+    # The idle case pins nothing: it measures memory, not time.
+    server = ServerProcess(kind, case.loop, pin and case.mode != "idle", limit, extra)
+    try:
+        if case.mode in ("echo", "plain"):
+            workload = next(w for w in WORKLOADS if w.name == case.workload)
+            if case.mode == "plain":
+                command = loadgen_command(server, workload, args)
+            else:
+                command = tls_loadgen_command(server, workload, args, certs)
+            timeout = args.duration + args.warmup + 60.0
+        else:
+            command = tls_load_command(server, case, args, certs)
+            timeout = 300.0
+        done = subprocess.run(
+            pinned(LOAD_CPU, command, pin and case.mode != "idle"),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if not done.stdout.strip():
+            raise RuntimeError(f"load failed: {done.stderr.strip()[-500:]}")
+        report: dict[str, Any] = json.loads(done.stdout)
+    finally:
+        problem = server.stop()
+        if problem:
+            print(f"{label} warning: the server {problem}", file=sys.stderr, flush=True)
+    return flatten(report) if case.mode in ("echo", "plain") else report
+
+
+def tls_run_quietly(
+    case: TLSCase, args: argparse.Namespace, pin: bool, certs: TLSCertificates, label: str
+) -> dict[str, Any]:
+    """``tls_run_once``, repeated while other processes loaded the machine (as ``run_quietly``)."""
+    attempts = []
+    for attempt in range(1 + args.noisy_retries):
+        result = tls_run_once(case, args, pin, certs, label)
+        attempts.append(result)
+        other = result.get("other_cpu_util")
+        if other is None or other <= args.noisy_load:
+            break
+        then = "again" if attempt < args.noisy_retries else "kept, no retries left"
+        print(f"{label} noisy ({other:.2f} cores of other load): {then}", file=sys.stderr)
+    best = min(attempts, key=lambda r: r.get("other_cpu_util") or 0.0)
+    best["attempts"] = len(attempts)
+    return best
+
+
+TLS_METRICS = {
+    "connect": (
+        "conns_per_s",
+        "server_cpu_us_per_conn",
+        "server_cpu_util",
+        "client_cpu_util",
+        "client_cpu_us_per_conn",
+        "other_cpu_util",
+    ),
+    "idle": (
+        "rss_before_kib",
+        "rss_connected_kib",
+        "rss_after_echo_kib",
+        "per_connection_kib",
+        "per_connection_after_echo_kib",
+    ),
+}
+
+
+def tls_summarise(mode: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    if mode in ("echo", "plain"):
+        return summarise(runs)
+    summary: dict[str, Any] = {"runs": len(runs)}
+    for metric in TLS_METRICS[mode]:
+        values = [r[metric] for r in runs if r.get(metric) is not None]
+        summary[metric] = (
+            {"median": statistics.median(values), "min": min(values), "max": max(values)}
+            if values
+            else None
+        )
+    summary["errors"] = sum(r.get("errors", 0) for r in runs)
+    return summary
+
+
+def run_tls_set(args: argparse.Namespace, pin: bool, certs: TLSCertificates) -> dict[str, Any]:
+    cases = tls_cases(args)
+    runs: dict[TLSCase, list[dict[str, Any]]] = {case: [] for case in cases}
+    failures: dict[TLSCase, str] = {}
+    total = len(cases) * args.runs
+    started = time.monotonic()
+    step = 0
+    sys.path.insert(0, str(HERE))
+    import tls_load
+
+    # The idle case's server holds one descriptor per connection: it inherits this limit.
+    tls_load.raise_fd_limit(args.tls_idle_connections + tls_load.FD_MARGIN)
+    for round_number in range(args.runs):
+        for case in cases:
+            step += 1
+            if case in failures:
+                continue
+            label = f"[{step}/{total}] {case.label:<13} {case.server:<16} {case.loop:<8}"
+            try:
+                result = tls_run_quietly(case, args, pin, certs, label)
+            except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
+                failures[case] = str(exc)
+                print(f"{label} FAILED: {exc}", file=sys.stderr, flush=True)
+                continue
+            result["round"] = round_number
+            runs[case].append(result)
+            print(f"{label} {tls_progress(case, result)}  ({time.monotonic() - started:4.0f} s)",
+                  file=sys.stderr, flush=True)  # fmt: skip
+    return {
+        "cases": [
+            {
+                "mode": case.mode,
+                "workload": case.workload,
+                "server": case.server,
+                "loop": case.loop,
+                "runs": runs[case],
+                "summary": tls_summarise(case.mode, runs[case]) if runs[case] else None,
+                "failure": failures.get(case),
+            }
+            for case in cases
+        ],
+        "elapsed_s": round(time.monotonic() - started, 1),
+    }
+
+
+def tls_progress(case: TLSCase, result: dict[str, Any]) -> str:
+    if case.mode == "idle":
+        return (
+            f"{result['per_connection_kib']:7.1f} KiB per idle connection, "
+            f"{result['per_connection_after_echo_kib']:7.1f} after one echo"
+        )
+    if case.mode == "connect":
+        return (
+            f"{result['conns_per_s']:>9,.0f} conns/s  server "
+            f"{result['server_cpu_us_per_conn']:,.0f} us/conn  "
+            f"server {result['server_cpu_util']:.2f} cpu  client "
+            f"{result['client_cpu_util']:.2f} cpu  other {result['other_cpu_util']:.2f}  "
+            f"errors {result['errors']}"
+        )
+    other = result["other_cpu_util"]
+    return (
+        f"{result['frames_per_s']:>10,.0f} frames/s  server {result['server_cpu_us_per_frame']:.3f}"
+        f" us/frame  server {result['server_cpu_util'] or 0:.2f} cpu  generator "
+        f"{result['loadgen_cpu_util'] or 0:.2f} cpu  other "
+        f"{'-' if other is None else f'{other:.2f}'}  errors {result['errors']}"
+        + ("  generator-bound" if generator_bound(result) else "")
+    )
+
+
+def tls_find(cases: list[dict[str, Any]], mode: str, workload: str, server: str, loop: str) -> Any:
+    for case in cases:
+        if (case["mode"], case["workload"], case["server"], case["loop"]) == (
+            mode,
+            workload,
+            server,
+            loop,
+        ):
+            return case["summary"]
+    return None
+
+
+def stored_plain_figures(path: Path = RESULTS_DIR / "compare.json") -> dict[str, Any]:
+    """fastnet uvloop's small and rpc figures in the published compare.json, with its date."""
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    figures: dict[str, Any] = {"date": stored.get("meta", {}).get("date")}
+    for case in stored.get("cases", []):
+        if case["server"] == "fastnet" and case["loop"] == "uvloop" and case["summary"]:
+            figures[case["workload"]] = {
+                "frames_per_s": median(case["summary"], "frames_per_s"),
+                "server_cpu_us_per_frame": median(case["summary"], "server_cpu_us_per_frame"),
+            }
+    return figures
+
+
+def tls_markdown(result: dict[str, Any]) -> str:
+    cases = result["cases"]
+    meta = result["meta"]
+    machine = meta["machine"]
+    lines = [
+        "# fastnet over TLS: echo, new connections, idle memory (issue 9)",
+        "",
+        f"- date: {meta['date']}; fastnet {machine['fastnet']} ({meta['fastnet_source']}), "
+        f"extension built: {machine['extension_built']}",
+        f"- machine: {machine['cpu']}, {machine['cpus']} CPUs, {machine['system']}; "
+        f"Python {machine['python']}, uvloop {machine['uvloop']}, {meta['openssl']}",
+        f"- command: `{meta['command']}`",
+        f"- pinning: {meta['pinning']} (the idle-memory cases are not pinned: they time nothing)",
+        f"- TLS: {meta['tls']}",
+        f"- each figure: median of {meta['runs']} runs (fresh server each), rounds interleaved; "
+        f"echo runs {meta['duration_s']:g} s after {meta['warmup_s']:g} s warmup; "
+        "spread = min-max",
+        f"- noise: {tls_noise(cases, meta)}",
+        f"- whole run: {result['elapsed_s']:.0f} s",
+        "",
+        "## TLS echo and new TLS connections",
+        "",
+        f"Echo: `python -m fastnet.loadgen --tls` ({meta['tls_generator_processes']} "
+        "process, uvloop), which verifies every echoed byte. New connections: "
+        f"`benchmarks/tls_load.py rate`, {meta['tls_connections']:,} connections over "
+        f"{meta['tls_concurrency']} concurrent workers, each: TCP connect, full TLS handshake "
+        "(no resumption), one 64 B frame echoed, close_notify and close. Server µs = the "
+        "server's own CPU time (user + system) per frame or per connection over the measured "
+        "window. The ratios are fastnet ÷ the TLS reflecting Protocol on the same loop: rate "
+        "(higher is better) and CPU per frame or connection (lower is better). † = the "
+        f"client kept at least {GENERATOR_BUSY:.0%} of its core busy: it set the pace, the rate "
+        "is a lower bound of the server's, and server µs is the fair comparison.",
+        "",
+        "| workload | server | loop | frames/s or conns/s | spread | p50 ms | server µs "
+        "| server busy | client busy | client µs | rate ÷ Protocol | CPU ÷ Protocol |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    titles = {
+        "small": "echo 64 x 16 x 64 B",
+        "large": "echo 8 x 4 x 64 KiB",
+        "connect": "new connections",
+    }
+    for workload, mode in (("small", "echo"), ("large", "echo"), ("connect", "connect")):
+        for case in cases:
+            if case["mode"] != mode or case["workload"] != workload:
+                continue
+            lines.append(tls_row(titles[workload], case, cases))
+    lines += ["", "## Memory per idle TLS connection", ""]
+    lines += [
+        f"`benchmarks/tls_load.py idle`: one warm-up connection, then "
+        f"{meta['tls_idle_connections']:,} TLS connections handshaken and left idle; the "
+        "server's RSS growth (VmRSS, settled) divided by their number; then one 128 B frame "
+        "echoed on each and the RSS again.",
+        "",
+        "| server | loop | RSS before | RSS with the idle connections | per idle connection "
+        "| spread | after one echo each | per connection |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for case in cases:
+        if case["mode"] != "idle":
+            continue
+        s = case["summary"]
+        name = server_title(case["server"], tls=True)
+        if s is None:
+            lines.append(f"| {name} | {case['loop']} | failed: {case['failure']} | | | | | |")
+            continue
+        per = s["per_connection_kib"]
+        mib = {key: s[key]["median"] / 1024 for key in TLS_METRICS["idle"][:3]}
+        lines.append(
+            f"| {name} | {case['loop']} | {mib['rss_before_kib']:.1f} MiB "
+            f"| {mib['rss_connected_kib']:.1f} MiB "
+            f"| {per['median']:.1f} KiB | {per['min']:.1f}-{per['max']:.1f} "
+            f"| {mib['rss_after_echo_kib']:.1f} MiB "
+            f"| {s['per_connection_after_echo_kib']['median']:.1f} KiB |"
+        )
+    lines += tls_plain_section(cases, meta)
+    lines += tls_targets_section(cases)
+    return "\n".join(lines) + "\n"
+
+
+def server_title(name: str, tls: bool) -> str:
+    titles = {
+        "fastnet": "fastnet echo (callback)",
+        "protocol-reflect": "reflecting Protocol",
+        "fastnet-before": "fastnet echo, before TLS support",
+    }
+    return titles.get(name, name) + (" TLS" if tls else "")
+
+
+def tls_row(title: str, case: dict[str, Any], cases: list[dict[str, Any]]) -> str:
+    s = case["summary"]
+    name = server_title(case["server"], tls=True)
+    if s is None:
+        return f"| {title} | {name} | {case['loop']} | failed: {case['failure']} | | | | | | | | |"
+    base = tls_find(cases, case["mode"], case["workload"], TLS_BASELINE, case["loop"])
+    if case["mode"] == "connect":
+        rate_key, cpu_key, busy_key, client_key = (
+            "conns_per_s",
+            "server_cpu_us_per_conn",
+            "client_cpu_util",
+            "client_cpu_us_per_conn",
+        )
+        p50 = "-"
+        digits = 0
+    else:
+        rate_key, cpu_key, busy_key, client_key = (
+            "frames_per_s",
+            "server_cpu_us_per_frame",
+            "loadgen_cpu_util",
+            "loadgen_cpu_us_per_frame",
+        )
+        p50 = fmt_num(median(s, "p50_ms"), 3)
+        digits = 3
+    bound = tls_client_bound(s)
+    rate = median(s, rate_key)
+    cpu = median(s, cpu_key)
+    spread = s[rate_key]
+    ratio = "-" if case["server"] == TLS_BASELINE else fmt_ratio(rate, median(base, rate_key))
+    cpu_ratio = "-" if case["server"] == TLS_BASELINE else fmt_ratio(cpu, median(base, cpu_key))
+    errors = f" ({s['errors']} errors)" if s["errors"] else ""
+    return (
+        f"| {title} | {name}{errors} | {case['loop']} | {fmt_rate(rate)} "
+        f"| {fmt_rate(spread['min'])}-{fmt_rate(spread['max'])} | {p50} "
+        f"| {fmt_num(cpu, digits)} | {fmt_percent(median(s, 'server_cpu_util'))} "
+        f"| {fmt_percent(median(s, busy_key))}{' †' if bound else ''} "
+        f"| {fmt_num(median(s, client_key), digits)} | {ratio} | {cpu_ratio} |"
+    )
+
+
+def tls_client_bound(values: dict[str, Any]) -> bool:
+    """True when the client (echo generator or connection client) kept its core busy.
+
+    Only busy time counts here, not compare.py's second test (a generator
+    that spends as much CPU per frame as the server): over TLS both sides
+    pay the same cipher per byte, so that test marks nearly every case,
+    including ones where neither side was near its core's limit and the pace
+    was set by the server's flow of records.
+    """
+    busy = _metric(values, "client_cpu_util")
+    if busy is None:
+        busy = _metric(values, "loadgen_cpu_util")
+    return busy is not None and busy >= GENERATOR_BUSY
+
+
+def tls_noise(cases: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    values = sorted(
+        run["other_cpu_util"]
+        for case in cases
+        for run in case["runs"]
+        if run.get("other_cpu_util") is not None
+    )
+    if not values:
+        return "not measured"
+    retried = sum(run.get("attempts", 1) - 1 for case in cases for run in case["runs"])
+    return (
+        f"other processes used a median of {statistics.median(values):.2f} CPU cores "
+        f"(max {values[-1]:.2f}) during the timed runs; runs above "
+        f"{meta['noisy_load']:g} cores were repeated (at most {meta['noisy_retries']} times, "
+        f"the quietest kept): {retried} repetitions"
+    )
+
+
+def tls_plain_section(cases: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
+    stored = meta.get("stored_plain") or {}
+    lines = [
+        "",
+        "## Plain TCP, same sitting: unchanged by TLS support?",
+        "",
+        f"fastnet's callback echo on uvloop, plain TCP, {meta['generator']}. "
+        + (
+            "`fastnet-before` is fastnet before TLS support "
+            f"({meta.get('fastnet_before_note', 'the --fastnet-before interpreter')}), "
+            "run in the same rounds. "
+            if any(c["server"] == "fastnet-before" for c in cases)
+            else ""
+        )
+        + f"The last columns are the published figures (results/compare.json, "
+        f"{stored.get('date', '-')}, before TLS support; another sitting).",
+        "",
+        "| workload | server | frames/s | spread | server µs/frame | frames/s ÷ before "
+        "| µs ÷ before | published frames/s | published µs/frame |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for case in cases:
+        if case["mode"] != "plain":
+            continue
+        s = case["summary"]
+        name = server_title(case["server"], tls=False)
+        if s is None:
+            lines.append(f"| {case['workload']} | {name} | failed: {case['failure']} | | | | | | |")
+            continue
+        before = tls_find(cases, "plain", case["workload"], "fastnet-before", case["loop"])
+        published = stored.get(case["workload"]) or {}
+        is_before = case["server"] == "fastnet-before"
+        fps = median(s, "frames_per_s")
+        cpu = median(s, "server_cpu_us_per_frame")
+        mark = " †" if generator_bound(s) else ""
+        lines.append(
+            f"| {case['workload']} | {name} | {fmt_rate(fps)}{mark} "
+            f"| {fmt_rate(s['frames_per_s']['min'])}-{fmt_rate(s['frames_per_s']['max'])} "
+            f"| {fmt_num(cpu, 3)} "
+            f"| {'-' if is_before else fmt_ratio(fps, median(before, 'frames_per_s'))} "
+            f"| {'-' if is_before else fmt_ratio(cpu, median(before, 'server_cpu_us_per_frame'))} "
+            f"| {fmt_rate(published.get('frames_per_s'))} "
+            f"| {fmt_num(published.get('server_cpu_us_per_frame'), 3)} |"
+        )
+    return lines
+
+
+def tls_targets_section(cases: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "",
+        "## Targets (issue 9)",
+        "",
+        "Rate targets: fastnet's rate ÷ the TLS reflecting Protocol's on the same loop. A rate",
+        "set by the client (†: it kept its core busy) is a lower bound of the server's: a",
+        "ratio above the bound with fastnet's side client-bound still holds, and one below it",
+        "with the Protocol's side client-bound too. Otherwise the rate cannot decide, and the",
+        "verdict is taken on the CPU efficiency ratio (the Protocol's server µs per frame or",
+        "connection ÷ fastnet's, against the same bound): what one server core delivers.",
+        "",
+        "| target | loop | rate ratio | CPU efficiency ratio | verdict |",
+        "|---|---|---:|---:|---|",
+    ]
+    names = {
+        "small": ("echo", "TLS echo 64 x 16 x 64 B", "frames_per_s", "server_cpu_us_per_frame"),
+        "large": ("echo", "TLS echo 8 x 4 x 64 KiB", "frames_per_s", "server_cpu_us_per_frame"),
+        "connect": ("connect", "new TLS conns/s", "conns_per_s", "server_cpu_us_per_conn"),
+    }
+    for workload, bound in TLS_TARGETS:
+        mode, title, rate_key, cpu_key = names[workload]
+        for loop in TLS_LOOPS:
+            ours = tls_find(cases, mode, workload, "fastnet", loop)
+            base = tls_find(cases, mode, workload, TLS_BASELINE, loop)
+            if ours is None or base is None:
+                continue
+            rate = _ratio(median(ours, rate_key), median(base, rate_key))
+            efficiency = _ratio(median(base, cpu_key), median(ours, cpu_key))
+            ours_bound, base_bound = tls_client_bound(ours), tls_client_bound(base)
+            rate_met = rate is not None and rate >= bound
+            cpu_met = efficiency is not None and efficiency >= bound
+            if rate_met and not base_bound:
+                verdict = "met"
+            elif not rate_met and not ours_bound:
+                verdict = "not met"
+            else:
+                verdict = f"{'met' if cpu_met else 'not met'} on CPU per unit (rate client-bound)"
+            marks = " ".join(
+                f"{side} †" for side, bound_ in (("fastnet", ours_bound), ("Protocol", base_bound))
+                if bound_
+            )  # fmt: skip
+            lines.append(
+                f"| {title} ≥ {bound:g}x Protocol | {loop} | {fmt_num(rate)}x "
+                f"| {fmt_num(efficiency)}x | {verdict}{f' ({marks})' if marks else ''} |"
+            )
+    for loop in TLS_LOOPS:
+        s = tls_find(cases, "idle", "idle", "fastnet", loop)
+        if s is None:
+            continue
+        per = median(s, "per_connection_kib")
+        base = median(tls_find(cases, "idle", "idle", TLS_BASELINE, loop), "per_connection_kib")
+        if loop == "uvloop":
+            verdict = "met" if per is not None and per <= TLS_IDLE_TARGET_KIB else "not met"
+            wanted = f"RSS per idle TLS connection ≤ {TLS_IDLE_TARGET_KIB:g} KiB"
+        else:
+            verdict = "no target (asyncio's SSLProtocol buffers)"
+            wanted = "RSS per idle TLS connection (informational)"
+        lines.append(
+            f"| {wanted} | {loop} | {fmt_num(per, 1)} KiB | Protocol: {fmt_num(base, 1)} KiB "
+            f"| {verdict} |"
+        )
+    lines.append("")
+    return lines
+
+
+def tls_main(args: argparse.Namespace, pin: bool, machine: dict[str, Any]) -> int:
+    """``--set tls``: certificates, the cases, the results in tls.json and tls.md."""
+    import ssl
+
+    extras = prepare(args)
+    with tempfile.TemporaryDirectory(prefix="fastnet-tls-bench-") as directory:
+        certs = make_certificates(Path(directory))
+        print(f"certificates ({certs.key_type}) in {directory}", file=sys.stderr, flush=True)
+        result = run_tls_set(args, pin, certs)
+    source = subprocess.run(
+        [sys.executable, "-c", "import fastnet, os; print(os.path.dirname(fastnet.__file__))"],
+        capture_output=True,
+        text=True,
+        env=server_env(SERVERS[0]),
+    ).stdout.strip()
+    given = list(args.argv)
+    if args.fastnet_before:
+        given = [w.replace(args.fastnet_before, "PYTHON") for w in given]
+    result["meta"] = {
+        **extras,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine,
+        "fastnet_source": args.fastnet_label or source.replace(str(HERE.parent) + os.sep, ""),
+        "openssl": ssl.OPENSSL_VERSION,
+        "tls": f"certificates by trustme ({certs.key_type}), made at run time; TLS 1.3 as "
+        "negotiated (the generators report the session); the echo client verifies the "
+        "server against the CA, the connection client does not (it would cost the client, "
+        "not the server)",
+        "command": "python benchmarks/compare.py" + (" " + " ".join(given) if given else ""),
+        "pinning": f"server on CPU {SERVER_CPU}, client on CPU {LOAD_CPU} (taskset)"
+        if pin
+        else "none (server and client unpinned)",
+        "runs": args.runs,
+        "duration_s": args.duration,
+        "warmup_s": args.warmup,
+        "noisy_load": args.noisy_load,
+        "noisy_retries": args.noisy_retries,
+        "tls_generator_processes": args.tls_generator_processes,
+        "tls_connections": args.tls_connections,
+        "tls_concurrency": args.tls_concurrency,
+        "tls_idle_connections": args.tls_idle_connections,
+        "stored_plain": stored_plain_figures(),
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+    if args.fastnet_before_note:
+        result["meta"]["fastnet_before_note"] = args.fastnet_before_note
+    text = tls_markdown(result)
+    print(text)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "tls.json").write_text(json.dumps(result, indent=1) + "\n")
+        (args.out / "tls.md").write_text(text)
+        print(f"wrote {args.out}/tls.{{json,md}}", file=sys.stderr)
+    failed = any(c["failure"] for c in result["cases"])
+    errors = any(c["summary"] and c["summary"]["errors"] for c in result["cases"])
+    return 1 if failed or errors else 0
+
+
 # --------------------------------------------------------------------------- main
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--set",
+        choices=("plain", "tls"),
+        default="plain",
+        help="plain: the comparison above (compare.{json,md,png}); tls: the TLS set "
+        "(issue 9: TLS echo, new TLS connections/s, RSS per idle TLS connection, and plain "
+        "fastnet uvloop in the same sitting), into tls.{json,md} (default plain)",
     )
     parser.add_argument("--runs", type=int, default=3, help="runs per case (3)")
     parser.add_argument("--duration", type=float, default=2.0, help="measured seconds (2)")
@@ -1169,6 +1882,49 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--memory-connections", type=int, default=None, help="idle connections for memory.py"
     )
+    tls = parser.add_argument_group("the TLS set (--set tls)")
+    tls.add_argument(
+        "--tls-generator-processes",
+        type=int,
+        default=TLS_GENERATOR_PROCESSES,
+        metavar="K",
+        help="python -m fastnet.loadgen --processes for the TLS echo (%(default)s: the "
+        "generator has one pinned core)",
+    )
+    tls.add_argument(
+        "--tls-connections",
+        type=int,
+        default=2000,
+        metavar="N",
+        help="new TLS connections measured per run (%(default)s)",
+    )
+    tls.add_argument(
+        "--tls-concurrency",
+        type=int,
+        default=32,
+        metavar="M",
+        help="concurrent connecting workers (%(default)s)",
+    )
+    tls.add_argument(
+        "--tls-idle-connections",
+        type=int,
+        default=2000,
+        metavar="N",
+        help="idle TLS connections for RSS per connection (%(default)s)",
+    )
+    tls.add_argument(
+        "--fastnet-label",
+        default=None,
+        metavar="TEXT",
+        help="what the measured fastnet is (e.g. a commit, when PYTHONPATH points at a "
+        "checkout), for tls.md (default: where it is imported from)",
+    )
+    tls.add_argument(
+        "--fastnet-before-label",
+        default=None,
+        metavar="TEXT",
+        help="what the --fastnet-before interpreter's fastnet is (e.g. a commit), for tls.md",
+    )
     parser.add_argument(
         "--render",
         type=Path,
@@ -1184,10 +1940,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "with --quick, nothing is written unless --out is given)",
     )
     args = parser.parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
+    args.fastnet_before_note = args.fastnet_before_label
     if args.quick:
         args.runs, args.duration, args.warmup = 1, 1.0, 0.25
         args.no_memory = True
         args.noisy_retries = 0
+        args.tls_connections = min(args.tls_connections, 300)
+        args.tls_idle_connections = min(args.tls_idle_connections, 300)
+    if args.set == "tls":
+        if args.render is not None:
+            parser.error("--render redraws the plain set only")
+        args.servers = ",".join(TLS_SERVERS + (("fastnet-before",) if args.fastnet_before else ()))
+    if min(args.tls_generator_processes, args.tls_connections, args.tls_concurrency) < 1:
+        parser.error("--tls-generator-processes, --tls-connections, --tls-concurrency: at least 1")
+    if args.tls_idle_connections < 1:
+        parser.error("--tls-idle-connections must be at least 1")
     if args.out is None and not args.quick:
         args.out = RESULTS_DIR
     if args.servers is None:
@@ -1299,6 +2067,11 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     machine = machine_description()
+    if args.set == "tls":
+        if not machine["extension_built"]:
+            print("warning: fastnet's extension is not built: the fastnet rows measure the "
+                  "pure-Python twin", file=sys.stderr)  # fmt: skip
+        return tls_main(args, pin, machine)
     if "fastnet" in args.servers and not machine["extension_built"]:
         print(
             "warning: fastnet's extension is not built; the 'fastnet echo (extension)' rows "

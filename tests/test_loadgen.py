@@ -45,6 +45,7 @@ from fastnet.loadgen import (
 ROOT = Path(__file__).resolve().parent.parent
 PROTOCOL_ECHO = ROOT / "benchmarks" / "servers" / "protocol_echo.py"
 STREAMS_ECHO = ROOT / "benchmarks" / "servers" / "streams_echo.py"
+PROTOCOL_REFLECT = ROOT / "benchmarks" / "servers" / "protocol_reflect.py"
 
 
 # --------------------------------------------------------------------------- options
@@ -740,6 +741,25 @@ def test_tls_bench_against_fastnet_serve(tls_files: TLSFiles, verify: bool, loop
         assert report["tls"]["version"] in ("TLSv1.2", "TLSv1.3")
         assert report["tls"]["verified"] is verify
     assert json.loads(large.stdout)["processes"] == 2
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_tls_bench_against_the_tls_protocol_baseline(tls_files: TLSFiles, loop: str) -> None:
+    """compare.py --set tls's baseline: the reflecting Protocol with ``--tls-cert``."""
+    if loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        pytest.skip("uvloop is not installed")
+    proc, port = _start(
+        [sys.executable, str(PROTOCOL_REFLECT), "--port", "0", "--loop", loop,
+         "--tls-cert", str(tls_files.server)]
+    )  # fmt: skip
+    try:
+        done = _cli(port, "--tls", "--tls-ca", str(tls_files.ca), "--size", "64K")
+    finally:
+        _stop(proc)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["errors"] == 0, report["error_messages"]
+    assert report["frames"] > 0 and report["tls"]["verified"]
 
 
 def test_tls_summary_says_whether_the_server_was_verified(tls_files: TLSFiles) -> None:

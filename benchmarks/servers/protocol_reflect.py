@@ -24,9 +24,18 @@ Careful details:
 Wire format: 4-byte big-endian length field, then the payload (fastnet's
 default ``length`` framing). A frame above 8 MiB closes the connection.
 
+With ``--tls-cert FILE [--tls-key FILE]`` the same protocol serves TLS:
+``ssl=`` on ``create_server``, so the event loop's TLS transport (asyncio's
+``SSLProtocol`` or uvloop's) hands it the decrypted bytes, the baseline of
+compare.py's ``--set tls``. The context is built as ``fastnet.tls.server_context``
+builds fastnet's (TLS 1.2 or later, no compression, the server's cipher
+preference), with the standard library only, so both servers negotiate the same
+protocol version and cipher.
+
 Usage::
 
     python benchmarks/servers/protocol_reflect.py --port 0 [--loop asyncio|uvloop]
+        [--tls-cert FILE [--tls-key FILE]]
 
 prints ``listening on HOST:PORT`` once it accepts connections, and exits 0 on
 SIGINT or SIGTERM.
@@ -37,6 +46,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import ssl
 import struct
 import sys
 from typing import cast
@@ -116,9 +126,18 @@ class ReflectProtocol(asyncio.Protocol):
         self.transport.resume_reading()
 
 
-async def serve(host: str, port: int) -> None:
+def tls_context(cert: str, key: str | None) -> ssl.SSLContext:
+    """A server context with fastnet.tls.server_context's settings."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    context.load_cert_chain(cert, key)
+    return context
+
+
+async def serve(host: str, port: int, context: ssl.SSLContext | None = None) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(ReflectProtocol, host, port, backlog=BACKLOG)
+    server = await loop.create_server(ReflectProtocol, host, port, backlog=BACKLOG, ssl=context)
     sock_host, sock_port = server.sockets[0].getsockname()[:2]
     print(f"listening on {sock_host}:{sock_port}", flush=True)
     stop = asyncio.Event()
@@ -136,14 +155,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    parser.add_argument("--tls-cert", metavar="FILE", help="PEM certificate chain: serve TLS")
+    parser.add_argument("--tls-key", metavar="FILE", help="PEM key (default: in --tls-cert)")
     args = parser.parse_args(argv)
+    if args.tls_key and not args.tls_cert:
+        parser.error("--tls-key needs --tls-cert")
+    try:
+        context = tls_context(args.tls_cert, args.tls_key) if args.tls_cert else None
+    except (OSError, ssl.SSLError) as exc:
+        print(f"protocol_reflect: cannot load {args.tls_cert}: {exc}", file=sys.stderr)
+        return 1
     try:
         if args.loop == "uvloop":
             import uvloop
 
-            uvloop.run(serve(args.host, args.port))
+            uvloop.run(serve(args.host, args.port, context))
         else:
-            asyncio.run(serve(args.host, args.port))
+            asyncio.run(serve(args.host, args.port, context))
     except KeyboardInterrupt:
         pass
     except OSError as exc:

@@ -525,19 +525,11 @@ cdef class ConnectionCore:
             ConnectionClosedError, ConnectionBrokenError: the connection is
                 closed or broke.
         """
-        cdef Py_ssize_t size
-        cdef bint was_empty
-        block = self._send_block
-        if block is not None:
-            raise block()
+        self._admit(_payload_size(frame) + self._overhead, True)
         cdef OutQueue out = self._out
-        size = _payload_size(frame) + self._overhead
-        if self._write_paused or out.queued_bytes + size > self._max_write_buffer - self._high_water:
-            self._check_room_for(size)
-        was_empty = out.queued_frames == 0
+        cdef bint was_empty = out.queued_frames == 0
         out._append(frame)
-        if was_empty and not self._delivering and not self._flush_scheduled:
-            self._schedule_flush()
+        self._queued(was_empty)
 
     def send_many(self, frames):
         """Queue several frames, in order; they are written with the rest of their batch.
@@ -549,21 +541,15 @@ cdef class ConnectionCore:
             as ``send``.
         """
         cdef Py_ssize_t size = 0
-        cdef bint was_empty
-        block = self._send_block
-        if block is not None:
-            raise block()
-        cdef OutQueue out = self._out
         if type(frames) is not _list:
             frames = list(frames)
         for frame in <list>frames:
             size += _payload_size(frame) + self._overhead
-        if self._write_paused or out.queued_bytes + size > self._max_write_buffer - self._high_water:
-            self._check_room_for(size)
-        was_empty = out.queued_frames == 0
+        self._admit(size, True)
+        cdef OutQueue out = self._out
+        cdef bint was_empty = out.queued_frames == 0
         out.extend(frames)
-        if was_empty and out.queued_frames and not self._delivering and not self._flush_scheduled:
-            self._schedule_flush()
+        self._queued(was_empty)
 
     def try_send(self, frame):
         """Queue one frame if the write buffer can take it; never raise ``WriteBufferFull``.
@@ -578,20 +564,12 @@ cdef class ConnectionCore:
             FrameError, TypeError, ConnectionClosedError, ConnectionBrokenError:
                 as ``send``.
         """
-        cdef Py_ssize_t size
-        cdef bint was_empty
-        block = self._send_block
-        if block is not None:
-            raise block()
+        if not self._admit(_payload_size(frame) + self._overhead, False):
+            return False
         cdef OutQueue out = self._out
-        size = _payload_size(frame) + self._overhead
-        if self._write_paused or out.queued_bytes + size > self._max_write_buffer - self._high_water:
-            if not self._has_room(size):
-                return False
-        was_empty = out.queued_frames == 0
+        cdef bint was_empty = out.queued_frames == 0
         out._append(frame)
-        if was_empty and not self._delivering and not self._flush_scheduled:
-            self._schedule_flush()
+        self._queued(was_empty)
         return True
 
     @property
@@ -614,9 +592,25 @@ cdef class ConnectionCore:
         cdef Py_ssize_t buffered = 0 if transport is None else transport.get_write_buffer_size()
         return self._out.queued_bytes + buffered
 
-    cdef int _check_room_for(self, Py_ssize_t size) except -1:
-        if not self._has_room(size):
-            raise _reasons.write_buffer_full(size, self._max_write_buffer)
+    cdef bint _admit(self, Py_ssize_t size, bint strict) except -1:
+        # May ``size`` more bytes be queued? Raises if sending has ended.
+        # Far from the limit, one comparison; near it, the exact check:
+        # raise WriteBufferFull (strict) or say False (see the twin).
+        block = self._send_block
+        if block is not None:
+            raise block()
+        if self._write_paused or self._out.queued_bytes + size > self._max_write_buffer - self._high_water:
+            if not self._has_room(size):
+                if strict:
+                    raise _reasons.write_buffer_full(size, self._max_write_buffer)
+                return False
+        return True
+
+    cdef inline int _queued(self, bint was_empty) except -1:
+        # Frames were queued: the first of a batch sent outside a read
+        # schedules the batch's one write.
+        if was_empty and self._out.queued_frames and not self._delivering and not self._flush_scheduled:
+            self._schedule_flush()
         return 0
 
     cdef bint _has_room(self, Py_ssize_t size) except -1:

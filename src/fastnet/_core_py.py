@@ -518,17 +518,11 @@ class ConnectionCore:
             ConnectionClosedError, ConnectionBrokenError: the connection is
                 closed or broke.
         """
-        block = self._send_block
-        if block is not None:
-            raise block()
+        self._admit(_payload_size(frame) + self._overhead, True)
         out = self._out
-        size = _payload_size(frame) + self._overhead
-        if self._write_paused or out.nbytes + size > self._max_write_buffer - self._high_water:
-            self._check_room_for(size)  # near the limit: the exact check
         was_empty = not out
         out.append(frame)
-        if was_empty and not self._delivering and not self._flush_scheduled:
-            self._schedule_flush()
+        self._queued(was_empty)
 
     def send_many(self, frames: Iterable[Buffer]) -> None:
         """Queue several frames, in order; they are written with the rest of their batch.
@@ -539,21 +533,16 @@ class ConnectionCore:
         Raises:
             as ``send``.
         """
-        block = self._send_block
-        if block is not None:
-            raise block()
-        out = self._out
         if type(frames) is not list:
             frames = list(frames)
         size = 0
         for frame in frames:
             size += _payload_size(frame) + self._overhead
-        if self._write_paused or out.nbytes + size > self._max_write_buffer - self._high_water:
-            self._check_room_for(size)
+        self._admit(size, True)
+        out = self._out
         was_empty = not out
         out.extend(frames)
-        if was_empty and out and not self._delivering and not self._flush_scheduled:
-            self._schedule_flush()
+        self._queued(was_empty)
 
     def try_send(self, frame: Buffer) -> bool:
         """Queue one frame if the write buffer can take it; never raise ``WriteBufferFull``.
@@ -568,19 +557,33 @@ class ConnectionCore:
             FrameError, TypeError, ConnectionClosedError, ConnectionBrokenError:
                 as ``send``.
         """
+        if not self._admit(_payload_size(frame) + self._overhead, False):
+            return False
+        out = self._out
+        was_empty = not out
+        out.append(frame)
+        self._queued(was_empty)
+        return True
+
+    def _admit(self, size: int, strict: bool) -> bool:
+        # May ``size`` more bytes be queued? Raises if sending has ended.
+        # Far from the limit (the common case) that is one comparison; near
+        # it, the exact check: raise WriteBufferFull (strict) or say False.
         block = self._send_block
         if block is not None:
             raise block()
-        out = self._out
-        size = _payload_size(frame) + self._overhead
-        near_limit = out.nbytes + size > self._max_write_buffer - self._high_water
+        near_limit = self._out.nbytes + size > self._max_write_buffer - self._high_water
         if (self._write_paused or near_limit) and not self._has_room(size):
+            if strict:
+                raise _reasons.write_buffer_full(size, self._max_write_buffer)
             return False
-        was_empty = not out
-        out.append(frame)
-        if was_empty and not self._delivering and not self._flush_scheduled:
-            self._schedule_flush()
         return True
+
+    def _queued(self, was_empty: bool) -> None:
+        # Frames were queued: the first of a batch sent outside a read
+        # schedules the batch's one write.
+        if was_empty and self._out and not self._delivering and not self._flush_scheduled:
+            self._schedule_flush()
 
     @property
     def write_buffer_size(self) -> int:
@@ -601,10 +604,6 @@ class ConnectionCore:
         transport = self._transport
         buffered = 0 if transport is None else transport.get_write_buffer_size()
         return int(self._out.nbytes) + buffered
-
-    def _check_room_for(self, size: int) -> None:
-        if not self._has_room(size):
-            raise _reasons.write_buffer_full(size, self._max_write_buffer)
 
     def _has_room(self, size: int) -> bool:
         # The limit bounds what piles up: a frame (or batch) larger than the

@@ -27,8 +27,8 @@ from fastnet import (
     FrameTooLarge,
     WriteBufferFull,
 )
+from fastnet._tunables import LARGE_FRAME, PAUSE_INBOX, READ_HIGH_FRAMES
 from fastnet.apps import echo, echo_task
-from fastnet.protocol import _PAUSE_INBOX, LARGE_FRAME, READ_HIGH_FRAMES
 from fastnet.server import run_coroutine
 
 # The loop/backend fixtures (arun, loop_name, process_variant) live there.
@@ -386,7 +386,7 @@ def test_reading_pauses_while_the_handler_falls_behind(arun: Runner[Any]) -> Non
         ):
             client.send_many([b"x"] * 20000)
             await client.drain()
-            await wait_until(lambda: "conn" in state and state["conn"]._read_paused & _PAUSE_INBOX)
+            await wait_until(lambda: "conn" in state and state["conn"]._read_paused & PAUSE_INBOX)
             conn = state["conn"]
             queued = len(conn._inbox) - conn._pos
             # Paused after passing the mark, at most one 64 KiB read later.
@@ -896,7 +896,7 @@ def test_asyncio_reading_on_stops_when_reading_pauses(codec: Any) -> None:
                 wire = frame_bytes(b"z" * 65536) * 160  # 10 MiB
                 sending = loop.create_task(loop.sock_sendall(client, wire))
                 await wait_until(
-                    lambda: "conn" in state and state["conn"]._read_paused & _PAUSE_INBOX
+                    lambda: "conn" in state and state["conn"]._read_paused & PAUSE_INBOX
                 )
                 conn = state["conn"]
                 received = conn.bytes_in

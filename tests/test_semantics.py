@@ -18,9 +18,9 @@ from test_server_support import Runner, frame_bytes, serving, wait_until
 
 import fastnet
 from fastnet import ConnectionBrokenError, ConnectionClosedError, FrameTooLarge
+from fastnet._reasons import reraise_factory
 from fastnet.apps import echo
 from fastnet.connection import Lifecycle
-from fastnet.protocol import _reraise_factory
 
 pytest_plugins = ["test_server_support"]
 
@@ -269,7 +269,7 @@ def test_spawn_on_a_closed_connection_raises(arun: Runner[Any]) -> None:
 
 def test_reraise_factory_gives_a_fresh_exception_each_time() -> None:
     original = FrameTooLarge(10, 5)
-    factory = _reraise_factory(original)
+    factory = reraise_factory(original)
     depths = []
     for _ in range(3):
         try:

@@ -36,7 +36,6 @@ from ._tunables import (
     LARGE_FRAME,
     PAUSE_INBOX,
     PAUSE_STOP,
-    PAUSE_WRITE,
     READ_HIGH_BYTES,
     READ_HIGH_FRAMES,
 )
@@ -64,11 +63,6 @@ __all__ = [
 logger = logging.getLogger("fastnet")
 
 _SO_LINGER_RESET = struct.pack("ii", 1, 0)  # linger on, 0 s: close(2) sends RST
-
-# Names the tests and older code use.
-_PAUSE_INBOX = PAUSE_INBOX
-_PAUSE_WRITE = PAUSE_WRITE
-_reraise_factory = _reasons.reraise_factory
 
 
 class FrameProtocol(asyncio.BufferedProtocol, _Base):

@@ -16,7 +16,10 @@ Layout (data flows top to bottom on receive; docs/design.md §0 draws what runs 
     listener.py     bind, the accept loop (slots, back-off, admission hook)
     supervisor.py   one connection's life: handler kinds, errors, lingering close, timeouts
     server.py       Server, the public facade: wiring, stats, shutdown
-    runner.py       loop choice, serve()/run(), signals (SIGHUP reloads TLS files)
+    runner.py       loop choice, serve()/run(), signals (SIGHUP reloads TLS files), drain delay
+    metrics.py      Prometheus collector read at scrape time; event hooks
+    health.py       HTTP /metrics, /healthz, /readyz on the server's own loop
+    jsonlog.py      JSONFormatter: one JSON object per log line (--log-format json)
     tls.py          TLS contexts from certificate files, Connection.tls, reload
     apps.py         built-in apps for `fastnet serve`: echo, kv
     cli.py          the `fastnet` command (serve, info, bench); __main__.py runs it

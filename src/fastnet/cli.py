@@ -1,14 +1,19 @@
 """The ``fastnet`` command: ``serve``, ``info`` and ``bench`` (argparse only).
 
 A thin wrapper over ``fastnet.server.run``. It binds 127.0.0.1 unless told
-otherwise, prints exactly one line to stdout (``listening on HOST:PORT``,
-with the real port when ``--port 0``) once the server accepts connections,
-and logs to stderr.
+otherwise, prints one line to stdout (``listening on HOST:PORT``, with the
+real port when ``--port 0``) once the server accepts connections, and logs
+to stderr (``--log-format json``: one JSON object per line). With
+``--metrics HOST:PORT`` it also serves ``/metrics``, ``/healthz`` and
+``/readyz`` there (``fastnet.health``) and prints a second line, ``metrics on
+HOST:PORT``, after the first; ``--drain-delay S`` keeps serving S seconds
+after the first SIGTERM/SIGINT, with ``/readyz`` answering 503.
 
 Exit status: 0 after a graceful shutdown; 2 for a usage error (a bad option
 value, an unknown or unloadable ``APP``, a bad ``--framing``, ``--loop
-uvloop`` without uvloop), reported as one line on stderr; 1 when the server
-cannot start (the address cannot be bound or resolved, a TLS file is bad),
+uvloop`` without uvloop, ``--metrics`` without prometheus_client), reported
+as one line on stderr; 1 when the server cannot start (an address, the
+server's or the metrics endpoint's, cannot be bound or resolved, a TLS file is bad),
 reported as one line naming the address or the file. Anything else is a
 bug, in fastnet or in the app: it propagates with its traceback (status 1)
 rather than being shortened to a line that hides where it came from.
@@ -46,6 +51,8 @@ from ._cliargs import (
     uvloop_version,
 )
 from .framing import ACCELERATED
+from .health import PROMETHEUS_MISSING
+from .jsonlog import JSONFormatter
 from .server import DEFAULT_BACKLOG, DEFAULT_MAX_CONNECTIONS, CallbackHandler, Handler, run
 from .tls import DEFAULT_HANDSHAKE_TIMEOUT, TLSConfigError, TLSFiles
 
@@ -55,12 +62,14 @@ __all__ = [
     "build_parser",
     "main",
     "parse_framing",
+    "parse_host_port",
     "parse_size",
     "resolve_app",
     "server_options",
 ]
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LOG_FORMATS = ("text", "json")
 
 EXIT_STATUS = (
     "Exit status: 0 after a graceful shutdown; 1 when the server cannot start (the address "
@@ -79,6 +88,24 @@ def _frame_timeout(text: str) -> float | None:
     if text.strip().lower() == "off":
         return None
     return positive_float(text)
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """Parse ``--metrics``: ``HOST:PORT``, ``[V6]:PORT``, or ``PORT`` alone (on 127.0.0.1).
+
+    Raises:
+        UsageError: no port, a bad port, or an empty host.
+    """
+    host, colon, port = text.rpartition(":")
+    if not colon:
+        host = "127.0.0.1"
+    elif host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise UsageError(f"put an IPv6 address in brackets: [{host}]:{port}")
+    if not host:
+        raise UsageError(f"expected HOST:PORT, e.g. 127.0.0.1:9100, got {text!r}")
+    return host, parse_port(port)
 
 
 def resolve_app(name: str) -> Handler:
@@ -199,6 +226,23 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
         action="store_true",
         help="set SO_REUSEPORT, so several processes can serve the same port",
     )
+    serve.add_argument(
+        "--drain-delay",
+        type=non_negative_float,
+        default=0.0,
+        metavar="S",
+        help="on the first SIGTERM/SIGINT, report not ready (/readyz: 503) but keep accepting "
+        "and serving for S seconds before the graceful shutdown, so a load balancer can "
+        "take the server out of rotation first (0)",
+    )
+    serve.add_argument(
+        "--metrics",
+        type=parse_host_port,
+        metavar="HOST:PORT",
+        help="serve /metrics (Prometheus), /healthz and /readyz over HTTP on HOST:PORT "
+        "(0 picks a port; a second stdout line names it); turns the metrics on; "
+        "needs pip install 'fastnet[metrics]'",
+    )
     tls = serve.add_argument_group(
         "TLS", "serve TLS 1.2+ (SIGHUP reloads the files; a bad file keeps the old certificate)"
     )
@@ -217,6 +261,14 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
     add_loop_argument(serve)
     serve.add_argument(
         "--log-level", choices=LOG_LEVELS, default="info", type=str.lower, help="(info)"
+    )
+    serve.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default="text",
+        type=str.lower,
+        help="text, or json: one JSON object per line with ts, level, logger, message and "
+        "the record's fields such as peer (text)",
     )
     serve.set_defaults(func=_serve)
 
@@ -278,14 +330,27 @@ def server_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+def _configure_logging(level: str, log_format: str) -> None:
+    stream = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        stream.setFormatter(JSONFormatter())
+    else:
+        stream.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[stream])
+
+
 def _serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    _configure_logging(args.log_level, args.log_format)
     handler = resolve_app(args.app)
     options = server_options(args)
+    if args.metrics is not None:
+        # Checked before binding anything, as --loop uvloop is: one line, status 2.
+        try:
+            import prometheus_client  # noqa: F401
+        except ImportError:
+            raise UsageError(f"--metrics: {PROMETHEUS_MISSING}") from None
+        options["metrics_address"] = args.metrics
+        options["on_metrics_ready"] = _print_metrics_address
     started = False
 
     def ready(server: Any) -> None:
@@ -294,7 +359,15 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"listening on {server.address}", flush=True)
 
     try:
-        run(handler, args.host, args.port, loop=args.loop, on_ready=ready, **options)
+        run(
+            handler,
+            args.host,
+            args.port,
+            loop=args.loop,
+            on_ready=ready,
+            drain_delay=args.drain_delay,
+            **options,
+        )
     except TLSConfigError as exc:  # a certificate, key or CA file (it names the file)
         raise CLIError(str(exc)) from None
     except OSError as exc:
@@ -303,6 +376,11 @@ def _serve(args: argparse.Namespace) -> int:
         # Bind, listen or name resolution failed; the message names the address.
         raise CLIError(exc.strerror or str(exc)) from None
     return 0
+
+
+def _print_metrics_address(endpoint: Any) -> None:
+    # The second stdout line, after "listening on": the real port with :0.
+    print(f"metrics on {endpoint.address}", flush=True)
 
 
 def _info(args: argparse.Namespace) -> int:

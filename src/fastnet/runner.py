@@ -4,8 +4,13 @@
 new event loop (uvloop when installed, as uvicorn does). The first signal
 starts a graceful shutdown and restores the default dispositions, so a
 second one kills the process at once, even if a handler blocks the loop.
-On a server given its TLS files (``ssl=TLSFiles(...)``), SIGHUP reloads them
-(``Server.reload_tls``).
+With a ``drain_delay``, the first signal only announces the drain
+(``Server.announce_drain``: ``/readyz`` answers 503) and the server keeps
+accepting and serving for that many seconds before the graceful shutdown, so
+a load balancer sees it leave before connections are refused. On a server
+given its TLS files (``ssl=TLSFiles(...)``), SIGHUP reloads them
+(``Server.reload_tls``). With a ``metrics_address``, ``serve`` also runs the
+metrics and health endpoint (``fastnet.health``) on the same loop.
 """
 
 from __future__ import annotations
@@ -13,11 +18,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import signal
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
+from .health import HealthEndpoint, default_registry
 from .server import Server
 from .supervisor import Handler
 
@@ -93,31 +100,82 @@ async def serve(
     *,
     on_ready: Callable[[Server], object] | None = None,
     handle_signals: bool = True,
+    drain_delay: float = 0.0,
+    metrics_address: tuple[str, int] | None = None,
+    on_metrics_ready: Callable[[HealthEndpoint], object] | None = None,
     **kwargs: Any,
 ) -> None:
     """Run a ``Server`` until it is shut down; with signals, until SIGINT/SIGTERM.
 
     Args:
         handler, host, port, **kwargs: as ``Server``.
-        on_ready: called with the server once it is listening.
+        on_ready: called with the server once it is listening (and the
+            metrics endpoint too, when there is one).
         handle_signals: the first SIGINT or SIGTERM starts a graceful
             shutdown and restores the default dispositions, so a second one
             kills the process at once (main thread only); SIGHUP reloads
             the TLS files of a server given ``ssl=TLSFiles(...)``.
+        drain_delay: seconds between the first SIGINT/SIGTERM and the
+            shutdown. The signal calls ``server.announce_drain()`` at once
+            (``/readyz`` answers 503, ``server.draining`` is True), and the
+            server keeps accepting and serving meanwhile, so a load balancer
+            probing ``/readyz`` takes it out of rotation before its listener
+            closes. 0 (the default) shuts down at once. A second signal
+            still exits at once.
+        metrics_address: ``(host, port)`` of the metrics and health endpoint
+            (``fastnet.health.HealthEndpoint``: ``/metrics``, ``/healthz``,
+            ``/readyz``), on this event loop; port 0 picks a free one. It
+            turns the collector on: ``metrics`` defaults to True
+            (prometheus_client's global ``REGISTRY``), or give
+            ``metrics=registry`` and the endpoint serves that registry;
+            ``metrics=False`` serves only ``/healthz`` and ``/readyz``
+            (``/metrics`` is 404) and needs no prometheus_client. Bind it to
+            an interface your scraper reaches and the public does not.
+        on_metrics_ready: called with the ``HealthEndpoint`` once it listens
+            (its ``address`` and ``port`` are the real ones), after ``on_ready``.
 
     Raises:
-        OSError: the address cannot be bound.
+        OSError: an address (the server's or the endpoint's) cannot be bound.
+        RuntimeError: metrics are on (``metrics_address`` alone turns them
+            on) and prometheus_client is not installed (``pip install
+            'fastnet[metrics]'``).
+        ValueError: ``drain_delay`` is negative or not finite.
     """
+    if not (math.isfinite(drain_delay) and drain_delay >= 0):
+        raise ValueError(f"drain_delay must be a finite number >= 0, got {drain_delay}")
+    registry = None
+    if metrics_address is not None:
+        metrics = kwargs.get("metrics", True)
+        if metrics is True:
+            registry = kwargs["metrics"] = default_registry()
+        elif metrics is not None and metrics is not False:
+            registry = metrics
     server = Server(handler, host, port, **kwargs)
     await server.start()
-    restore = _install_signal_handlers(server) if handle_signals else None
+    endpoint: HealthEndpoint | None = None
     try:
-        if on_ready is not None:
-            on_ready(server)
-        await server.serve_forever()
+        if metrics_address is not None:
+            endpoint = HealthEndpoint(server, *metrics_address, registry=registry)
+            try:
+                await endpoint.start()
+            except BaseException:
+                endpoint = None
+                await server.shutdown(drain_timeout=0)
+                raise
+        restore = _install_signal_handlers(server, drain_delay) if handle_signals else None
+        try:
+            if on_ready is not None:
+                on_ready(server)
+            if on_metrics_ready is not None and endpoint is not None:
+                on_metrics_ready(endpoint)
+            await server.serve_forever()
+        finally:
+            if restore is not None:
+                restore()
     finally:
-        if restore is not None:
-            restore()
+        # The endpoint outlives the drain (/readyz says 503 until the end).
+        if endpoint is not None:
+            await endpoint.close()
 
 
 def run(
@@ -132,10 +190,13 @@ def run(
 
     Args:
         loop: ``"auto"`` (uvloop when installed), ``"uvloop"`` or ``"asyncio"``.
-        handler, host, port, **kwargs: as ``serve`` and ``Server``.
+        handler, host, port, **kwargs: as ``serve`` (``drain_delay``,
+            ``metrics_address=(host, port)`` for the metrics and health
+            endpoint, ``on_ready``, ...) and ``Server``.
 
     Raises:
-        OSError: the address cannot be bound.
+        OSError: an address cannot be bound.
+        RuntimeError: ``metrics_address`` without prometheus_client.
     """
     run_coroutine(serve(handler, host, port, **kwargs), loop=loop)
 
@@ -143,7 +204,7 @@ def run(
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def _install_signal_handlers(server: Server) -> Callable[[], None]:
+def _install_signal_handlers(server: Server, drain_delay: float = 0.0) -> Callable[[], None]:
     loop = asyncio.get_running_loop()
     previous = {sig: signal.getsignal(sig) for sig in _SIGNALS}
     shutdown_task: list[asyncio.Task[None]] = []
@@ -153,13 +214,21 @@ def _install_signal_handlers(server: Server) -> Callable[[], None]:
         if shutdown_task:  # only reachable where dispositions cannot be reset
             logger.warning("%s again: exiting now", name)
             os._exit(128 + signum)
-        logger.info("%s received: shutting down (a second signal exits at once)", name)
+        if drain_delay > 0:
+            logger.info(
+                "%s received: draining for %g s, then shutting down "
+                "(a second signal exits at once)",
+                name,
+                drain_delay,
+            )
+        else:
+            logger.info("%s received: shutting down (a second signal exits at once)", name)
         uninstall()
         # Default dispositions: a second SIGINT/SIGTERM ends the process at
-        # once, even if a handler blocks the event loop.
+        # once, even if a handler blocks the event loop (or during the delay).
         for sig in _SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
-        shutdown_task.append(loop.create_task(server.shutdown()))
+        shutdown_task.append(loop.create_task(_drain_then_shut_down(server, drain_delay)))
 
     installed: list[int] = []
 
@@ -187,12 +256,27 @@ def _install_signal_handlers(server: Server) -> Callable[[], None]:
 
     def restore() -> None:
         uninstall()
+        # The server was shut down some other way during the drain delay.
+        for task in shutdown_task:
+            task.cancel()
         for sig, handler in previous.items():
             if handler is not None:
                 with contextlib.suppress(ValueError):  # not the main thread
                     signal.signal(sig, handler)
 
     return restore
+
+
+async def _drain_then_shut_down(server: Server, drain_delay: float) -> None:
+    # Step 0 of the shutdown: readiness goes first (/readyz answers 503), while
+    # the listener still accepts and every connection is served as before, so
+    # the load balancer's probe, not a refused connection, takes the server
+    # out of rotation. Then the graceful drain (server.py, steps 1-5).
+    server.announce_drain()
+    if drain_delay > 0:
+        await asyncio.sleep(drain_delay)
+        logger.info("drain delay over: shutting down")
+    await server.shutdown()
 
 
 def _reload_tls(server: Server) -> None:

@@ -78,11 +78,13 @@ pytestmark = [
 P99_BOUND_MS = 250.0
 # The one exception: a flood of zero-length frames served by the pure-Python
 # backend. Every 64 KiB read is 16,384 frames decoded, echoed and encoded in
-# Python (about 1.5 µs each, 30 times the extension's cost: 25 ms a read),
-# and uvloop makes up to 32 reads per readiness event, so one flooder can hold
-# the loop for a good part of a second. Measured p99: 300-630 ms on uvloop.
-# This bounds it (the loop still turns) without pretending the twin is fair
-# under that load; a per-read fairness cap is future work (closing note).
+# Python (about 1.5 us each, 30 times the extension's cost: 25-35 ms a read).
+# uvloop used to make up to 32 such reads per readiness event; a read of more
+# than READ_FAIR_FRAMES frames now pauses reading until the loop's next turn
+# (uvloop p99 534 -> 284 ms on a loaded machine), but four flooders still cost
+# one read each per turn, about 100+ ms, on either loop (asyncio p99 ~300 ms).
+# This bounds it (the loop turns, every ping is answered) without pretending
+# the twin is as fast as the extension under that load.
 PURE_FLOOD_P99_BOUND_MS = 1000.0
 # Memory every case may grow by, on top of what it states (module docstring).
 MEMORY_SLACK_KIB = 16 * 1024

@@ -27,7 +27,13 @@ from fastnet import (
     FrameTooLarge,
     WriteBufferFull,
 )
-from fastnet._tunables import LARGE_FRAME, PAUSE_INBOX, READ_HIGH_FRAMES
+from fastnet._tunables import (
+    LARGE_FRAME,
+    PAUSE_FAIR,
+    PAUSE_INBOX,
+    READ_FAIR_FRAMES,
+    READ_HIGH_FRAMES,
+)
 from fastnet.apps import echo, echo_task
 from fastnet.server import run_coroutine
 
@@ -908,3 +914,34 @@ def test_asyncio_reading_on_stops_when_reading_pauses(codec: Any) -> None:
                 state["done"].set()
 
     run_coroutine(asyncio.wait_for(scenario(), 30), loop="asyncio")
+
+
+def test_a_read_of_very_many_frames_yields_to_the_loop(arun: Runner[Any]) -> None:
+    """A read that delivers more than READ_FAIR_FRAMES frames pauses reading until the
+    loop's next turn (uvloop reads a stream up to 32 times per event otherwise), then
+    resumes: nothing is lost, and smaller reads never pause."""
+    seen: list[tuple[int, bool, bool]] = []
+
+    @fastnet.callback_handler
+    def record(conn: fastnet.Connection, frames: list[bytes]) -> list[bytes]:
+        paused = bool(conn._read_paused & PAUSE_FAIR)
+        seen.append((len(frames), paused, conn.transport.is_reading()))
+        return frames
+
+    total = 4 * 16384  # 256 KiB of zero-length frames: reads of up to 16,384 frames
+
+    async def scenario() -> int:
+        async with serving(record) as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(b"\0\0\0\0" * total)
+            echoed = await asyncio.wait_for(reader.readexactly(4 * total), 20.0)
+            writer.close()
+            return len(echoed)
+
+    assert arun(scenario()) == 4 * total
+    assert sum(n for n, _, _ in seen) == total
+    assert any(n > READ_FAIR_FRAMES for n, _, _ in seen), f"no large read: {seen[:8]}"
+    for n, paused, reading in seen:
+        assert paused == (n > READ_FAIR_FRAMES), (n, paused)
+        if paused:
+            assert not reading

@@ -32,9 +32,11 @@ from ._tunables import (
     DEFAULT_MAX_WRITE_BUFFER,
     HANDLER_SECONDS_BOUNDS,
     LARGE_FRAME,
+    PAUSE_FAIR,
     PAUSE_INBOX,
     PAUSE_WRITE,
     READ_BURST,
+    READ_FAIR_FRAMES,
     READ_HIGH_BYTES,
     READ_HIGH_FRAMES,
     READ_LOW_BYTES,
@@ -52,6 +54,8 @@ cdef long long c_READ_LOW_FRAMES = READ_LOW_FRAMES
 cdef long long c_READ_HIGH_BYTES = READ_HIGH_BYTES
 cdef long long c_READ_LOW_BYTES = READ_LOW_BYTES
 cdef int c_READ_BURST = READ_BURST
+cdef Py_ssize_t c_READ_FAIR_FRAMES = READ_FAIR_FRAMES
+cdef int c_PAUSE_FAIR = PAUSE_FAIR
 cdef int c_PAUSE_INBOX = PAUSE_INBOX
 cdef int c_PAUSE_WRITE = PAUSE_WRITE
 cdef int c_CLOSING = CLOSING
@@ -321,11 +325,14 @@ cdef class ConnectionCore:
             return 0
         if not frames:
             return 0
-        self.frames_in += len(frames)
+        cdef Py_ssize_t count = len(frames)
+        self.frames_in += count
+        if count > c_READ_FAIR_FRAMES:
+            self._yield_reading()
         cdef ReadStats stats = self._read_stats
         cdef double began
         if stats is not None:
-            stats._batch(len(frames))
+            stats._batch(count)
         on_frames = self._on_frames
         if on_frames is not None:
             if stats is not None:
@@ -487,6 +494,13 @@ cdef class ConnectionCore:
             and self.bytes_in - self._consumed_mark <= c_READ_LOW_BYTES
         ):
             self._unpause_reading(c_PAUSE_INBOX)
+
+    cdef int _yield_reading(self) except -1:
+        # A read of very many frames: let the loop turn before the next one.
+        if not self._read_paused & c_PAUSE_FAIR:
+            self._pause_reading(c_PAUSE_FAIR)
+            self._loop.call_soon(self._unpause_reading, c_PAUSE_FAIR)
+        return 0
 
     def _pause_reading(self, int reason):
         cdef int paused = self._read_paused

@@ -57,9 +57,11 @@ from ._tunables import (
     DEFAULT_MAX_WRITE_BUFFER,
     HANDLER_SECONDS_BOUNDS,
     LARGE_FRAME,
+    PAUSE_FAIR,
     PAUSE_INBOX,
     PAUSE_WRITE,
     READ_BURST,
+    READ_FAIR_FRAMES,
     READ_HIGH_BYTES,
     READ_HIGH_FRAMES,
     READ_LOW_BYTES,
@@ -313,10 +315,13 @@ class ConnectionCore:
             return
         if not frames:
             return
-        self.frames_in += len(frames)
+        count = len(frames)
+        self.frames_in += count
+        if count > READ_FAIR_FRAMES:
+            self._yield_reading()
         stats = self._read_stats
         if stats is not None:
-            stats.observe_batch(len(frames))
+            stats.observe_batch(count)
         on_frames = self._on_frames
         if on_frames is not None:
             # A callback handler runs here and now; its replies leave as one
@@ -482,6 +487,13 @@ class ConnectionCore:
             and self.bytes_in - self._consumed_mark <= READ_LOW_BYTES
         ):
             self._unpause_reading(PAUSE_INBOX)
+
+    def _yield_reading(self) -> None:
+        # A read of very many frames: pause reading until the loop's next
+        # turn, so other connections are served between this one's reads.
+        if not self._read_paused & PAUSE_FAIR:
+            self._pause_reading(PAUSE_FAIR)
+            self._loop.call_soon(self._unpause_reading, PAUSE_FAIR)
 
     def _pause_reading(self, reason: int) -> None:
         paused = self._read_paused

@@ -17,10 +17,12 @@ __all__ = [
     "HANDLER_SECONDS_BOUNDS",
     "LARGE_FRAME",
     "MAX_READ",
+    "PAUSE_FAIR",
     "PAUSE_INBOX",
     "PAUSE_STOP",
     "PAUSE_WRITE",
     "READ_BURST",
+    "READ_FAIR_FRAMES",
     "READ_HIGH_BYTES",
     "READ_HIGH_FRAMES",
     "READ_LOW_BYTES",
@@ -85,6 +87,15 @@ READ_BURST = 16
 PAUSE_INBOX = 1  # the handler has too many frames queued
 PAUSE_WRITE = 2  # the transport is over its write high-water mark
 PAUSE_STOP = 4  # no more input wanted: shutdown, framing error, close
+PAUSE_FAIR = 8  # until the loop's next turn, after a read of very many frames
+
+# A read that delivered more frames than this pauses reading until the event
+# loop's next turn, so other connections get their turn: uvloop (libuv)
+# reads a stream up to 32 times per readiness event, and a flood of tiny
+# frames makes each 64 KiB read 16,384 frames, tens of milliseconds of work
+# on the pure-Python backend. Reads of real traffic stay far below it
+# (64-byte frames: about 1,000 per read), so it costs them nothing.
+READ_FAIR_FRAMES = 4096
 
 # Histogram buckets the core fills when metrics are on (ReadStats), upper
 # bounds inclusive, +Inf implied. Frames per read: powers of two up to the

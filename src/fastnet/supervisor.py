@@ -319,7 +319,8 @@ class _Lingering:
                 return
             now = self._loop.time()
             if now >= self._deadline:
-                logger.info("%s did not take its last replies; aborted", format_peer(conn.peer))
+                peer = format_peer(conn.peer)
+                logger.info("%s did not take its last replies; aborted", peer, extra={"peer": peer})
                 conn.abort()
                 return
             transport = conn._transport
@@ -558,13 +559,23 @@ class Supervisor:
             await asyncio.wait_for(loop.connect_accepted_socket(factory, sock, **options), timeout)
         except asyncio.TimeoutError:
             self.counters.tls_handshake_timeouts += 1
-            logger.debug("TLS handshake with %s timed out after %.3g s", peer, timeout)
+            logger.debug(
+                "TLS handshake with %s timed out after %.3g s",
+                peer,
+                timeout,
+                extra={"peer": peer, "event": "tls_handshake_timeout"},
+            )
             if hooks is not None:
                 hooks.call("on_tls_error", peer, "timeout", None)
         except (OSError, EOFError) as exc:  # ssl.SSLError is an OSError
             self.counters.tls_handshake_errors += 1
             cause = handshake_error_cause(exc)
-            logger.debug("TLS handshake with %s failed: %s", peer, _handshake_error(exc))
+            logger.debug(
+                "TLS handshake with %s failed: %s",
+                peer,
+                _handshake_error(exc),
+                extra={"peer": peer, "event": "tls_handshake_error", "cause": cause},
+            )
             if metrics is not None:
                 metrics.count(metrics.tls_errors, cause)
             if hooks is not None:
@@ -621,12 +632,14 @@ class Supervisor:
         self._close_reasons[conn] = "handler_error"
         if self.hooks is not None:
             self.hooks.call("on_handler_error", conn, exc)
+        peer = format_peer(conn.peer)
         logger.error(
             "handler raised %s: %s; closing the connection to %s",
             type(exc).__name__,
             exc,
-            format_peer(conn.peer),
+            peer,
             exc_info=exc,
+            extra={"peer": peer, "event": "handler_error"},
         )
 
     async def _linger(self, conn: Connection) -> None:
@@ -701,7 +714,13 @@ class Supervisor:
             self.hooks.call("on_frame_error", conn, exc)
         limiter = self._frame_log
         if limiter is None or limiter.allow():
-            logger.info("framing error from %s: %s; closing it", format_peer(conn.peer), exc)
+            peer = format_peer(conn.peer)
+            logger.info(
+                "framing error from %s: %s; closing it",
+                peer,
+                exc,
+                extra={"peer": peer, "event": "frame_error", "kind": frame_error_kind(exc)},
+            )
 
     # ------------------------------------------------------ the one timer
 
@@ -760,8 +779,12 @@ class Supervisor:
                     elif now - last[3] >= idle_timeout:
                         self.counters.idle_timeouts += 1
                         self._close_reasons[conn] = "idle_timeout"
+                        peer = format_peer(conn.peer)
                         logger.info(
-                            "closing %s: idle for %.3g s", format_peer(conn.peer), idle_timeout
+                            "closing %s: idle for %.3g s",
+                            peer,
+                            idle_timeout,
+                            extra={"peer": peer, "event": "idle_timeout"},
                         )
                         conn._idle_timeout()
                     else:
@@ -772,11 +795,13 @@ class Supervisor:
     def _frame_timed_out(self, conn: Connection, timeout: float) -> None:
         self.counters.frame_timeouts += 1
         self._close_reasons[conn] = "frame_timeout"
+        peer = format_peer(conn.peer)
         logger.info(
             "closing %s: a frame took longer than %.3g s (%d bytes of it received)",
-            format_peer(conn.peer),
+            peer,
             timeout,
             conn._frame_pending,
+            extra={"peer": peer, "event": "frame_timeout"},
         )
         conn._timed_out(f"closed after the frame timeout ({timeout:.3g} s)")
 

@@ -15,6 +15,8 @@ Layout (data flows top to bottom on receive; docs/design.md §0 draws what runs 
     connection.py   Connection, what a handler sees (recv, send, drain, close, spawn); connect()
     listener.py     bind, the accept loop (slots, back-off, admission hook)
     supervisor.py   one connection's life: handler kinds, errors, lingering close, timeouts
+    proxy.py        the PROXY protocol v1/v2: sans-IO header parser, encoder, CRC32C
+    _proxy_io.py    reading that header byte-exact from an accepted socket (before TLS)
     server.py       Server, the public facade: wiring, stats, shutdown
     runner.py       loop choice, serve()/run(), signals (SIGHUP reloads TLS files), drain delay
     metrics.py      Prometheus collector read at scrape time; event hooks
@@ -47,6 +49,7 @@ from .framing import (
     Lines,
 )
 from .lifecycle import Lifecycle
+from .proxy import ProxyHeader, ProxyHeaderError
 from .runner import run, serve
 from .server import CallbackHandler, Server, callback_handler
 
@@ -68,6 +71,8 @@ __all__ = [
     "LengthPrefixed",
     "Lifecycle",
     "Lines",
+    "ProxyHeader",
+    "ProxyHeaderError",
     "Server",
     "WriteBufferFull",
     "__version__",

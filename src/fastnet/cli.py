@@ -11,7 +11,8 @@ after the first SIGTERM/SIGINT, with ``/readyz`` answering 503.
 
 Exit status: 0 after a graceful shutdown; 2 for a usage error (a bad option
 value, an unknown or unloadable ``APP``, a bad ``--framing``, ``--loop
-uvloop`` without uvloop, ``--metrics`` without prometheus_client), reported
+uvloop`` without uvloop, ``--metrics`` without prometheus_client,
+``--proxy-protocol`` without ``--trusted-proxy``), reported
 as one line on stderr; 1 when the server cannot start (an address, the
 server's or the metrics endpoint's, cannot be bound or resolved, a TLS file is bad),
 reported as one line naming the address or the file. Anything else is a
@@ -53,6 +54,7 @@ from ._cliargs import (
 from .framing import ACCELERATED
 from .health import PROMETHEUS_MISSING
 from .jsonlog import JSONFormatter
+from .proxy import ACCEPT_MODES, DEFAULT_PROXY_HEADER_TIMEOUT, parse_networks
 from .server import DEFAULT_BACKLOG, DEFAULT_MAX_CONNECTIONS, CallbackHandler, Handler, run
 from .tls import DEFAULT_HANDSHAKE_TIMEOUT, TLSConfigError, TLSFiles
 
@@ -88,6 +90,15 @@ def _frame_timeout(text: str) -> float | None:
     if text.strip().lower() == "off":
         return None
     return positive_float(text)
+
+
+def _trusted_proxy(text: str) -> str:
+    """Parse ``--trusted-proxy``: an address or a CIDR network (checked, kept as given)."""
+    try:
+        parse_networks([text])
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return text
 
 
 def parse_host_port(text: str) -> tuple[str, int]:
@@ -258,6 +269,35 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
         metavar="S",
         help=f"abort a TLS handshake after S seconds ({DEFAULT_HANDSHAKE_TIMEOUT:g})",
     )
+    proxy = serve.add_argument_group(
+        "PROXY protocol",
+        "behind HAProxy or another proxy that sends the PROXY protocol: every connection "
+        "must begin with a header, which names the client (never guessed: without a valid "
+        "header the connection is closed)",
+    )
+    proxy.add_argument(
+        "--proxy-protocol",
+        choices=ACCEPT_MODES,
+        type=str.lower,
+        help="read a PROXY header of this version (any: v1 or v2) first on every connection; "
+        "needs --trusted-proxy",
+    )
+    proxy.add_argument(
+        "--trusted-proxy",
+        action="append",
+        type=_trusted_proxy,
+        metavar="CIDR",
+        help="an address or network (e.g. 10.0.0.0/8) the proxies connect from; repeatable; "
+        "connections from elsewhere are closed before a byte is read",
+    )
+    proxy.add_argument(
+        "--proxy-header-timeout",
+        type=positive_float,
+        default=DEFAULT_PROXY_HEADER_TIMEOUT,
+        metavar="S",
+        help=f"close a connection whose PROXY header is not complete within S seconds "
+        f"({DEFAULT_PROXY_HEADER_TIMEOUT:g})",
+    )
     add_loop_argument(serve)
     serve.add_argument(
         "--log-level", choices=LOG_LEVELS, default="info", type=str.lower, help="(info)"
@@ -307,7 +347,9 @@ def server_options(args: argparse.Namespace) -> dict[str, Any]:
     (``--frame-timeout``) are left out, so the server's own default applies.
 
     Raises:
-        UsageError: ``--framing`` is bad, or does not take ``--max-frame``.
+        UsageError: ``--framing`` is bad, or does not take ``--max-frame``;
+            ``--proxy-protocol`` without ``--trusted-proxy`` (on TCP) or the
+            other way round.
     """
     options: dict[str, Any] = {
         "framing": parse_framing(args.framing, args.max_frame),
@@ -327,6 +369,17 @@ def server_options(args: argparse.Namespace) -> dict[str, Any]:
         options["tls_handshake_timeout"] = args.tls_handshake_timeout
     elif args.tls_key is not None or args.tls_ca is not None:
         raise UsageError("--tls-key and --tls-ca need --tls-cert")
+    if args.proxy_protocol is not None:
+        if not args.trusted_proxy and "unix" not in options:
+            raise UsageError(
+                "--proxy-protocol needs --trusted-proxy CIDR: the addresses the proxies "
+                "connect from (only they may send the header)"
+            )
+        options["proxy_protocol"] = args.proxy_protocol
+        options["trusted_proxies"] = list(args.trusted_proxy or ())
+        options["proxy_header_timeout"] = args.proxy_header_timeout
+    elif args.trusted_proxy:
+        raise UsageError("--trusted-proxy needs --proxy-protocol")
     return options
 
 

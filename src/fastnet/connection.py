@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     import ssl
 
     from ._observer import ConnectionObserver
+    from .proxy import ProxyHeader
 
 __all__ = ["Connection", "Lifecycle", "WriteBufferFull", "connect"]
 
@@ -61,8 +62,17 @@ class Connection(FrameProtocol):
     Connection is an async context manager that does both on exit.
 
     Attributes:
-        peer: the peer's address (``(host, port)`` for TCP).
-        local: this side's address.
+        peer: the peer's address (``(host, port)`` for TCP). Behind a proxy
+            that sends the PROXY protocol (``Server(proxy_protocol=...)``),
+            the client's address from the header (``proxy.peer``), or the
+            proxy's (``proxy.proxy_address``) when the header names none
+            (``LOCAL``, ``UNKNOWN``).
+        local: this side's address (the socket's, with the PROXY protocol too;
+            the address the client connected to is ``proxy.destination``).
+        proxy: the ``fastnet.proxy.ProxyHeader`` the connection began with
+            (``proxy_address`` is the proxy's own address), or None when the
+            server does not read the PROXY protocol. Set by the server
+            before the transport is made (see ``connection_made``).
         shutting_down: True once the server began a graceful shutdown.
 
     Error handling:
@@ -92,7 +102,13 @@ class Connection(FrameProtocol):
         max_write_buffer: the hard limit of unsent bytes.
     """
 
-    __slots__ = ()
+    if TYPE_CHECKING:
+        # The `proxy` slot is added by _implementation, to the class that
+        # joins the core and this one (a slot here would clash with the
+        # core's layout); type checkers see it here.
+        __slots__ = ("proxy",)
+    else:
+        __slots__ = ()
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Connection:
         # Every connection's class puts the connection core of the backend
@@ -100,10 +116,14 @@ class Connection(FrameProtocol):
         # first, so the transport calls the core's methods directly.
         core = framing.ConnectionCore
         if issubclass(cls, core):
-            return super().__new__(cls)
-        return core.__new__(_implementation(core, cls))
+            self = super().__new__(cls)
+        else:
+            self = core.__new__(_implementation(core, cls))
+        self.proxy = None
+        return self
 
     if TYPE_CHECKING:
+        proxy: ProxyHeader | None  # a slot of the class _implementation makes
 
         def __init__(
             self,
@@ -116,6 +136,23 @@ class Connection(FrameProtocol):
     def __repr__(self) -> str:
         state = Lifecycle(self._lifecycle).name.lower().replace("_", "-")
         return f"<fastnet.Connection {state} peer={self.peer!r} local={self.local!r}>"
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # The hook for the PROXY protocol: the server sets `proxy` in its
+        # protocol factory, before the loop calls this, so `peer` is the
+        # client's from the first frame on (uvloop may deliver frames before
+        # connect_accepted_socket returns to the server).
+        # Without a client address in the header (LOCAL, UNKNOWN), the peer
+        # is the proxy, as accept(2) gave it: a health check that closes at
+        # once has no peer left for the transport to ask by now.
+        super().connection_made(transport)
+        header = self.proxy
+        if header is not None:
+            peer = header.peer
+            if peer is None:
+                peer = header.proxy_address
+            if peer is not None:
+                self.peer = peer
 
     # ---------------------------------------------------------------- receive
 
@@ -500,7 +537,11 @@ def _implementation(core: type, cls: type) -> type:
     """The class of a connection of class ``cls`` on ``core``: ``(core, cls)``, made once."""
     impl = _implementations.get((core, cls))
     if impl is None:
-        impl = type(cls.__name__, (core, cls), {"__slots__": (), "__module__": cls.__module__})
+        # The one slot a connection has beyond its core's fields: `proxy`
+        # (set once per connection; the cores stay as they are).
+        impl = type(
+            cls.__name__, (core, cls), {"__slots__": ("proxy",), "__module__": cls.__module__}
+        )
         impl.__qualname__ = cls.__qualname__
         impl.__doc__ = cls.__doc__
         _implementations[core, cls] = impl

@@ -193,6 +193,7 @@ class ServerMetrics:
         "connection_seconds",
         "frame_errors",
         "handshake_seconds",
+        "proxy_errors",
         "read_stats",
         "tls_errors",
     )
@@ -204,6 +205,7 @@ class ServerMetrics:
         self.frame_errors: dict[str, int] = {}
         self.accept_errors: dict[str, int] = {}
         self.tls_errors: dict[str, int] = {}
+        self.proxy_errors: dict[str, int] = {}  # rejected PROXY headers, by cause
 
     @staticmethod
     def count(table: dict[str, int], key: str) -> None:
@@ -234,6 +236,7 @@ def snapshot(server: Any) -> dict[str, Any]:
     data["frame_errors"] = dict(m.frame_errors)
     data["accept_errors"] = dict(m.accept_errors)
     data["tls_errors"] = dict(m.tls_errors)
+    data["proxy_errors"] = dict(m.proxy_errors)
     data["connection_seconds"] = (list(m.connection_seconds.counts), m.connection_seconds.sum)
     data["handshake_seconds"] = (list(m.handshake_seconds.counts), m.handshake_seconds.sum)
     if m.read_stats is not None:
@@ -260,7 +263,7 @@ def merge_snapshots(snaps: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         for key, value in snap["stats"].items():
             into["stats"][key] = into["stats"].get(key, 0) + value
         into["draining"] = into["draining"] or snap["draining"]
-        for table in ("frame_errors", "accept_errors", "tls_errors"):
+        for table in _TABLES:
             if table in snap:
                 counts = into.setdefault(table, {})
                 for key, value in snap[table].items():
@@ -284,10 +287,14 @@ def merge_snapshots(snaps: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [merged[key] for key in sorted(merged)]
 
 
+# The labelled counts of a snapshot (dicts by label value).
+_TABLES = ("frame_errors", "accept_errors", "tls_errors", "proxy_errors")
+
+
 def _copy_snapshot(snap: dict[str, Any]) -> dict[str, Any]:
     copy = dict(snap)
     copy["stats"] = dict(snap["stats"])
-    for table in ("frame_errors", "accept_errors", "tls_errors"):
+    for table in _TABLES:
         if table in snap:
             copy[table] = dict(snap[table])
     return copy
@@ -308,6 +315,11 @@ _COUNTERS = (
     ("lines_skipped", "lines_skipped", "Over-long lines skipped (Lines(on_too_long='skip'))."),
     ("tls_handshakes", "tls_handshakes", "TLS handshakes completed."),
     ("tls_handshake_timeouts", "tls_handshake_timeouts", "TLS handshakes that timed out."),
+    (
+        "proxy_header_timeouts",
+        "proxy_header_timeouts",
+        "Connections closed for want of a complete PROXY header within the timeout.",
+    ),
 )
 
 
@@ -386,13 +398,19 @@ class FastnetCollector:
         accept_errors = counter("accept_errors", "accept(2) errors, by errno.", ["errno"])
         frame_errors = counter("frame_errors", "Framing errors, by kind.", ["kind"])
         tls_errors = counter("tls_handshake_errors", "Failed TLS handshakes, by cause.", ["cause"])
+        proxy_errors = counter(
+            "proxy_header_errors", "PROXY protocol headers rejected, by cause.", ["cause"]
+        )
         for snap in snaps:
             where = snap["listener"]
             rejected.add_metric([where, "admission"], snap["stats"]["rejected"])
+            untrusted = snap["stats"].get("proxy_untrusted", 0)
+            rejected.add_metric([where, "untrusted_proxy"], untrusted)
             for table, family in (
                 ("accept_errors", accept_errors),
                 ("frame_errors", frame_errors),
                 ("tls_errors", tls_errors),
+                ("proxy_errors", proxy_errors),
             ):
                 for key, value in sorted(snap.get(table, {}).items()):
                     family.add_metric([where, key], value)
@@ -400,6 +418,7 @@ class FastnetCollector:
         yield accept_errors
         yield frame_errors
         yield tls_errors
+        yield proxy_errors
 
         for name, key, bounds, doc in (
             (

@@ -41,6 +41,7 @@ import logging
 import os
 import socket
 import ssl as _ssl
+from collections.abc import Iterable
 from typing import Any
 
 from ._tunables import DEFAULT_MAX_WRITE_BUFFER
@@ -58,6 +59,7 @@ from .listener import (
 )
 from .metrics import Hooks, ServerMetrics
 from .metrics import register as register_metrics
+from .proxy import DEFAULT_PROXY_HEADER_TIMEOUT, ProxySettings
 from .supervisor import (
     DEFAULT_FRAME_TIMEOUT,
     CallbackHandler,
@@ -156,6 +158,18 @@ class Server:
             (``stats()`` still counts). See ``fastnet.metrics``.
         hooks: a ``fastnet.metrics.Hooks`` of callables for connection
             events (open, close, handler and framing errors, TLS).
+        proxy_protocol: ``"v1"``, ``"v2"`` or ``"any"``: every connection
+            must begin with a PROXY protocol header of that version (sent by
+            HAProxy and the like), read before TLS and framing; ``conn.peer``
+            is then the client's address and ``conn.proxy`` the header. A
+            connection without a valid header is closed (never a guess).
+            None (the default): off.
+        trusted_proxies: the proxies' addresses or networks (CIDR strings
+            such as ``"10.0.0.0/8"``): required with ``proxy_protocol`` on a
+            TCP listener; a connection from elsewhere is closed before a
+            byte is read (``proxy_untrusted``). Unix-socket peers are trusted.
+        proxy_header_timeout: seconds a connection may take to send its
+            whole PROXY header (``proxy_header_timeouts``), holding a slot.
 
     Use ``async with Server(...) as server`` (or ``await server.start()``),
     then ``await server.serve_forever()``; ``await server.shutdown()`` stops
@@ -184,6 +198,9 @@ class Server:
         tls_shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
         metrics: Any = None,
         hooks: Hooks | None = None,
+        proxy_protocol: str | None = None,
+        trusted_proxies: Iterable[str] | None = None,
+        proxy_header_timeout: float = DEFAULT_PROXY_HEADER_TIMEOUT,
     ) -> None:
         if not callable(handler) and not isinstance(handler, CallbackHandler):
             raise TypeError(f"handler must be an async callable, not {type(handler).__name__}")
@@ -202,6 +219,19 @@ class Server:
         if tls_handshake_timeout <= 0 or tls_shutdown_timeout <= 0:
             raise ValueError("tls_handshake_timeout and tls_shutdown_timeout must be positive")
         self._tls_files = ssl if isinstance(ssl, TLSFiles) else None
+        proxy = None
+        if proxy_protocol is not None:
+            if isinstance(trusted_proxies, str):
+                trusted_proxies = [trusted_proxies]
+            networks = [] if trusted_proxies is None else list(trusted_proxies)
+            if not networks and unix is None:
+                raise ValueError(
+                    "proxy_protocol needs trusted_proxies: the addresses or networks of the "
+                    'proxies allowed to send the header (e.g. ["10.0.0.0/8"])'
+                )
+            proxy = ProxySettings.make(proxy_protocol, networks, proxy_header_timeout)
+        elif trusted_proxies is not None:
+            raise ValueError("trusted_proxies is for proxy_protocol, which is off")
         context = ssl.load() if isinstance(ssl, TLSFiles) else ssl
         if context is not None and not isinstance(context, _ssl.SSLContext):
             raise TypeError(f"ssl must be an SSLContext or TLSFiles, not {type(ssl).__name__}")
@@ -228,6 +258,7 @@ class Server:
             tls_shutdown_timeout=tls_shutdown_timeout,
             metrics=ServerMetrics() if metrics else None,
             hooks=hooks,
+            proxy=proxy,
         )
         if metrics:
             register_metrics(self, None if metrics is True else metrics)
@@ -421,7 +452,10 @@ class Server:
         ``idle_timeouts``, ``frame_timeouts``, ``rejected`` (by the
         admission hook), ``lines_skipped`` (over-long lines dropped by
         ``Lines(on_too_long="skip")``), ``tls_handshakes`` (completed),
-        ``tls_handshake_errors`` and ``tls_handshake_timeouts``. Counters are
+        ``tls_handshake_errors`` and ``tls_handshake_timeouts``,
+        ``proxy_header_errors`` (PROXY headers rejected; by cause in the
+        metrics), ``proxy_header_timeouts`` and ``proxy_untrusted``
+        (connections closed for not coming from a trusted proxy). Counters are
         kept per read and per write, and summed here over the open connections.
         """
         result = self._supervisor.stats()

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import socket
 import ssl
@@ -43,12 +44,14 @@ import sys
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+from ._proxy_io import read_proxy_header
 from ._tunables import DEFAULT_MAX_WRITE_BUFFER
 from .connection import Connection
 from .errors import ConnectionBrokenError, ConnectionClosedError, FrameError
 from .framing import Buffer, Framing
 from .listener import format_peer
 from .metrics import CloseInfo, Hooks, ServerMetrics, frame_error_kind, handshake_error_cause
+from .proxy import ProxyHeader, ProxyHeaderError, ProxySettings
 from .tls import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT
 from .transports import extra_info
 
@@ -175,6 +178,9 @@ class _Counters:
         "handler_errors",
         "idle_timeouts",
         "lines_skipped",
+        "proxy_header_errors",
+        "proxy_header_timeouts",
+        "proxy_untrusted",
         "tls_handshake_errors",
         "tls_handshake_timeouts",
         "tls_handshakes",
@@ -192,6 +198,9 @@ class _Counters:
         self.handler_errors = 0
         self.idle_timeouts = 0
         self.lines_skipped = 0  # over-long lines a Lines(on_too_long="skip") decoder dropped
+        self.proxy_header_errors = 0  # PROXY headers rejected (by cause: ServerMetrics)
+        self.proxy_header_timeouts = 0  # no complete PROXY header within the timeout
+        self.proxy_untrusted = 0  # closed at once: not from a trusted proxy
         self.tls_handshake_errors = 0  # failed: not TLS, bad certificate, reset...
         self.tls_handshake_timeouts = 0
         self.tls_handshakes = 0  # completed
@@ -363,6 +372,8 @@ class Supervisor:
         metrics: where the labelled counters and histograms go (metrics on),
             or None (metrics off: nothing is timed per read).
         hooks: the event hooks, or None.
+        proxy: read a PROXY protocol header first on every connection
+            (``fastnet.proxy.ProxySettings``), or None.
 
     Attributes:
         connections: the connections open (registered before any frame of
@@ -385,6 +396,7 @@ class Supervisor:
         tls_shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
         metrics: ServerMetrics | None = None,
         hooks: Hooks | None = None,
+        proxy: ProxySettings | None = None,
     ) -> None:
         # One of the two is set: a task handler, or a callback handler's function.
         self._callback: CallbackFunction | None = None
@@ -402,11 +414,13 @@ class Supervisor:
         self.tls_shutdown_timeout = tls_shutdown_timeout
         self.metrics = metrics
         self.hooks = hooks
+        self.proxy = proxy
         # Why a connection is being closed, when it is not its handler's end
         # (for Hooks.on_close): set by the event, popped at close.
         self._close_reasons: dict[Connection, str] = {}
-        # The tasks of connections still in their TLS handshake: no request
-        # of theirs is in flight, so a shutdown cancels them at once.
+        # The tasks of connections still in their PROXY header or TLS
+        # handshake: no request of theirs is in flight, so a shutdown
+        # cancels them at once.
         self._handshaking: set[asyncio.Task[None]] = set()
         self.connections: set[Connection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
@@ -437,13 +451,30 @@ class Supervisor:
     # --------------------------------------------------------- one connection
 
     def spawn(self, sock: socket.socket, peer: Any, release: Callable[[], None]) -> None:
-        """Serve an accepted socket in a task of its own; ``release()`` when it is closed."""
+        """Serve an accepted socket in a task of its own; ``release()`` when it is closed.
+
+        With the PROXY protocol on, a socket whose peer is not a trusted
+        proxy is closed here, before a byte of it is read.
+        """
         assert self._loop is not None
-        task = self._loop.create_task(self._serve(sock, release))
+        proxy = self.proxy
+        if proxy is not None and not proxy.trusts(peer):
+            self.counters.proxy_untrusted += 1
+            self.counters.closed += 1
+            where = format_peer(peer)
+            logger.debug(
+                "%s is not a trusted proxy; closed",
+                where,
+                extra={"peer": where, "event": "proxy_untrusted"},
+            )
+            sock.close()
+            release()
+            return
+        task = self._loop.create_task(self._serve(sock, release, peer))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _serve(self, sock: socket.socket, release: Callable[[], None]) -> None:
+    async def _serve(self, sock: socket.socket, release: Callable[[], None], peer: Any) -> None:
         # Supervises one connection: sets it up, runs the handler in a task
         # of its own, then closes the connection and frees the slot. The
         # handler gets its own task so that its await chain, resumed on
@@ -452,12 +483,15 @@ class Supervisor:
         assert loop is not None
         made: list[Connection] = []
         opened: float | None = None  # set once the connection is set up
+        header: ProxyHeader | None = None  # the PROXY header, when the protocol is on
 
         metrics = self.metrics
 
         def factory() -> Connection:
             conn = Connection(self._framing, server=self, max_write_buffer=self._max_write_buffer)
             conn._on_frames = self._callback
+            # Before connection_made, which takes conn.peer from it.
+            conn.proxy = header
             if metrics is not None:
                 if metrics.read_stats is None:
                     metrics.read_stats = conn._new_read_stats()
@@ -469,6 +503,12 @@ class Supervisor:
             return conn
 
         try:
+            if self.proxy is not None:
+                # Step 0: the PROXY header, read byte-exact from the raw
+                # socket before any transport (and TLS) exists.
+                header = await self._proxy_header(loop, sock, peer)
+                if header is None:
+                    return
             context = self.ssl
             if context is None:
                 try:
@@ -478,7 +518,7 @@ class Supervisor:
                     sock.close()
                     return
             else:
-                made_conn = await self._handshake(loop, factory, made, sock, context)
+                made_conn = await self._handshake(loop, factory, made, sock, context, header)
                 if made_conn is None:
                     return
                 conn = made_conn
@@ -538,14 +578,19 @@ class Supervisor:
         made: list[Connection],
         sock: socket.socket,
         context: ssl.SSLContext,
+        header: ProxyHeader | None = None,
     ) -> Connection | None:
         # The TLS handshake, within tls_handshake_timeout (fastnet's own
         # timer: the loop's ssl_handshake_timeout is a backstop, and its
         # expiry is not told apart from other aborts). Returns the
         # connection, or None after a failure (counted, logged at debug
-        # level with the peer, the socket closed).
+        # level with the peer, the socket closed). After a PROXY header,
+        # the peer named is the client, not the proxy.
         timeout = self.tls_handshake_timeout
-        peer = _peer_of(sock)
+        if header is not None and header.peer is not None:
+            peer = format_peer(header.peer)
+        else:
+            peer = _peer_of(sock)
         options: dict[str, Any] = {"ssl": context, "ssl_handshake_timeout": timeout + 1.0}
         if _loop_has_tls_shutdown_timeout(loop):
             options["ssl_shutdown_timeout"] = self.tls_shutdown_timeout
@@ -594,6 +639,66 @@ class Supervisor:
         finally:
             self._handshaking.discard(task)
         sock.close()  # closed already by the transport, except on some early errors
+        return None
+
+    async def _proxy_header(
+        self, loop: asyncio.AbstractEventLoop, sock: socket.socket, peer: Any
+    ) -> ProxyHeader | None:
+        # The PROXY header, within proxy_header_timeout, read without taking
+        # a byte past it (_proxy_io). Returns it (with the proxy's address),
+        # or None: the header was bad or late (counted, one debug line with
+        # the peer) or the peer left first; the socket is closed then, and
+        # the caller frees the slot.
+        settings = self.proxy
+        assert settings is not None
+        where = format_peer(peer)
+        if self.shutting_down:  # accepted just before the listener stopped
+            sock.close()
+            return None
+        parser = settings.parser()
+        task = asyncio.current_task()
+        assert task is not None
+        self._handshaking.add(task)
+        try:
+            header = await asyncio.wait_for(read_proxy_header(loop, sock, parser), settings.timeout)
+        except asyncio.TimeoutError:
+            self.counters.proxy_header_timeouts += 1
+            logger.debug(
+                "no PROXY header from %s within %.3g s (%d bytes of it); closed",
+                where,
+                settings.timeout,
+                parser.received,
+                extra={"peer": where, "event": "proxy_header_timeout"},
+            )
+        except ProxyHeaderError as exc:
+            if exc.cause == "truncated" and not parser.received:
+                # Connected and closed without a byte: a TCP health check
+                # or a port probe, not a broken header.
+                logger.debug(
+                    "%s closed before sending a PROXY header",
+                    where,
+                    extra={"peer": where, "event": "proxy_header_none"},
+                )
+            else:
+                self.counters.proxy_header_errors += 1
+                metrics = self.metrics
+                if metrics is not None:
+                    metrics.count(metrics.proxy_errors, exc.cause)
+                logger.debug(
+                    "bad PROXY header from %s (%s): %s; closed",
+                    where,
+                    exc.cause,
+                    exc,
+                    extra={"peer": where, "event": "proxy_header_error", "cause": exc.cause},
+                )
+        except BaseException:  # cancelled (shutdown): nothing of it in flight
+            sock.close()
+            raise
+        else:
+            return dataclasses.replace(header, proxy_address=peer)
+        finally:
+            self._handshaking.discard(task)
+        sock.close()
         return None
 
     async def _run_handler(self, conn: Connection) -> None:

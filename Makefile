@@ -17,8 +17,10 @@
 #   make clean       build products; make distclean removes the virtual environments too
 #   make asan        the extension built with ASan+UBSan and FASTNET_DEBUG=1 in .venv/asan, and
 #                    the codec tests (and the fuzz corpora) run under the preloaded sanitizers
-#   make fuzz        each fuzz/ harness for FUZZ_TIME seconds (default 180) on that build; new
-#                    inputs are merged, minimised, into fuzz/corpus/<harness>/
+#   make fuzz        each fuzz/ harness for FUZZ_TIME seconds (default 180) on a clang build
+#                    with libFuzzer's edge counters in the C code too, in .venv/fuzz (without
+#                    clang, or with FUZZ_CC=, on make asan's gcc build); new inputs are merged,
+#                    minimised, into fuzz/corpus/<harness>/
 #   make fuzz-ci     each harness for FUZZ_CI_TIME=60 s, the corpora only read (CI runs it)
 #   make test-matrix the non-slow suite with the extension on each CPython 3.10-3.13 found
 #                    (pyenv or python3.X on PATH), each in .venv/py3.X; missing ones are skipped
@@ -170,32 +172,76 @@ $(ASAN_VENV)/.installed: pyproject.toml setup.py $(EXT_SOURCES) $(PACKAGE_FILES)
 asan: $(ASAN_VENV)/.installed
 	$(SANITIZER_ENV) $(ASAN_PY) -m pytest -p no:cacheprovider $(CODEC_TESTS) $(PYTEST_ARGS)
 
-# The fuzzers run under the sanitizer environment plus fuzz/sancov_forward.c,
-# preloaded ahead of libasan so that atheris's libFuzzer, not libasan's
-# no-op hooks, receives the coverage counters (the file says why).
+# The fuzzing build. With clang (FUZZ_CC: clang on PATH by default), the
+# extension is compiled in its own venv, FUZZ_VENV, with
+# -fsanitize=fuzzer-no-link on top of ASan+UBSan (FASTNET_SANITIZE=fuzzer):
+# its inline 8-bit edge counters, PC table and comparison hooks register
+# with libFuzzer, so the C code's edges guide the search as the twin's
+# Python lines do. It runs with atheris's asan_with_fuzzer.so preloaded:
+# clang's ASan and UBSan runtimes and libFuzzer in one library, which atheris
+# then uses instead of its built-in copy ("INFO: Using preloaded libfuzzer").
+# Without clang (or with FUZZ_CC= on the command line) the fuzzers fall back
+# to the gcc build of `make asan`, where only Python coverage guides them.
+FUZZ_CC ?= $(shell command -v clang 2>/dev/null)
+FUZZ_VENV ?= $(VENV)/fuzz
+# The gcc fallback runs under the sanitizer environment plus
+# fuzz/sancov_forward.c, preloaded ahead of libasan so that atheris's
+# libFuzzer, not libasan's no-op hooks, receives the coverage counters (the
+# file says why). The clang build needs no forwarder: the preloaded
+# asan_with_fuzzer.so defines the hooks itself.
 SANCOV_FORWARD := $(FUZZ_WORK)/sancov_forward.so
+ifneq ($(strip $(FUZZ_CC)),)
+FUZZ_C_EDGES := yes ($(FUZZ_CC), -fsanitize=fuzzer-no-link, $(FUZZ_VENV))
+FUZZ_PY := $(FUZZ_VENV)/bin/python
+FUZZ_BUILD := $(FUZZ_VENV)/.installed
+# atheris.path() is the directory that holds asan_with_fuzzer.so.
+FUZZ_RUNTIME = "$$($(FUZZ_PY) -c 'import atheris, os; print(os.path.join(atheris.path(), "asan_with_fuzzer.so"))')"
+# As sanitizer_env, with clang's runtimes (asan_with_fuzzer.so has UBSan's too).
+FUZZ_SANITIZER_ENV = LD_PRELOAD=$(FUZZ_RUNTIME) PYTHONMALLOC=malloc \
+	ASAN_OPTIONS=detect_leaks=0:allocator_may_return_null=1:halt_on_error=1 \
+	UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
+FUZZ_ENV = PATH="$(abspath $(FUZZ_VENV))/bin:$$PATH" $(FUZZ_SANITIZER_ENV)
+else
+FUZZ_C_EDGES := no (FUZZ_CC empty, no clang: make asan's gcc build, Python coverage only)
+FUZZ_PY := $(ASAN_PY)
+FUZZ_BUILD := $(ASAN_VENV)/.installed $(SANCOV_FORWARD)
 # PATH: libFuzzer's -merge runs the harness again as a command (its shebang
 # names python3), which must be the sanitizer venv's.
 FUZZ_ENV = PATH="$(abspath $(ASAN_VENV))/bin:$$PATH" \
 	$(call sanitizer_env,$(abspath $(SANCOV_FORWARD)),:verify_asan_link_order=0) \
 	FASTNET_LIBFUZZER="$$($(ASAN_PY) -c 'import importlib.util as u; print(u.find_spec("atheris.core_with_libfuzzer").origin)')"
+endif
 
 $(SANCOV_FORWARD): fuzz/sancov_forward.c
 	@mkdir -p $(@D)
 	$(CC) -shared -fPIC -O2 -o $@ $< -ldl
 
+$(FUZZ_VENV)/bin/python:
+	$(PYTHON) -m venv $(FUZZ_VENV)
+
+# As $(ASAN_VENV)/.installed, built by clang with FASTNET_SANITIZE=fuzzer;
+# the check then also requires the edge counters and the preloaded libFuzzer.
+$(FUZZ_VENV)/.installed: pyproject.toml setup.py $(EXT_SOURCES) $(PACKAGE_FILES) | $(FUZZ_VENV)/bin/python
+	$(NO_EXT_GUARD)
+	rm -rf build src/fastnet/*.c
+	CC="$(FUZZ_CC)" FASTNET_SANITIZE=fuzzer FASTNET_DEBUG=1 $(FUZZ_PY) -m pip install '.[test,fuzz]'
+	rm -rf build src/fastnet/*.c
+	$(FUZZ_SANITIZER_ENV) $(FUZZ_PY) fuzz/differential.py --require-sanitizers --require-coverage
+	@touch $@
+
 # Each harness explores from the repo corpus into a scratch one; then the
 # union is merged into a fresh directory that replaces the repo corpus: a
 # smallest set of inputs that covers every feature any of them reached
 # (-set_cover_merge), so the corpus stays a few dozen files.
-fuzz: $(ASAN_VENV)/.installed $(SANCOV_FORWARD)
+fuzz: $(FUZZ_BUILD)
+	@echo "== C edges instrumented: $(FUZZ_C_EDGES)"
 	@set -e; for h in $(FUZZ_HARNESSES); do \
 		rm -rf $(FUZZ_WORK)/$$h $(FUZZ_WORK)/$$h.min; \
 		mkdir -p fuzz/corpus/$$h $(FUZZ_WORK)/$$h $(FUZZ_WORK)/$$h.min; \
 		echo "== fuzz $$h for $(FUZZ_TIME) s"; \
-		$(FUZZ_ENV) $(ASAN_PY) fuzz/fuzz_$$h.py $(LIBFUZZER_ARGS) -max_total_time=$(FUZZ_TIME) \
+		$(FUZZ_ENV) $(FUZZ_PY) fuzz/fuzz_$$h.py $(LIBFUZZER_ARGS) -max_total_time=$(FUZZ_TIME) \
 			-artifact_prefix=$(FUZZ_WORK)/$$h- $(FUZZ_WORK)/$$h fuzz/corpus/$$h; \
-		$(FUZZ_ENV) $(ASAN_PY) fuzz/fuzz_$$h.py -set_cover_merge=1 \
+		$(FUZZ_ENV) $(FUZZ_PY) fuzz/fuzz_$$h.py -set_cover_merge=1 \
 			$(FUZZ_WORK)/$$h.min fuzz/corpus/$$h $(FUZZ_WORK)/$$h 2>&1 | grep -v '^INFO: Instrumenting' | tail -n 2; \
 		rm -rf fuzz/corpus/$$h; cp -r $(FUZZ_WORK)/$$h.min fuzz/corpus/$$h; \
 		echo "== $$h: $$(ls fuzz/corpus/$$h | wc -l) inputs kept in fuzz/corpus/$$h"; \
@@ -203,11 +249,12 @@ fuzz: $(ASAN_VENV)/.installed $(SANCOV_FORWARD)
 
 # As fuzz, for FUZZ_CI_TIME seconds each; the repo corpus is only read (seeds).
 FUZZ_CI_TIME ?= 60
-fuzz-ci: $(ASAN_VENV)/.installed $(SANCOV_FORWARD)
+fuzz-ci: $(FUZZ_BUILD)
+	@echo "== C edges instrumented: $(FUZZ_C_EDGES)"
 	@set -e; for h in $(FUZZ_HARNESSES); do \
 		rm -rf $(FUZZ_WORK)/$$h; mkdir -p $(FUZZ_WORK)/$$h; \
 		echo "== fuzz $$h for $(FUZZ_CI_TIME) s"; \
-		$(FUZZ_ENV) $(ASAN_PY) fuzz/fuzz_$$h.py $(LIBFUZZER_ARGS) -max_total_time=$(FUZZ_CI_TIME) \
+		$(FUZZ_ENV) $(FUZZ_PY) fuzz/fuzz_$$h.py $(LIBFUZZER_ARGS) -max_total_time=$(FUZZ_CI_TIME) \
 			-artifact_prefix=$(FUZZ_WORK)/$$h- $(FUZZ_WORK)/$$h fuzz/corpus/$$h; \
 	done
 

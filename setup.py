@@ -17,6 +17,9 @@ Environment:
     FASTNET_SANITIZE       any non-empty value: compile and link with AddressSanitizer
                            and UndefinedBehaviorSanitizer (gcc or clang), with symbols
                            and frame pointers, for ``make asan`` and the fuzzers.
+                           ``fuzzer`` (clang only, with CC=clang): the same plus
+                           ``-fsanitize=fuzzer-no-link``, so the C code's edges and
+                           comparisons feed libFuzzer (``make fuzz``).
 
 Release builds carry no debug information: the ``-g`` that Python's own CFLAGS
 add would make the wheel's extension about ten times its code size. Builds
@@ -48,13 +51,20 @@ REMEDY = (
 # documentation recommends (fast enough, few frames optimised away).
 SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
 SANITIZE_COMPILE = [*SANITIZE_FLAGS, "-fno-omit-frame-pointer", "-g", "-O1"]
+# FASTNET_SANITIZE=fuzzer adds clang's SanitizerCoverage for libFuzzer (inline
+# 8-bit edge counters, the PC table, comparison tracing), without linking a
+# libFuzzer in: atheris's asan_with_fuzzer.so, preloaded, provides it and ASan.
+FUZZER_FLAG = "-fsanitize=fuzzer-no-link"
 
 
 def extension_flags() -> tuple[list[str], list[str]]:
     """Compile and link arguments of the extension for this platform and environment."""
     if sys.platform == "win32":
         return [], []
-    if os.environ.get("FASTNET_SANITIZE"):
+    sanitize = os.environ.get("FASTNET_SANITIZE")
+    if sanitize == "fuzzer":
+        return [FUZZER_FLAG, *SANITIZE_COMPILE], [FUZZER_FLAG, *SANITIZE_FLAGS]
+    if sanitize:
         return SANITIZE_COMPILE, SANITIZE_FLAGS
     # -g0 comes after Python's own CFLAGS (which carry -g) and overrides them.
     compile_args = ["-O3"]

@@ -214,38 +214,52 @@ def drive_decoder(fdp: Any, pair: Lockstep, stream: bytes) -> None:
     pair.check_state()
 
 
-def require_sanitizers() -> None:
+def require_sanitizers(coverage: bool = False) -> None:
     """Exit non-zero unless the imported extension is a sanitizer build with its runtime loaded.
 
     ``make asan`` runs this after installing, so a build that silently lost
     its sanitizer flags (a stale build directory, a cached wheel) cannot pass
-    for one.
+    for one. With ``coverage`` (``--require-coverage``, after the clang build
+    ``make fuzz`` makes) each extension module must also carry libFuzzer's
+    edge counters (``-fsanitize=fuzzer-no-link``) and the process must have a
+    libFuzzer loaded ahead of atheris (the preloaded ``asan_with_fuzzer.so``),
+    or the fuzzer would not see the C code's edges.
     """
     import sys
     from pathlib import Path
 
-    from fastnet import _frame
+    from fastnet import _core, _frame, _outq
 
     problems = []
-    library = Path(_frame.__file__).read_bytes()
-    for marker in (b"__asan_report", b"__ubsan_handle"):
-        if marker not in library:
-            problems.append(f"{_frame.__file__} has no {marker.decode()}* calls")
-    if b".debug_info" not in library:
-        problems.append(f"{_frame.__file__} has no debug information (symbols for reports)")
+    markers = [b"__asan_report", b"__ubsan_handle"]
+    if coverage:
+        markers.append(b"__sanitizer_cov_8bit_counters_init")
+    for module in (_frame, _outq, _core):
+        library = Path(module.__file__).read_bytes()
+        for marker in markers:
+            if marker not in library:
+                problems.append(f"{module.__file__} has no {marker.decode()}* calls")
+        if b".debug_info" not in library:
+            problems.append(f"{module.__file__} has no debug information (symbols for reports)")
     maps = Path("/proc/self/maps")
-    if maps.exists() and b"libasan" not in maps.read_bytes():
-        problems.append("the ASan runtime is not loaded (LD_PRELOAD)")
+    if maps.exists():
+        loaded = maps.read_bytes()
+        if b"libasan" not in loaded and b"asan_with_fuzzer" not in loaded:
+            problems.append("the ASan runtime is not loaded (LD_PRELOAD)")
+        if coverage and b"asan_with_fuzzer" not in loaded:
+            problems.append("atheris's asan_with_fuzzer.so is not loaded (LD_PRELOAD)")
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
     if problems:
         sys.exit(1)
-    print(f"sanitizer build: {_frame.__file__}")
+    what = "sanitizer and libFuzzer coverage build" if coverage else "sanitizer build"
+    print(f"{what}: {_frame.__file__}")
 
 
 if __name__ == "__main__":
     import sys
 
-    if sys.argv[1:] != ["--require-sanitizers"]:
-        sys.exit("usage: python fuzz/differential.py --require-sanitizers")
-    require_sanitizers()
+    flags = sys.argv[1:]
+    if flags not in (["--require-sanitizers"], ["--require-sanitizers", "--require-coverage"]):
+        sys.exit("usage: python fuzz/differential.py --require-sanitizers [--require-coverage]")
+    require_sanitizers(coverage="--require-coverage" in flags)

@@ -14,6 +14,8 @@ the difference divided by the reads is the cost of one read:
 - ``conn``: a ``Connection`` with the built-in ``echo`` callback handler on a
   transport that drops what is written: ``get_buffer``, a 68-byte frame
   copied in, ``buffer_updated``: the connection's whole per-read path.
+- ``metrics``: ``conn`` with metrics on (the server's ``ReadStats``
+  attached): what the two per-read histograms and their clock reads add.
 - ``bare``: the decoder, ``encode_many`` and the same ``write``, with no
   connection around them: what the job itself needs.
 
@@ -66,9 +68,11 @@ async def _drive(mode: str, reads: int) -> None:
     from fastnet.apps import echo
 
     transport = _DropTransport()
-    if mode == "conn":
+    if mode in ("conn", "metrics"):
         conn = fastnet.Connection(fastnet.LengthPrefixed())
         conn._on_frames = echo.fn
+        if mode == "metrics":
+            conn._read_stats = conn._new_read_stats()
         conn.connection_made(transport)
         get_buffer, buffer_updated = conn.get_buffer, conn.buffer_updated
         for _ in range(reads):
@@ -101,7 +105,7 @@ def _count(mode: str, reads: int) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=("conn", "bare"))
+    parser.add_argument("--mode", choices=("conn", "metrics", "bare"))
     parser.add_argument("--reads", type=int, default=20_000)
     args = parser.parse_args()
     if args.mode is not None:
@@ -113,7 +117,7 @@ def main() -> None:
 
     backend = "extension" if fastnet.ACCELERATED else "pure Python"
     print(f"instructions per read ({backend}, {args.reads} reads, callgrind)")
-    for mode in ("conn", "bare"):
+    for mode in ("conn", "metrics", "bare"):
         per_read = (_count(mode, args.reads) - _count(mode, 0)) / args.reads
         print(f"  {mode:5} {per_read:8,.0f}")
 

@@ -301,3 +301,34 @@ def test_snapshots_of_workers_sum_into_one_scrape(arun: Runner[Any]) -> None:
     reads = registry.get_sample_value("fastnet_frames_per_read_count", labels)
     assert reads is not None and 2 <= reads <= 5
     assert registry.get_sample_value("fastnet_frames_per_read_sum", labels) == 5
+
+
+def test_a_reset_is_counted_and_reported_as_such(arun: Runner[Any]) -> None:
+    """A peer that resets mid-frame: `resets` +1, `on_close` reason `reset`, and the
+    labelled counters export their known label values at 0 meanwhile."""
+    import socket
+    import struct
+
+    registry = CollectorRegistry()
+    recorder = Recorder()
+
+    async def scenario() -> None:
+        async with serving(echo, metrics=registry, hooks=recorder.hooks()) as server:
+            s = lambda name, **labels: sample(registry, server, name, **labels)  # noqa: E731
+            assert s("fastnet_frame_errors_total", kind="incomplete") == 0
+            assert s("fastnet_tls_handshake_errors_total", cause="not_tls") == 0
+            assert s("fastnet_connections_reset_total") == 0
+            _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(frame_bytes(b"z" * 1000)[:500])
+            await writer.drain()
+            await wait_until(lambda: server.stats()["bytes_in"] == 500)
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+            await wait_until(lambda: server.stats()["closed"] == 1)
+            assert s("fastnet_connections_reset_total") == 1
+            assert s("fastnet_frame_errors_total", kind="incomplete") == 0
+            assert server.stats()["resets"] == 1
+
+    arun(scenario())
+    assert [info.reason for info in recorder.closes()] == ["reset"]

@@ -420,6 +420,7 @@ def test_server_properties_and_stats(arun: Runner[Any]) -> None:
             "proxy_header_timeouts",
             "proxy_untrusted",
             "rejected",
+            "resets",
             "tls_handshake_errors",
             "tls_handshake_timeouts",
             "tls_handshakes",

@@ -998,3 +998,76 @@ def test_two_thousand_idle_tls_connections(tls_certs: TLSCerts) -> None:
     # Not a benchmark: only a bound that a leak of buffers per connection
     # (e.g. a 1 MiB read window each) would break.
     assert per_connection < 512 * 1024
+
+
+# ------------------------------------------------- found by the new-user study
+
+
+def test_a_frame_cut_off_without_close_notify_is_an_incomplete_frame(
+    arun: Runner[Any], tls_certs: TLSCerts
+) -> None:
+    """A client that sends a frame and part of another, then a TCP FIN with no
+    close_notify (a killed client): a framing error (incomplete) on both loops. uvloop's
+    TLS layer reports that end without eof_received; it counted as a clean close."""
+    reasons: list[str] = []
+    hooks = fastnet.metrics.Hooks(on_close=lambda conn, info: reasons.append(info.reason))
+
+    def killed_client(port: int) -> bytes:
+        sock = blocking_tls(port, tls_certs)
+        try:
+            sock.sendall(frame_bytes(b"whole") + frame_bytes(b"x" * 100)[:11])
+            reply = sock.recv(100)
+            socket.socket.shutdown(sock, socket.SHUT_WR)  # FIN, no close_notify
+            with contextlib.suppress(OSError):
+                while sock.recv(100):
+                    pass
+            return reply
+        finally:
+            sock.close()
+
+    async def scenario() -> dict[str, int]:
+        async with serving(echo, ssl=tls_certs.server_context(), hooks=hooks) as server:
+            assert server.port is not None
+            reply = await asyncio.get_running_loop().run_in_executor(
+                None, killed_client, server.port
+            )
+            assert reply == frame_bytes(b"whole")
+            await wait_until(lambda: server.stats()["closed"] == 1)
+            return server.stats()
+
+    stats = arun(scenario())
+    assert stats["frame_errors"] == 1
+    assert stats["frames_in"] == 1
+    assert reasons == ["frame_error"]
+
+
+def test_sighup_is_ignored_by_a_server_without_tls_files() -> None:
+    """`kill -HUP` meant for a TLS server must not end a plain one (its default would)."""
+    with server_process(["echo", "--port", "0", "--log-level", "info"]) as server:
+        server.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.3)
+        assert server.proc.poll() is None, "SIGHUP ended a server without TLS"
+        with socket.create_connection((server.host, server.port), timeout=READ_TIMEOUT) as sock:
+            sock.sendall(frame_bytes(b"still here"))
+            assert read_frames(sock, 1) == [b"still here"]
+        log = stop_server(server)
+    assert "SIGHUP received: nothing to reload (no TLS files); ignored" in log
+
+
+@pytest.mark.parametrize("case", ["cert-without-key", "cert-as-key", "key-without-cert"])
+def test_a_missing_or_wrong_key_is_named(tls_certs: TLSCerts, case: str) -> None:
+    cert = str(tls_certs.server_cert)
+    with pytest.raises(fastnet.tls.TLSConfigError) as info:
+        if case == "cert-without-key":
+            server_context(cert)
+        elif case == "cert-as-key":
+            server_context(cert, cert)
+        else:
+            client_context(key=str(tls_certs.server_key))
+    message = str(info.value)
+    assert "PEM lib" not in message
+    assert {
+        "cert-without-key": f"certificate file {cert}: no private key in it",
+        "cert-as-key": f"key file {cert}: no PEM private key in it",
+        "key-without-cert": "given without a certificate",
+    }[case] in message

@@ -120,6 +120,7 @@ class Connection(FrameProtocol):
         else:
             self = core.__new__(_implementation(core, cls))
         self.proxy = None
+        self._lost_error = None
         return self
 
     if TYPE_CHECKING:
@@ -537,11 +538,10 @@ def _implementation(core: type, cls: type) -> type:
     """The class of a connection of class ``cls`` on ``core``: ``(core, cls)``, made once."""
     impl = _implementations.get((core, cls))
     if impl is None:
-        # The one slot a connection has beyond its core's fields: `proxy`
-        # (set once per connection; the cores stay as they are).
-        impl = type(
-            cls.__name__, (core, cls), {"__slots__": ("proxy",), "__module__": cls.__module__}
-        )
+        # The slots a connection has beyond its core's fields, set once per
+        # connection: `proxy`, and `_lost_error` (the cores stay as they are).
+        slots = ("_lost_error", "proxy")
+        impl = type(cls.__name__, (core, cls), {"__slots__": slots, "__module__": cls.__module__})
         impl.__qualname__ = cls.__qualname__
         impl.__doc__ = cls.__doc__
         _implementations[core, cls] = impl

@@ -23,8 +23,11 @@ tested alone), answered, and the connection is closed (``Connection: close``).
 A malformed head or one over the bound gets a 400, a head not complete in
 time is closed without an answer (the slowloris case), and none of this
 touches the framed server: the endpoint has its own listening socket, its
-own connection bound (``max_connections``; more get a 503 and are closed at
-once) and its own timeouts. A request body is never read.
+own connection bound (``max_connections``: at the bound, a new connection
+closes the one that has waited longest for its request head, so idle or
+trickling clients cannot hold the probes at 503; only when every slot is
+answering is a new one refused with a 503) and its own timeouts. A request
+body is never read.
 
 prometheus_client is imported only when a registry is served
 (``default_registry``, or the first scrape); without it, asking for metrics
@@ -38,6 +41,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -255,6 +259,8 @@ class HealthEndpoint:
         self._sockname: Any = None
         # The connections in progress: each one's task and stream writer.
         self._clients: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
+        # The connections still waiting for their request head, oldest first.
+        self._waiting: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
         self._routes: dict[str, Callable[[Request], _Response]] = {
             "/metrics": self._metrics,
             "/healthz": self._healthz,
@@ -290,9 +296,11 @@ class HealthEndpoint:
                 self._accept, self._host, self._port, limit=MAX_REQUEST_HEAD
             )
         except OSError as exc:
-            raise OSError(
-                exc.errno, f"cannot listen on {self.address} (metrics): {exc.strerror or exc}"
-            ) from None
+            # asyncio's message wraps the reason ("error while attempting to
+            # bind on address ..."): give the system's own words, as bind_tcp.
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            message = f"cannot listen on {self.address} (metrics): {reason}"
+            raise OSError(exc.errno, message) from None
         self._listener = listener
         self._sockname = listener.sockets[0].getsockname()
         logger.info("metrics and health endpoint on http://%s", self.address)
@@ -330,18 +338,31 @@ class HealthEndpoint:
         assert task is not None
         peer = format_peer(writer.get_extra_info("peername"))
         if len(self._clients) >= self.max_connections:
-            # Refuse without reading: the client's request, if sent, is unread.
-            logger.debug("metrics endpoint: %s refused, %d connections", peer, len(self._clients))
-            writer.write(_BUSY.encode())  # a few hundred bytes: the socket takes them
-            writer.close()
-            return
+            if self._waiting:
+                # Make room by closing the connection that has waited longest
+                # for its request head: a probe sends its request at once,
+                # so idle or trickling connections cannot keep /healthz and
+                # /readyz from answering (they would read as 503: down).
+                oldest = next(iter(self._waiting))
+                self._waiting.pop(oldest).transport.abort()
+                logger.debug("metrics endpoint: closed the oldest idle connection for %s", peer)
+            else:
+                # Every slot is answering: refuse without reading.
+                logger.debug(
+                    "metrics endpoint: %s refused, %d connections", peer, len(self._clients)
+                )
+                writer.write(_BUSY.encode())  # a few hundred bytes: the socket takes them
+                writer.close()
+                return
         self._clients[task] = writer
+        self._waiting[task] = writer
         try:
             await self._serve_one(reader, writer, peer)
         except (ConnectionError, asyncio.TimeoutError) as exc:
             logger.debug("metrics endpoint: %s: %s", peer, exc.__class__.__name__)
         finally:
             del self._clients[task]
+            self._waiting.pop(task, None)
             if not writer.transport.is_closing():
                 writer.transport.abort()
 
@@ -373,6 +394,7 @@ class HealthEndpoint:
             else:
                 head_only = request.method == "HEAD"
                 response = self._respond(request)
+        self._waiting.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
         if writer.transport.is_closing():  # aborted by close()
             return
         writer.write(response.encode(head_only))

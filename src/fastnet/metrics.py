@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._tunables import BATCH_BOUNDS, HANDLER_SECONDS_BOUNDS
 from .errors import FrameError, FrameTooLarge, IncompleteFrame
+from .proxy import CAUSES as PROXY_CAUSES
 
 if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
@@ -290,6 +291,15 @@ def merge_snapshots(snaps: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 # The labelled counts of a snapshot (dicts by label value).
 _TABLES = ("frame_errors", "accept_errors", "tls_errors", "proxy_errors")
 
+# The label values of each labelled counter known in advance (accept errors
+# are by errno: the capacity ones are listed, the rest appear when they happen).
+_KNOWN_LABELS: dict[str, tuple[str, ...]] = {
+    "frame_errors": ("incomplete", "line_too_long", "malformed", "too_large"),
+    "tls_errors": ("certificate", "not_tls", "other", "protocol", "reset"),
+    "proxy_errors": PROXY_CAUSES,
+    "accept_errors": ("EMFILE", "ENFILE", "ENOBUFS", "ENOMEM"),
+}
+
 
 def _copy_snapshot(snap: dict[str, Any]) -> dict[str, Any]:
     copy = dict(snap)
@@ -304,6 +314,7 @@ def _copy_snapshot(snap: dict[str, Any]) -> dict[str, Any]:
 _COUNTERS = (
     ("connections_accepted", "accepted", "Connections accepted."),
     ("connections_closed", "closed", "Connections closed."),
+    ("connections_reset", "resets", "Connections that ended in a socket error (a reset, mostly)."),
     ("idle_timeouts", "idle_timeouts", "Connections closed after the idle timeout."),
     ("frame_timeouts", "frame_timeouts", "Connections closed after the frame timeout."),
     ("frames_received", "frames_in", "Frames received."),
@@ -412,7 +423,11 @@ class FastnetCollector:
                 ("tls_errors", tls_errors),
                 ("proxy_errors", proxy_errors),
             ):
-                for key, value in sorted(snap.get(table, {}).items()):
+                # Every known label value is exported, 0 until it happens, so
+                # rate() and alerts see a series from the first scrape.
+                counts = dict.fromkeys(_KNOWN_LABELS.get(table, ()), 0)
+                counts.update(snap.get(table, {}))
+                for key, value in sorted(counts.items()):
                     family.add_metric([where, key], value)
         yield rejected
         yield accept_errors

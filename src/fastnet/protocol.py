@@ -40,7 +40,7 @@ from ._tunables import (
     READ_HIGH_FRAMES,
 )
 from .errors import ConnectionBrokenError, ConnectionClosedError, FrameError, WriteBufferFull
-from .lifecycle import CLOSED, CLOSING, PEER_CLOSED, Lifecycle, check_transition
+from .lifecycle import CLOSED, CLOSING, OPEN, PEER_CLOSED, Lifecycle, check_transition
 from .transports import TLS_STRATEGY, TransportStrategy, choose_strategy, extra_info
 
 if TYPE_CHECKING:
@@ -74,7 +74,13 @@ class FrameProtocol(asyncio.BufferedProtocol, _Base):
     transport calls. See the module docstring.
     """
 
-    __slots__ = ()
+    if TYPE_CHECKING:
+        # A slot of each connection's class (connection._implementation): the
+        # socket error that ended the connection, if one did.
+        __slots__ = ("_lost_error",)
+        _lost_error: BaseException | None
+    else:
+        __slots__ = ()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -145,9 +151,28 @@ class FrameProtocol(asyncio.BufferedProtocol, _Base):
 
     def connection_lost(self, exc: Exception | None) -> None:
         closing = self._lifecycle >= CLOSING
+        silent_eof = self._lifecycle == OPEN and exc is None
         self._move_to(CLOSED)
+        if exc is not None:
+            self._lost_error = exc
         if closing:
             self._input_ended(_reasons.closed_by_us, quiet=False, pause=False)
+        elif silent_eof and self._decoder.pending and not self._decoder_failed:
+            # The stream ended inside a frame with no eof_received first:
+            # uvloop's TLS layer does this on a TCP FIN without close_notify
+            # (asyncio's calls eof_received). The same framing error as there.
+            try:
+                frames = self._decoder.eof()
+            except FrameError as error:
+                self._decoder_failed = True
+                if error.frames:
+                    self._queue_frames(error.frames)
+                self._report_frame_error(error)
+                self._input_ended(_reasons.broken_factory(error), pause=False)
+            else:
+                if frames:
+                    self._queue_frames(frames)
+                self._input_ended(_reasons.peer_closed, pause=False)
         elif exc is None:
             self._input_ended(_reasons.peer_closed, pause=False)
         else:

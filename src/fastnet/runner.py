@@ -9,8 +9,9 @@ With a ``drain_delay``, the first signal only announces the drain
 accepting and serving for that many seconds before the graceful shutdown, so
 a load balancer sees it leave before connections are refused. On a server
 given its TLS files (``ssl=TLSFiles(...)``), SIGHUP reloads them
-(``Server.reload_tls``). With a ``metrics_address``, ``serve`` also runs the
-metrics and health endpoint (``fastnet.health``) on the same loop.
+(``Server.reload_tls``); elsewhere it is logged and ignored. With a
+``metrics_address``, ``serve`` also runs the metrics and health endpoint
+(``fastnet.health``) on the same loop.
 """
 
 from __future__ import annotations
@@ -114,7 +115,8 @@ async def serve(
         handle_signals: the first SIGINT or SIGTERM starts a graceful
             shutdown and restores the default dispositions, so a second one
             kills the process at once (main thread only); SIGHUP reloads
-            the TLS files of a server given ``ssl=TLSFiles(...)``.
+            the TLS files of a server given ``ssl=TLSFiles(...)`` and is
+            ignored (logged) by any other.
         drain_delay: seconds between the first SIGINT/SIGTERM and the
             shutdown. The signal calls ``server.announce_drain()`` at once
             (``/readyz`` answers 503, ``server.draining`` is True), and the
@@ -245,7 +247,10 @@ def _install_signal_handlers(server: Server, drain_delay: float = 0.0) -> Callab
             continue
         installed.append(sig)
 
-    if server.tls_files is not None and hasattr(signal, "SIGHUP"):
+    # SIGHUP reloads the TLS files; on any other server it is logged and
+    # ignored, rather than ending the process as its default does (an
+    # operator's `kill -HUP` meant for a TLS server must not stop this one).
+    if hasattr(signal, "SIGHUP"):
         previous[signal.SIGHUP] = signal.getsignal(signal.SIGHUP)
         try:
             loop.add_signal_handler(signal.SIGHUP, _reload_tls, server)
@@ -280,5 +285,8 @@ async def _drain_then_shut_down(server: Server, drain_delay: float) -> None:
 
 
 def _reload_tls(server: Server) -> None:
+    if server.tls_files is None:
+        logger.info("SIGHUP received: nothing to reload (no TLS files); ignored")
+        return
     logger.info("SIGHUP received: reloading the TLS certificate")
     server.reload_tls()  # logs the outcome; the old context stays on failure

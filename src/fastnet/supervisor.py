@@ -41,6 +41,7 @@ import socket
 import ssl
 import struct
 import sys
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -181,6 +182,7 @@ class _Counters:
         "proxy_header_errors",
         "proxy_header_timeouts",
         "proxy_untrusted",
+        "resets",
         "tls_handshake_errors",
         "tls_handshake_timeouts",
         "tls_handshakes",
@@ -201,6 +203,7 @@ class _Counters:
         self.proxy_header_errors = 0  # PROXY headers rejected (by cause: ServerMetrics)
         self.proxy_header_timeouts = 0  # no complete PROXY header within the timeout
         self.proxy_untrusted = 0  # closed at once: not from a trusted proxy
+        self.resets = 0  # connections that ended in a socket error (a reset, mostly)
         self.tls_handshake_errors = 0  # failed: not TLS, bad certificate, reset...
         self.tls_handshake_timeouts = 0
         self.tls_handshakes = 0  # completed
@@ -518,11 +521,11 @@ class Supervisor:
                     sock.close()
                     return
             else:
-                made_conn = await self._handshake(loop, factory, made, sock, context, header)
+                made_conn = await self._handshake(loop, factory, made, sock, context, header, peer)
                 if made_conn is None:
                     return
                 conn = made_conn
-            opened = loop.time()
+            opened = time.monotonic()  # not loop.time(): uvloop's counts milliseconds
             hooks = self.hooks
             if hooks is not None:
                 hooks.call("on_open", conn)
@@ -564,9 +567,12 @@ class Supervisor:
                 conn = made[0]
                 self.connections.discard(conn)
                 self._add_closed(conn)
-                reason = self._close_reasons.pop(conn, "closed")
+                reason = self._close_reasons.pop(conn, None)
+                if reason is None and conn._lost_error is not None:
+                    reason = "reset"  # the socket failed: a reset, mostly
+                    self.counters.resets += 1
                 if opened is not None:
-                    self._closed(conn, loop.time() - opened, reason)
+                    self._closed(conn, time.monotonic() - opened, reason or "closed")
             else:
                 self.counters.closed += 1
             release()
@@ -579,6 +585,7 @@ class Supervisor:
         sock: socket.socket,
         context: ssl.SSLContext,
         header: ProxyHeader | None = None,
+        accepted_peer: Any = None,
     ) -> Connection | None:
         # The TLS handshake, within tls_handshake_timeout (fastnet's own
         # timer: the loop's ssl_handshake_timeout is a backstop, and its
@@ -589,12 +596,14 @@ class Supervisor:
         timeout = self.tls_handshake_timeout
         if header is not None and header.peer is not None:
             peer = format_peer(header.peer)
+        elif accepted_peer is not None:
+            peer = format_peer(accepted_peer)  # as accept(2) gave it: a reset leaves no other
         else:
             peer = _peer_of(sock)
         options: dict[str, Any] = {"ssl": context, "ssl_handshake_timeout": timeout + 1.0}
         if _loop_has_tls_shutdown_timeout(loop):
             options["ssl_shutdown_timeout"] = self.tls_shutdown_timeout
-        began = loop.time()
+        began = time.monotonic()
         metrics = self.metrics
         hooks = self.hooks
         task = asyncio.current_task()
@@ -630,7 +639,7 @@ class Supervisor:
             # The protocol the factory made: uvloop returns its own
             # SSLProtocol from connect_accepted_socket, not ours.
             conn = made[-1]
-            seconds = loop.time() - began
+            seconds = time.monotonic() - began
             if metrics is not None:
                 metrics.handshake_seconds.observe(seconds)
             if hooks is not None:

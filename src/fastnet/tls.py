@@ -54,6 +54,7 @@ DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 
 _PEM_CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
+_PEM_KEY = b"PRIVATE KEY-----"  # BEGIN PRIVATE KEY, BEGIN RSA/EC/ENCRYPTED PRIVATE KEY
 
 
 class TLSConfigError(FastnetError, ValueError):
@@ -84,6 +85,17 @@ def _read(path: str, what: str) -> bytes:
             return f.read()
     except OSError as exc:
         raise TLSConfigError(f"{what} {path}: {exc.strerror or exc}") from None
+
+
+def _check_key(cert: str, key: str | None) -> None:
+    # The key is in ``key``, or in ``cert`` when no key file is given.
+    if key is None:
+        if _PEM_KEY not in _read(cert, "certificate file"):
+            raise TLSConfigError(
+                f"certificate file {cert}: no private key in it (give the key file too)"
+            )
+    elif _PEM_KEY not in _read(key, "key file"):
+        raise TLSConfigError(f"key file {key}: no PEM private key in it")
 
 
 def _check_certificates(path: str, what: str) -> None:
@@ -120,8 +132,7 @@ def server_context(
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     _check_certificates(cert, "certificate file")
-    if key is not None:
-        _read(key, "key file")
+    _check_key(cert, key)
     try:
         ctx.load_cert_chain(cert, key, password=password)
     except ssl.SSLError as exc:
@@ -174,11 +185,15 @@ def client_context(
     if not verify:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
+    if cert is None and key is not None:
+        raise TLSConfigError(f"key file {os.fspath(key)} given without a certificate (cert=)")
     if cert is not None:
         cert = os.fspath(cert)
+        key = None if key is None else os.fspath(key)
         _check_certificates(cert, "certificate file")
+        _check_key(cert, key)
         try:
-            ctx.load_cert_chain(cert, None if key is None else os.fspath(key))
+            ctx.load_cert_chain(cert, key)
         except (ssl.SSLError, OSError) as exc:
             raise TLSConfigError(f"certificate file {cert}: {_reason(exc)}") from None
     if alpn:

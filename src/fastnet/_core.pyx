@@ -34,6 +34,7 @@ from ._tunables import (
     LARGE_FRAME,
     PAUSE_FAIR,
     PAUSE_INBOX,
+    PAUSE_RATE,
     PAUSE_WRITE,
     READ_BURST,
     READ_FAIR_FRAMES,
@@ -46,7 +47,7 @@ from ._wakeup import _AwaitWakeup, _Wakeup
 from .errors import ConnectionBusyError, FrameError
 from .lifecycle import CLOSED, CLOSING, OPEN
 
-__all__ = ["ConnectionCore", "ReadStats"]
+__all__ = ["ConnectionCore", "FrameRate", "ReadStats"]
 
 # The tunables, as C constants for this module (read once, at import).
 cdef long long c_READ_HIGH_FRAMES = READ_HIGH_FRAMES
@@ -57,6 +58,7 @@ cdef int c_READ_BURST = READ_BURST
 cdef Py_ssize_t c_READ_FAIR_FRAMES = READ_FAIR_FRAMES
 cdef int c_PAUSE_FAIR = PAUSE_FAIR
 cdef int c_PAUSE_INBOX = PAUSE_INBOX
+cdef int c_PAUSE_RATE = PAUSE_RATE
 cdef int c_PAUSE_WRITE = PAUSE_WRITE
 cdef int c_CLOSING = CLOSING
 cdef int c_CLOSED = CLOSED
@@ -141,6 +143,65 @@ cdef class ReadStats:
         )
 
 
+cdef class FrameRate:
+    """One connection's frames-per-second token bucket (``fastnet.Limits.frame_rate``).
+
+    It holds up to ``burst`` tokens and refills at ``rate`` a second. A read
+    takes a token per frame it delivered, and may leave the bucket in debt
+    (its frames are delivered all the same); reading then pauses for as long
+    as the debt takes to refill. ``take`` and ``wait`` return that time in
+    seconds (0.0: no pause). ``handle`` is the pending resume timer, if any.
+    """
+
+    cdef double _rate
+    cdef double _burst
+    cdef double _tokens
+    cdef double _last
+    cdef public object handle
+
+    def __init__(self, double rate, double burst):
+        self._rate = rate
+        self._burst = burst
+        self._tokens = burst
+        self._last = _monotonic()
+        self.handle = None
+
+    cdef inline double _refill(self) noexcept:
+        cdef double now = _monotonic()
+        cdef double tokens = self._tokens + (now - self._last) * self._rate
+        if tokens > self._burst:
+            tokens = self._burst
+        self._last = now
+        return tokens
+
+    cdef inline double _take(self, Py_ssize_t frames) noexcept:
+        cdef double tokens = self._refill() - <double>frames
+        self._tokens = tokens
+        return 0.0 if tokens >= 0.0 else -tokens / self._rate
+
+    def take(self, Py_ssize_t frames):
+        """Take ``frames`` tokens; the seconds to pause reading for (0.0: none)."""
+        return self._take(frames)
+
+    def wait(self):
+        """Refill; the seconds left until the debt is paid (0.0: reading may resume)."""
+        cdef double tokens = self._refill()
+        self._tokens = tokens
+        return 0.0 if tokens >= 0.0 else -tokens / self._rate
+
+    @property
+    def tokens(self):
+        """The tokens in the bucket now (negative: in debt)."""
+        cdef double tokens = self._tokens + (_monotonic() - self._last) * self._rate
+        return self._burst if tokens > self._burst else tokens
+
+    def cancel(self):
+        """Cancel the pending resume timer (the connection is closing)."""
+        handle, self.handle = self.handle, None
+        if handle is not None:
+            handle.cancel()
+
+
 cdef Py_ssize_t _payload_size(object frame) except -1:
     # Bytes of payload in frame; 0 for what is not a buffer (the out queue then refuses it).
     cdef type kind = type(frame)
@@ -182,6 +243,7 @@ cdef class ConnectionCore:
     cdef public object _end
     cdef public bint _end_quiet
     cdef public bint _flush_scheduled
+    cdef public FrameRate _frame_rate
     cdef public object _framing
     cdef public bint _half_close
     cdef public object _handler_error
@@ -273,10 +335,15 @@ cdef class ConnectionCore:
         self.writes = 0
         self._read_stats = None
         self._woke_at = 0.0
+        self._frame_rate = None
 
     def _new_read_stats(self):
         """A new ``ReadStats`` of this backend, for a server to share among its connections."""
         return ReadStats()
+
+    def _new_frame_rate(self, double rate, double burst):
+        """A new ``FrameRate`` of this backend, for this connection."""
+        return FrameRate(rate, burst)
 
     # ------------------------------------------------------------ receiving
 
@@ -329,6 +396,8 @@ cdef class ConnectionCore:
         self.frames_in += count
         if count > c_READ_FAIR_FRAMES:
             self._yield_reading()
+        if self._frame_rate is not None:
+            self._charge_frames(count)
         cdef ReadStats stats = self._read_stats
         cdef double began
         if stats is not None:
@@ -501,6 +570,28 @@ cdef class ConnectionCore:
             self._pause_reading(c_PAUSE_FAIR)
             self._loop.call_soon(self._unpause_reading, c_PAUSE_FAIR)
         return 0
+
+    cdef int _charge_frames(self, Py_ssize_t count) except -1:
+        # A frames-per-second limit: this read's frames are delivered, and
+        # if they put the bucket in debt, reading pauses until it is paid.
+        cdef FrameRate limiter = self._frame_rate
+        cdef double delay = limiter._take(count)
+        if delay > 0.0 and not self._read_paused & c_PAUSE_RATE:
+            self._pause_reading(c_PAUSE_RATE)
+            limiter.handle = self._loop.call_later(delay, self._rate_resume)
+        return 0
+
+    def _rate_resume(self):
+        # The frame-rate timer: resume if the debt is paid, else wait again.
+        cdef FrameRate limiter = self._frame_rate
+        if limiter is None:
+            return
+        limiter.handle = None
+        cdef double delay = limiter.wait()
+        if delay > 0.0:
+            limiter.handle = self._loop.call_later(delay, self._rate_resume)
+        else:
+            self._unpause_reading(c_PAUSE_RATE)
 
     def _pause_reading(self, int reason):
         cdef int paused = self._read_paused

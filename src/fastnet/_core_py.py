@@ -32,7 +32,11 @@ for sends made elsewhere.
 Flow control. Reading pauses while the handler has more than
 ``READ_HIGH_FRAMES`` frames or ``READ_HIGH_BYTES`` bytes queued, and resumes
 once it is down to a quarter; on a server's connections it also pauses while
-the transport is over its write high-water mark (``read_pauses_on_write``).
+the transport is over its write high-water mark (``read_pauses_on_write``),
+and, with a frames-per-second limit (``fastnet.Limits.frame_rate``), while
+the connection's ``FrameRate`` bucket is in debt, until a timer finds it
+refilled (``PAUSE_RATE``). Like ``ReadStats``, the bucket is a field that
+is None unless the limit is on: one pointer test per read otherwise.
 
 Everything that happens once per connection or less (connection_made, the
 end of input, closing) is in ``protocol.FrameProtocol``, in Python, for both
@@ -59,6 +63,7 @@ from ._tunables import (
     LARGE_FRAME,
     PAUSE_FAIR,
     PAUSE_INBOX,
+    PAUSE_RATE,
     PAUSE_WRITE,
     READ_BURST,
     READ_FAIR_FRAMES,
@@ -74,7 +79,7 @@ from .lifecycle import CLOSED, CLOSING, OPEN
 if TYPE_CHECKING:
     from .framing import Buffer
 
-__all__ = ["ConnectionCore", "ReadStats"]
+__all__ = ["ConnectionCore", "FrameRate", "ReadStats"]
 
 _EMPTY: Sequence[bytes] = ()  # the inbox when nothing is queued; never mutated
 _monotonic = time.monotonic  # CLOCK_MONOTONIC, as the extension reads it
@@ -120,6 +125,55 @@ class ReadStats:
         )
 
 
+class FrameRate:
+    """One connection's frames-per-second token bucket (``fastnet.Limits.frame_rate``).
+
+    It holds up to ``burst`` tokens and refills at ``rate`` a second. A read
+    takes a token per frame it delivered, and may leave the bucket in debt
+    (its frames are delivered all the same); reading then pauses for as long
+    as the debt takes to refill. ``take`` and ``wait`` return that time in
+    seconds (0.0: no pause). ``handle`` is the pending resume timer, if any.
+    """
+
+    __slots__ = ("_burst", "_last", "_rate", "_tokens", "handle")
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self._rate = float(rate)
+        self._burst = float(burst)
+        self._tokens = float(burst)
+        self._last = _monotonic()
+        self.handle: asyncio.TimerHandle | None = None
+
+    def _refill(self) -> float:
+        now = _monotonic()
+        tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
+        self._last = now
+        return tokens
+
+    def take(self, frames: int) -> float:
+        """Take ``frames`` tokens; the seconds to pause reading for (0.0: none)."""
+        tokens = self._refill() - frames
+        self._tokens = tokens
+        return 0.0 if tokens >= 0.0 else -tokens / self._rate
+
+    def wait(self) -> float:
+        """Refill; the seconds left until the debt is paid (0.0: reading may resume)."""
+        tokens = self._refill()
+        self._tokens = tokens
+        return 0.0 if tokens >= 0.0 else -tokens / self._rate
+
+    @property
+    def tokens(self) -> float:
+        """The tokens in the bucket now (negative: in debt)."""
+        return min(self._burst, self._tokens + (_monotonic() - self._last) * self._rate)
+
+    def cancel(self) -> None:
+        """Cancel the pending resume timer (the connection is closing)."""
+        handle, self.handle = self.handle, None
+        if handle is not None:
+            handle.cancel()
+
+
 class ConnectionCore:
     """The per-read and per-send state and path of one framed connection.
 
@@ -150,6 +204,7 @@ class ConnectionCore:
         "_end",
         "_end_quiet",
         "_flush_scheduled",
+        "_frame_rate",
         "_framing",
         "_half_close",
         "_handler_error",
@@ -260,6 +315,7 @@ class ConnectionCore:
         self.writes = 0
         self._read_stats: ReadStats | None = None  # set by a server with metrics on
         self._woke_at = 0.0  # when a task handler was last woken (metrics only)
+        self._frame_rate: FrameRate | None = None  # set by a server with a frame-rate limit
 
     # ------------------------------------------------------------ receiving
 
@@ -306,6 +362,10 @@ class ConnectionCore:
         """A new ``ReadStats`` of this backend, for a server to share among its connections."""
         return ReadStats()
 
+    def _new_frame_rate(self, rate: float, burst: float) -> FrameRate:
+        """A new ``FrameRate`` of this backend, for this connection."""
+        return FrameRate(rate, burst)
+
     def _received(self, nbytes: int) -> None:
         self.bytes_in += nbytes
         try:
@@ -319,6 +379,8 @@ class ConnectionCore:
         self.frames_in += count
         if count > READ_FAIR_FRAMES:
             self._yield_reading()
+        if self._frame_rate is not None:
+            self._charge_frames(count)
         stats = self._read_stats
         if stats is not None:
             stats.observe_batch(count)
@@ -494,6 +556,28 @@ class ConnectionCore:
         if not self._read_paused & PAUSE_FAIR:
             self._pause_reading(PAUSE_FAIR)
             self._loop.call_soon(self._unpause_reading, PAUSE_FAIR)
+
+    def _charge_frames(self, count: int) -> None:
+        # A frames-per-second limit: this read's frames are delivered, and
+        # if they put the bucket in debt, reading pauses until it is paid.
+        limiter = self._frame_rate
+        assert limiter is not None
+        delay = limiter.take(count)
+        if delay > 0.0 and not self._read_paused & PAUSE_RATE:
+            self._pause_reading(PAUSE_RATE)
+            limiter.handle = self._loop.call_later(delay, self._rate_resume)
+
+    def _rate_resume(self) -> None:
+        # The frame-rate timer: resume if the debt is paid, else wait again.
+        limiter = self._frame_rate
+        if limiter is None:
+            return
+        limiter.handle = None
+        delay = limiter.wait()
+        if delay > 0.0:
+            limiter.handle = self._loop.call_later(delay, self._rate_resume)
+        else:
+            self._unpause_reading(PAUSE_RATE)
 
     def _pause_reading(self, reason: int) -> None:
         paused = self._read_paused

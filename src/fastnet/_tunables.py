@@ -19,6 +19,7 @@ __all__ = [
     "MAX_READ",
     "PAUSE_FAIR",
     "PAUSE_INBOX",
+    "PAUSE_RATE",
     "PAUSE_STOP",
     "PAUSE_WRITE",
     "READ_BURST",
@@ -88,6 +89,7 @@ PAUSE_INBOX = 1  # the handler has too many frames queued
 PAUSE_WRITE = 2  # the transport is over its write high-water mark
 PAUSE_STOP = 4  # no more input wanted: shutdown, framing error, close
 PAUSE_FAIR = 8  # until the loop's next turn, after a read of very many frames
+PAUSE_RATE = 16  # the peer is over its frames-per-second limit (Limits.frame_rate)
 
 # A read that delivered more frames than this pauses reading until the event
 # loop's next turn, so other connections get their turn: uvloop (libuv)

@@ -12,7 +12,8 @@ after the first SIGTERM/SIGINT, with ``/readyz`` answering 503.
 Exit status: 0 after a graceful shutdown; 2 for a usage error (a bad option
 value, an unknown or unloadable ``APP``, a bad ``--framing``, ``--loop
 uvloop`` without uvloop, ``--metrics`` without prometheus_client,
-``--proxy-protocol`` without ``--trusted-proxy``), reported
+``--proxy-protocol`` without ``--trusted-proxy``, ``--overload-low`` above
+``--overload-high``), reported
 as one line on stderr; 1 when the server cannot start (an address, the
 server's or the metrics endpoint's, cannot be bound or resolved, a TLS file is bad),
 reported as one line naming the address or the file. Anything else is a
@@ -54,6 +55,7 @@ from ._cliargs import (
 from .framing import ACCELERATED
 from .health import PROMETHEUS_MISSING
 from .jsonlog import JSONFormatter
+from .limits import Limits
 from .proxy import ACCEPT_MODES, DEFAULT_PROXY_HEADER_TIMEOUT, parse_networks
 from .server import DEFAULT_BACKLOG, DEFAULT_MAX_CONNECTIONS, CallbackHandler, Handler, run
 from .tls import DEFAULT_HANDSHAKE_TIMEOUT, TLSConfigError, TLSFiles
@@ -99,6 +101,31 @@ def _trusted_proxy(text: str) -> str:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     return text
+
+
+def parse_rate(text: str) -> tuple[float, int | None]:
+    """Parse ``RATE[:BURST]`` (``--conn-rate``, ``--frame-rate``): a rate per second above 0
+    and an optional whole bucket size of at least 1 (default: a second's worth).
+
+    Raises:
+        UsageError: not a positive rate, or a bad burst.
+    """
+    rate_text, colon, burst_text = text.partition(":")
+    try:
+        rate = float(rate_text)
+    except ValueError:
+        rate = -1.0
+    if not (rate > 0 and rate != float("inf")):
+        raise UsageError(f"expected RATE[:BURST], a rate per second above 0, got {text!r}")
+    if not colon:
+        return rate, None
+    try:
+        burst = int(burst_text)
+    except ValueError:
+        burst = 0
+    if burst < 1:
+        raise UsageError(f"expected RATE[:BURST], BURST a whole number of at least 1, got {text!r}")
+    return rate, burst
 
 
 def parse_host_port(text: str) -> tuple[str, int]:
@@ -298,6 +325,45 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
         help=f"close a connection whose PROXY header is not complete within S seconds "
         f"({DEFAULT_PROXY_HEADER_TIMEOUT:g})",
     )
+    limits = serve.add_argument_group(
+        "limits and overload protection",
+        "per client address (the PROXY header's with --proxy-protocol; IPv6 by /64), per "
+        "connection, and for the whole process; over a per-peer limit a new connection is "
+        "closed at once, without a reply",
+    )
+    limits.add_argument(
+        "--conn-rate",
+        type=parse_rate,
+        metavar="RATE[:BURST]",
+        help="new connections per second a client address may open, BURST at once "
+        "(default: a second's worth)",
+    )
+    limits.add_argument(
+        "--conns-per-peer",
+        type=positive_int,
+        metavar="N",
+        help="connections a client address may have open at once",
+    )
+    limits.add_argument(
+        "--frame-rate",
+        type=parse_rate,
+        metavar="RATE[:BURST]",
+        help="frames per second read from one connection; over it, reading pauses "
+        "(backpressure, no disconnect)",
+    )
+    limits.add_argument(
+        "--overload-high",
+        type=parse_size,
+        metavar="BYTES",
+        help="stop accepting while the connections buffer more than BYTES in all (output "
+        f"not yet sent, input not yet taken); {SIZE_SPELLINGS}",
+    )
+    limits.add_argument(
+        "--overload-low",
+        type=parse_size,
+        metavar="BYTES",
+        help="accept again at BYTES or less (default: half of --overload-high)",
+    )
     add_loop_argument(serve)
     serve.add_argument(
         "--log-level", choices=LOG_LEVELS, default="info", type=str.lower, help="(info)"
@@ -380,7 +446,33 @@ def server_options(args: argparse.Namespace) -> dict[str, Any]:
         options["proxy_header_timeout"] = args.proxy_header_timeout
     elif args.trusted_proxy:
         raise UsageError("--trusted-proxy needs --proxy-protocol")
+    limits = _limits(args)
+    if limits is not None:
+        options["limits"] = limits
     return options
+
+
+def _limits(args: argparse.Namespace) -> Limits | None:
+    # The limits group's options as a fastnet.Limits, or None when none is given.
+    conn_rate, conn_burst = args.conn_rate or (None, None)
+    frame_rate, frame_burst = args.frame_rate or (None, None)
+    if args.overload_low is not None and args.overload_high is None:
+        raise UsageError("--overload-low needs --overload-high")
+    values = {
+        "conn_rate": conn_rate,
+        "conn_burst": conn_burst,
+        "conns_per_peer": args.conns_per_peer,
+        "frame_rate": frame_rate,
+        "frame_burst": frame_burst,
+        "overload_high": args.overload_high,
+        "overload_low": args.overload_low,
+    }
+    if all(value is None for value in values.values()):
+        return None
+    try:
+        return Limits(**values)
+    except ValueError as exc:  # e.g. --overload-low above --overload-high
+        raise UsageError(str(exc)) from None
 
 
 def _configure_logging(level: str, log_format: str) -> None:

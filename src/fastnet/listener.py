@@ -13,7 +13,9 @@ served, in order, as slots free up. Accept errors are classified (trio's
 table): a capacity error backs off, a dead connection is skipped, and
 nothing ends the loop. While accept(2) keeps succeeding, the loop yields to
 the event loop every ``ACCEPT_BATCH`` accepts, so a burst of connects cannot
-hold the loop from the connections already open.
+hold the loop from the connections already open. ``pause_accepting()``
+(overload, see ``fastnet.limits``) makes the loop wait before it takes a
+slot, as it waits at ``max_connections``, until ``resume_accepting()``.
 """
 
 from __future__ import annotations
@@ -225,6 +227,11 @@ class Listener:
         self._on_accept = on_accept
         self._admit = admit
         self._task: asyncio.Task[None] | None = None
+        # Set while accepting is paused; resume_accepting() completes it.
+        self._paused: asyncio.Future[None] | None = None
+        # The accept loop's wait for the listening socket to be readable
+        # (pause_accepting() ends it, so that no client is accepted after).
+        self._readable: asyncio.Future[None] | None = None
         self.accepted = 0
         self.accept_errors = 0
         self.rejected = 0
@@ -232,6 +239,29 @@ class Listener:
     def start(self) -> None:
         """Start the accept loop in a task of its own."""
         self._task = asyncio.get_running_loop().create_task(self._accept_loop())
+
+    @property
+    def accepting_paused(self) -> bool:
+        """True between ``pause_accepting()`` and ``resume_accepting()``."""
+        return self._paused is not None
+
+    def pause_accepting(self) -> None:
+        """Stop calling accept(2) until ``resume_accepting()``; new clients wait in the backlog.
+
+        The loop stops waiting for the listening socket at once and then
+        waits for ``resume_accepting()``, holding no slot.
+        """
+        if self._paused is None:
+            self._paused = asyncio.get_running_loop().create_future()
+            readable = self._readable
+            if readable is not None:
+                _set_result(readable)
+
+    def resume_accepting(self) -> None:
+        """Accept again after ``pause_accepting()``."""
+        paused, self._paused = self._paused, None
+        if paused is not None and not paused.done():
+            paused.set_result(None)
 
     async def stop(self) -> None:
         """Stop accepting (the socket stays open; the caller closes it)."""
@@ -250,10 +280,19 @@ class Listener:
         backoff = ACCEPT_BACKOFF_MIN
         in_a_row = 0  # accepts since the loop last waited or yielded
         while True:
+            # Step 0: while accepting is paused (overload), wait here,
+            # before taking a slot: clients queue in the kernel backlog.
+            paused = self._paused
+            if paused is not None:
+                await paused
+                continue
             # Step 1: take a slot first. At max_connections this waits, and
             # new clients queue in the kernel backlog rather than being
             # accepted and dropped.
             await slots.acquire()
+            if self._paused is not None:  # paused while waiting for the slot
+                slots.release()
+                continue
             try:
                 # Step 2: accept one connection; errors never end the loop.
                 while True:
@@ -263,7 +302,7 @@ class Listener:
                         in_a_row = 0
                         await asyncio.sleep(0)
                     try:
-                        sock, peer, waited = await self._accept(loop, listener)
+                        accepted = await self._accept(loop, listener)
                     except OSError as exc:
                         in_a_row = 0
                         self.accept_errors += 1
@@ -282,12 +321,16 @@ class Listener:
                         await asyncio.sleep(backoff)
                         backoff = min(backoff * 2, ACCEPT_BACKOFF_MAX)
                         continue
-                    in_a_row = 1 if waited else in_a_row + 1
-                    backoff = ACCEPT_BACKOFF_MIN
                     break
             except BaseException:
                 slots.release()
                 raise
+            if accepted is None:  # paused while waiting for a client: back to step 0
+                slots.release()
+                continue
+            sock, peer, waited = accepted
+            in_a_row = 1 if waited else in_a_row + 1
+            backoff = ACCEPT_BACKOFF_MIN
             # Step 3: admission. A rejected socket is closed and frees its slot.
             if self._admit is not None and not self._admitted(sock, peer):
                 self.rejected += 1
@@ -307,18 +350,20 @@ class Listener:
             logger.exception("the admission hook failed for %s; rejected", format_peer(peer))
             return False
 
-    @staticmethod
     async def _accept(
-        loop: asyncio.AbstractEventLoop, listener: socket.socket
-    ) -> tuple[socket.socket, Any, bool]:
+        self, loop: asyncio.AbstractEventLoop, listener: socket.socket
+    ) -> tuple[socket.socket, Any, bool] | None:
         # accept(2) is called here, synchronously, after waiting for the
         # listening socket to be readable; not through loop.sock_accept,
         # whose future may hold an accepted socket when the accept loop is
         # cancelled at shutdown, and then lose it (a descriptor leak in both
         # asyncio and uvloop). Cancellation can only strike while no
-        # socket exists. Returns the socket, its peer, and whether it waited.
+        # socket exists. Returns the socket, its peer, and whether it waited;
+        # None once accepting is paused.
         waited = False
         while True:
+            if self._paused is not None:
+                return None
             try:
                 sock, peer = listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -328,6 +373,7 @@ class Listener:
                 return sock, peer, waited
             waited = True
             waiter = loop.create_future()
+            self._readable = waiter
             fd = listener.fileno()
             try:
                 loop.add_reader(fd, _set_result, waiter)
@@ -337,4 +383,5 @@ class Listener:
             try:
                 await waiter
             finally:
+                self._readable = None
                 loop.remove_reader(fd)

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._tunables import BATCH_BOUNDS, HANDLER_SECONDS_BOUNDS
 from .errors import FrameError, FrameTooLarge, IncompleteFrame
+from .limits import CAUSES as LIMIT_CAUSES
 from .proxy import CAUSES as PROXY_CAUSES
 
 if TYPE_CHECKING:
@@ -331,6 +332,16 @@ _COUNTERS = (
         "proxy_header_timeouts",
         "Connections closed for want of a complete PROXY header within the timeout.",
     ),
+    (
+        "peer_table_evictions",
+        "peer_table_evictions",
+        "Peers' connection-rate buckets evicted from the full peer table (Limits.max_peers).",
+    ),
+    (
+        "overload_episodes",
+        "overload_episodes",
+        "Times the buffered bytes went over Limits.overload_high (accepting paused).",
+    ),
 )
 
 
@@ -393,11 +404,26 @@ class FastnetCollector:
         draining = GaugeMetricFamily(
             "fastnet_draining", "1 from the moment a graceful drain begins.", labels=label
         )
+        overloaded = GaugeMetricFamily(
+            "fastnet_overloaded",
+            "1 while accepting is paused because the buffered bytes are over the overload mark.",
+            labels=label,
+        )
+        buffered = GaugeMetricFamily(
+            "fastnet_buffered_bytes",
+            "Bytes the connections buffer (output queued or unsent, input not yet taken), "
+            "as last summed by the overload watch; 0 when it is off.",
+            labels=label,
+        )
         for snap in snaps:
             active.add_metric([snap["listener"]], snap["stats"]["active"])
             draining.add_metric([snap["listener"]], 1 if snap["draining"] else 0)
+            overloaded.add_metric([snap["listener"]], 1 if snap["stats"].get("overloaded") else 0)
+            buffered.add_metric([snap["listener"]], snap["stats"].get("buffered_bytes", 0))
         yield active
         yield draining
+        yield overloaded
+        yield buffered
 
         for name, key, doc in _COUNTERS:
             family = counter(name, doc)
@@ -417,6 +443,8 @@ class FastnetCollector:
             rejected.add_metric([where, "admission"], snap["stats"]["rejected"])
             untrusted = snap["stats"].get("proxy_untrusted", 0)
             rejected.add_metric([where, "untrusted_proxy"], untrusted)
+            for cause in LIMIT_CAUSES:  # the limits (fastnet.limits), 0 until they act
+                rejected.add_metric([where, cause], snap["stats"].get(f"rejected_{cause}", 0))
             for table, family in (
                 ("accept_errors", accept_errors),
                 ("frame_errors", frame_errors),

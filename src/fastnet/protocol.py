@@ -35,6 +35,7 @@ from ._tunables import (
     DEFAULT_MAX_WRITE_BUFFER,
     LARGE_FRAME,
     PAUSE_INBOX,
+    PAUSE_RATE,
     PAUSE_STOP,
     READ_HIGH_BYTES,
     READ_HIGH_FRAMES,
@@ -360,11 +361,24 @@ class FrameProtocol(asyncio.BufferedProtocol, _Base):
         """Reading is paused by fastnet's own backpressure, not by the peer's silence.
 
         True while the handler has too many frames queued (it is busy: the
-        connection is not idle) or while the transport is over its write
+        connection is not idle), while the transport is over its write
         high-water mark (the peer is being sent replies; whether it takes
-        them is output progress, which the supervisor watches).
+        them is output progress, which the supervisor watches), or while the
+        peer is over its frames-per-second limit (``PAUSE_RATE``: its bytes
+        wait in the kernel because fastnet will not read them yet; the pause
+        ends by itself when the bucket refills).
         """
-        return bool(self._read_paused & PAUSE_INBOX) or self._write_paused
+        return bool(self._read_paused & (PAUSE_INBOX | PAUSE_RATE)) or self._write_paused
+
+    @property
+    def _buffered(self) -> int:
+        """Bytes this connection holds: unsent output (out queue and transport) and input
+        received since the handler last caught up (its inbox and a frame in progress)."""
+        unsent = int(self.write_buffer_size)
+        if self._inbox:
+            return unsent + max(int(self.bytes_in - self._consumed_mark), 0)
+        decoder = self._decoder
+        return unsent + int(decoder.pending)
 
     @property
     def _write_backpressured(self) -> bool:

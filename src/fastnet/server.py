@@ -47,6 +47,7 @@ from typing import Any
 from ._tunables import DEFAULT_MAX_WRITE_BUFFER
 from .connection import Connection
 from .framing import Framing, LengthPrefixed
+from .limits import Limits
 from .listener import (
     ACCEPT_CAPACITY_ERRNOS,
     ACCEPT_IGNORABLE_ERRNOS,
@@ -170,6 +171,10 @@ class Server:
             byte is read (``proxy_untrusted``). Unix-socket peers are trusted.
         proxy_header_timeout: seconds a connection may take to send its
             whole PROXY header (``proxy_header_timeouts``), holding a slot.
+        limits: a ``fastnet.Limits``: per-peer connection rate and
+            concurrency (on the PROXY header's address when the protocol is
+            on), per-connection frames per second (reading pauses), and the
+            overload marks (the listener pauses). None (the default): off.
 
     Use ``async with Server(...) as server`` (or ``await server.start()``),
     then ``await server.serve_forever()``; ``await server.shutdown()`` stops
@@ -201,6 +206,7 @@ class Server:
         proxy_protocol: str | None = None,
         trusted_proxies: Iterable[str] | None = None,
         proxy_header_timeout: float = DEFAULT_PROXY_HEADER_TIMEOUT,
+        limits: Limits | None = None,
     ) -> None:
         if not callable(handler) and not isinstance(handler, CallbackHandler):
             raise TypeError(f"handler must be an async callable, not {type(handler).__name__}")
@@ -216,6 +222,8 @@ class Server:
             raise ValueError("give sock or unix, not both")
         if admit is not None and not callable(admit):
             raise TypeError(f"admit must be callable, not {type(admit).__name__}")
+        if limits is not None and not isinstance(limits, Limits):
+            raise TypeError(f"limits must be a fastnet.Limits, not {type(limits).__name__}")
         if tls_handshake_timeout <= 0 or tls_shutdown_timeout <= 0:
             raise ValueError("tls_handshake_timeout and tls_shutdown_timeout must be positive")
         self._tls_files = ssl if isinstance(ssl, TLSFiles) else None
@@ -259,6 +267,7 @@ class Server:
             metrics=ServerMetrics() if metrics else None,
             hooks=hooks,
             proxy=proxy,
+            limits=limits,
         )
         if metrics:
             register_metrics(self, None if metrics is True else metrics)
@@ -336,8 +345,20 @@ class Server:
             admit=self._admit,
             error_counts=None if metrics is None else metrics.accept_errors,
         )
+        supervisor.on_overload = self._overload_changed
         self._listener.start()
         logger.info("listening on %s", self.address)
+
+    def _overload_changed(self, overloaded: bool) -> None:
+        # The supervisor's overload watch: stop accepting above the high
+        # mark, accept again at the low one (fastnet.limits).
+        listener = self._listener
+        if listener is None:
+            return
+        if overloaded:
+            listener.pause_accepting()
+        else:
+            listener.resume_accepting()
 
     @property
     def sockets(self) -> tuple[socket.socket, ...]:
@@ -455,7 +476,12 @@ class Server:
         ``tls_handshake_errors`` and ``tls_handshake_timeouts``,
         ``proxy_header_errors`` (PROXY headers rejected; by cause in the
         metrics), ``proxy_header_timeouts`` and ``proxy_untrusted``
-        (connections closed for not coming from a trusted proxy). Counters are
+        (connections closed for not coming from a trusted proxy);
+        with ``limits``: ``rejected_rate``, ``rejected_concurrency`` and
+        ``rejected_overload`` (connections closed at once by the limits),
+        ``peer_table_evictions``, ``overloaded`` (1 during an overload
+        episode), ``overload_episodes``, and ``buffered_bytes`` (the last
+        sum the overload watch took; 0 without ``overload_high``). Counters are
         kept per read and per write, and summed here over the open connections.
         """
         result = self._supervisor.stats()

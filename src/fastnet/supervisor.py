@@ -50,6 +50,7 @@ from ._tunables import DEFAULT_MAX_WRITE_BUFFER
 from .connection import Connection
 from .errors import ConnectionBrokenError, ConnectionClosedError, FrameError
 from .framing import Buffer, Framing
+from .limits import Limits, OverloadGate, PeerLimiter, peer_key
 from .listener import format_peer
 from .metrics import CloseInfo, Hooks, ServerMetrics, frame_error_kind, handshake_error_cause
 from .proxy import ProxyHeader, ProxyHeaderError, ProxySettings
@@ -161,6 +162,10 @@ TIMER_TICK_MAX = 1.0
 # ends (4,000 bad connections make 11 lines, not 4,000).
 FRAME_ERROR_LOG_BURST = 10
 FRAME_ERROR_LOG_INTERVAL = 10.0
+# Connections refused by the limits (fastnet.limits) are logged the same
+# way, at DEBUG: a flood from one address makes a line or two per interval.
+REJECT_LOG_BURST = 10
+REJECT_LOG_INTERVAL = 10.0
 
 _SO_LINGER_RESET = struct.pack("ii", 1, 0)  # linger on, 0 s: close(2) sends RST
 
@@ -179,9 +184,13 @@ class _Counters:
         "handler_errors",
         "idle_timeouts",
         "lines_skipped",
+        "overload_episodes",
         "proxy_header_errors",
         "proxy_header_timeouts",
         "proxy_untrusted",
+        "rejected_concurrency",
+        "rejected_overload",
+        "rejected_rate",
         "resets",
         "tls_handshake_errors",
         "tls_handshake_timeouts",
@@ -200,9 +209,13 @@ class _Counters:
         self.handler_errors = 0
         self.idle_timeouts = 0
         self.lines_skipped = 0  # over-long lines a Lines(on_too_long="skip") decoder dropped
+        self.overload_episodes = 0  # times the buffered bytes went over Limits.overload_high
         self.proxy_header_errors = 0  # PROXY headers rejected (by cause: ServerMetrics)
         self.proxy_header_timeouts = 0  # no complete PROXY header within the timeout
         self.proxy_untrusted = 0  # closed at once: not from a trusted proxy
+        self.rejected_concurrency = 0  # refused: the peer had conns_per_peer open (Limits)
+        self.rejected_overload = 0  # refused: accepted as an overload episode began
+        self.rejected_rate = 0  # refused: the peer was over its conn_rate
         self.resets = 0  # connections that ended in a socket error (a reset, mostly)
         self.tls_handshake_errors = 0  # failed: not TLS, bad certificate, reset...
         self.tls_handshake_timeouts = 0
@@ -213,8 +226,16 @@ class _Counters:
 class _LogLimiter:
     """Log the first ``burst`` events of each ``interval`` s; sum up the rest in one line."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, what: str, burst: int, interval: float):
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        what: str,
+        burst: int,
+        interval: float,
+        level: int = logging.INFO,
+    ):
         self._loop = loop
+        self._level = level
         self._what = what
         self._burst = burst
         self._interval = interval
@@ -245,8 +266,12 @@ class _LogLimiter:
             self._summary = None
         if self._suppressed:
             now = self._loop.time()
-            logger.info(
-                "%d more %s in the last %.3g s", self._suppressed, self._what, now - self._start
+            logger.log(
+                self._level,
+                "%d more %s in the last %.3g s",
+                self._suppressed,
+                self._what,
+                now - self._start,
             )
             self._suppressed = 0
             self._start = now
@@ -377,6 +402,8 @@ class Supervisor:
         hooks: the event hooks, or None.
         proxy: read a PROXY protocol header first on every connection
             (``fastnet.proxy.ProxySettings``), or None.
+        limits: per-peer, per-connection and overload limits
+            (``fastnet.limits.Limits``), or None.
 
     Attributes:
         connections: the connections open (registered before any frame of
@@ -384,6 +411,8 @@ class Supervisor:
         tasks: the per-connection tasks.
         counters: counters of the connections that have closed.
         shutting_down: True once the server began a graceful shutdown.
+        on_overload: called with True when an overload episode begins and
+            False when it ends (the server pauses and resumes its listener).
     """
 
     def __init__(
@@ -400,6 +429,7 @@ class Supervisor:
         metrics: ServerMetrics | None = None,
         hooks: Hooks | None = None,
         proxy: ProxySettings | None = None,
+        limits: Limits | None = None,
     ) -> None:
         # One of the two is set: a task handler, or a callback handler's function.
         self._callback: CallbackFunction | None = None
@@ -418,6 +448,20 @@ class Supervisor:
         self.metrics = metrics
         self.hooks = hooks
         self.proxy = proxy
+        self.limits = limits
+        self._peers: PeerLimiter | None = None
+        self._overload: OverloadGate | None = None
+        if limits is not None:
+            if limits.per_peer:
+                self._peers = PeerLimiter(limits)
+            if limits.overload_high is not None:
+                low = limits.overload_resume
+                assert low is not None
+                self._overload = OverloadGate(limits.overload_high, low)
+        self.on_overload: Callable[[bool], None] | None = None
+        self._overload_task: asyncio.Task[None] | None = None
+        self._overload_since = 0.0
+        self._reject_log: _LogLimiter | None = None
         # Why a connection is being closed, when it is not its handler's end
         # (for Hooks.on_close): set by the event, popped at close.
         self._close_reasons: dict[Connection, str] = {}
@@ -440,16 +484,23 @@ class Supervisor:
         self._frame_log = _LogLimiter(
             loop, "framing errors", FRAME_ERROR_LOG_BURST, FRAME_ERROR_LOG_INTERVAL
         )
+        self._reject_log = _LogLimiter(
+            loop, "rejected connections", REJECT_LOG_BURST, REJECT_LOG_INTERVAL, logging.DEBUG
+        )
         if self.idle_timeout is not None or self.frame_timeout is not None:
             self._timer = loop.create_task(self._timer_loop())
+        if self._overload is not None:
+            self._overload_task = loop.create_task(self._overload_loop())
 
     async def stop_timer(self) -> None:
-        """Stop the idle/frame timer."""
-        timer, self._timer = self._timer, None
-        if timer is not None:
-            timer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await timer
+        """Stop the idle/frame timer and the overload watch."""
+        for name in ("_timer", "_overload_task"):
+            timer = getattr(self, name)
+            setattr(self, name, None)
+            if timer is not None:
+                timer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await timer
 
     # --------------------------------------------------------- one connection
 
@@ -473,11 +524,24 @@ class Supervisor:
             sock.close()
             release()
             return
-        task = self._loop.create_task(self._serve(sock, release, peer))
+        key = None
+        if proxy is None and (self._peers is not None or self._overload is not None):
+            # Limits on the accept-time address (with the PROXY protocol on,
+            # on the header's, in _serve).
+            key, cause = self._limit(peer)
+            if cause is not None:
+                self.counters.closed += 1
+                self._reject(peer, cause)
+                sock.close()
+                release()
+                return
+        task = self._loop.create_task(self._serve(sock, release, peer, key))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _serve(self, sock: socket.socket, release: Callable[[], None], peer: Any) -> None:
+    async def _serve(
+        self, sock: socket.socket, release: Callable[[], None], peer: Any, key: str | None = None
+    ) -> None:
         # Supervises one connection: sets it up, runs the handler in a task
         # of its own, then closes the connection and frees the slot. The
         # handler gets its own task so that its await chain, resumed on
@@ -489,6 +553,8 @@ class Supervisor:
         header: ProxyHeader | None = None  # the PROXY header, when the protocol is on
 
         metrics = self.metrics
+        limits = self.limits
+        frame_rate = None if limits is None else limits.frame_rate
 
         def factory() -> Connection:
             conn = Connection(self._framing, server=self, max_write_buffer=self._max_write_buffer)
@@ -499,6 +565,9 @@ class Supervisor:
                 if metrics.read_stats is None:
                     metrics.read_stats = conn._new_read_stats()
                 conn._read_stats = metrics.read_stats
+            if frame_rate is not None:
+                assert limits is not None and limits.frame_bucket is not None
+                conn._frame_rate = conn._new_frame_rate(frame_rate, limits.frame_bucket)
             # Registered now, before connection_made: uvloop may deliver the
             # first frames before connect_accepted_socket returns.
             self.connections.add(conn)
@@ -512,6 +581,15 @@ class Supervisor:
                 header = await self._proxy_header(loop, sock, peer)
                 if header is None:
                     return
+                if self._peers is not None or self._overload is not None:
+                    # Limits on the client's address, as the header names
+                    # it (a LOCAL header, a proxy's health check, names
+                    # none: not limited per peer).
+                    key, cause = self._limit(header.peer)
+                    if cause is not None:
+                        self._reject(header.peer, cause)
+                        sock.close()
+                        return
             context = self.ssl
             if context is None:
                 try:
@@ -543,6 +621,7 @@ class Supervisor:
             # A callback handler's exception, or a spawned task's.
             if conn._handler_error is not None:
                 self._handler_failed(conn, conn._handler_error)
+            _stop_frame_rate(conn)  # whatever the peer still sends is read and dropped
             # Flush the replies, send FIN, and close once the peer has closed
             # too or every reply is acknowledged (a lingering close, see
             # _Lingering). Wait for that before freeing the slot, so
@@ -563,8 +642,12 @@ class Supervisor:
             else:
                 sock.close()
         finally:
+            if key is not None:
+                assert self._peers is not None
+                self._peers.release(key)
             if made:
                 conn = made[0]
+                _stop_frame_rate(conn)
                 self.connections.discard(conn)
                 self._add_closed(conn)
                 reason = self._close_reasons.pop(conn, None)
@@ -709,6 +792,90 @@ class Supervisor:
             self._handshaking.discard(task)
         sock.close()
         return None
+
+    # ----------------------------------------------------------------- limits
+
+    def _limit(self, address: Any) -> tuple[str | None, str | None]:
+        # The limits on a new connection from ``address``: (key, cause).
+        # cause: None admits it, else "overload", "concurrency" or "rate".
+        # key: the peer's key to release at close (None: nothing to release).
+        gate = self._overload
+        if gate is not None and gate.overloaded:
+            return None, "overload"
+        peers = self._peers
+        if peers is None:
+            return None, None
+        assert self.limits is not None
+        key = peer_key(address, self.limits.ipv6_prefix)
+        if key is None:  # a Unix-socket peer, a LOCAL header: not limited per peer
+            return None, None
+        cause = peers.admit(key)
+        if cause is not None:
+            return None, cause
+        return key, None
+
+    def _reject(self, address: Any, cause: str) -> None:
+        # Count a connection refused by the limits; log it at DEBUG (the
+        # first few per interval, then a summary). The caller closes it.
+        name = f"rejected_{cause}"
+        setattr(self.counters, name, getattr(self.counters, name) + 1)
+        limiter = self._reject_log
+        if logger.isEnabledFor(logging.DEBUG) and (limiter is None or limiter.allow()):
+            where = format_peer(address)
+            logger.debug(
+                "refused a connection from %s: %s limit; closed",
+                where,
+                cause,
+                extra={"peer": where, "event": "rejected", "cause": cause},
+            )
+
+    async def _overload_loop(self) -> None:
+        # Every overload_interval, sum the bytes the connections buffer
+        # (O(connections), nothing per read) and flip the gate at the marks.
+        gate = self._overload
+        limits = self.limits
+        assert gate is not None and limits is not None
+        while True:
+            await asyncio.sleep(limits.overload_interval)
+            try:
+                total = 0
+                for conn in self.connections:
+                    if conn._transport is not None and not conn._lost:
+                        total += conn._buffered
+                if gate.update(total):
+                    self._overload_changed(gate)
+            except Exception:  # never let the watch die: log, and look again
+                logger.exception("the overload watch failed; retrying")
+
+    def _overload_changed(self, gate: OverloadGate) -> None:
+        now = time.monotonic()
+        if gate.overloaded:
+            self.counters.overload_episodes += 1
+            self._overload_since = now
+            logger.warning(
+                "overloaded: %d bytes buffered (over %d); not accepting until %d or less",
+                gate.buffered,
+                gate.high,
+                gate.low,
+                extra={"event": "overload_start", "buffered": gate.buffered},
+            )
+        else:
+            logger.warning(
+                "overload over after %.3g s: %d bytes buffered (%d or less); accepting again",
+                now - self._overload_since,
+                gate.buffered,
+                gate.low,
+                extra={"event": "overload_end", "buffered": gate.buffered},
+            )
+        if self.on_overload is not None:
+            self.on_overload(gate.overloaded)
+
+    @property
+    def overloaded(self) -> bool:
+        """True during an overload episode (``Limits.overload_high``)."""
+        return self._overload is not None and self._overload.overloaded
+
+    # ---------------------------------------------------------------- handlers
 
     async def _run_handler(self, conn: Connection) -> None:
         loop = self._loop
@@ -855,6 +1022,13 @@ class Supervisor:
         # `pending`) and no frame has completed since the part began.
         # Skipped while reading is paused by our own backpressure: the
         # frame cannot progress then through no fault of the peer.
+        #
+        # A frames-per-second pause (Limits.frame_rate) counts as our
+        # backpressure for both timers, though the peer caused it by
+        # sending fast: it ends by itself once the bucket refills, its
+        # length is the debt the peer ran up (not a time the peer can
+        # stretch by sending slowly, which is what the deadline is for),
+        # and a rate limit is meant to slow a peer down, not disconnect it.
         idle_timeout = self.idle_timeout
         frame_timeout = self.frame_timeout
         shortest = min(t for t in (idle_timeout, frame_timeout) if t is not None)
@@ -972,7 +1146,21 @@ class Supervisor:
             result["writes"] += conn.writes
             result["lines_skipped"] += _lines_skipped(conn)
         result["active"] = len(self.connections)
+        peers = self._peers
+        result["peer_table_evictions"] = 0 if peers is None else peers.evictions
+        gate = self._overload
+        result["overloaded"] = int(gate is not None and gate.overloaded)
+        result["buffered_bytes"] = 0 if gate is None else gate.buffered
         return result
+
+
+def _stop_frame_rate(conn: Connection) -> None:
+    # The frames-per-second limit ends with the handler: the lingering close
+    # reads and drops at full speed, and no resume timer outlives the close.
+    limiter = conn._frame_rate
+    if limiter is not None:
+        conn._frame_rate = None
+        limiter.cancel()
 
 
 def _peer_of(sock: socket.socket) -> str:

@@ -7,7 +7,9 @@ to stderr (``--log-format json``: one JSON object per line). With
 ``--metrics HOST:PORT`` it also serves ``/metrics``, ``/healthz`` and
 ``/readyz`` there (``fastnet.health``) and prints a second line, ``metrics on
 HOST:PORT``, after the first; ``--drain-delay S`` keeps serving S seconds
-after the first SIGTERM/SIGINT, with ``/readyz`` answering 503.
+after the first SIGTERM/SIGINT, with ``/readyz`` answering 503. ``--workers N``
+runs N worker processes under a supervisor (``fastnet.workers``); there a worker
+that cannot start (APP cannot be imported, a TLS file is bad) is status 1.
 
 Exit status: 0 after a graceful shutdown; 2 for a usage error (a bad option
 value, an unknown or unloadable ``APP``, a bad ``--framing``, ``--loop
@@ -27,6 +29,7 @@ once in ``fastnet._cliargs``, shared with ``fastnet bench``.
 from __future__ import annotations
 
 import argparse
+import importlib
 import inspect
 import logging
 import sys
@@ -265,6 +268,23 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
         help="set SO_REUSEPORT, so several processes can serve the same port",
     )
     serve.add_argument(
+        "--workers",
+        type=positive_int,
+        metavar="N",
+        help="run N worker processes under a supervisor that binds the socket once, "
+        "replaces a worker that dies or hangs, drains all on SIGTERM, restarts them one by "
+        "one on SIGHUP, and adds or removes one on SIGTTIN/SIGTTOU (fastnet.workers); "
+        "with --reuse-port, one SO_REUSEPORT socket per worker (default: one process)",
+    )
+    serve.add_argument(
+        "--worker-timeout",
+        type=positive_float,
+        default=30.0,
+        metavar="S",
+        help="with --workers: kill and replace a worker whose event loop has not answered "
+        "the supervisor's heartbeat for S seconds (30)",
+    )
+    serve.add_argument(
         "--drain-delay",
         type=non_negative_float,
         default=0.0,
@@ -486,7 +506,8 @@ def _configure_logging(level: str, log_format: str) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     _configure_logging(args.log_level, args.log_format)
-    handler = resolve_app(args.app)
+    # With --workers the supervisor never imports APP: each worker does.
+    handler = resolve_app(args.app) if args.workers is None else None
     options = server_options(args)
     if args.metrics is not None:
         # Checked before binding anything, as --loop uvloop is: one line, status 2.
@@ -496,6 +517,9 @@ def _serve(args: argparse.Namespace) -> int:
             raise UsageError(f"--metrics: {PROMETHEUS_MISSING}") from None
         options["metrics_address"] = args.metrics
         options["on_metrics_ready"] = _print_metrics_address
+    if args.workers is not None:
+        return _serve_workers(args, options)
+    assert handler is not None
     started = False
 
     def ready(server: Any) -> None:
@@ -519,6 +543,45 @@ def _serve(args: argparse.Namespace) -> int:
         if started:  # not a bind error: a failure while serving, shown whole
             raise
         # Bind, listen or name resolution failed; the message names the address.
+        raise CLIError(exc.strerror or str(exc)) from None
+    return 0
+
+
+def _serve_workers(args: argparse.Namespace, options: dict[str, Any]) -> int:
+    # A worker that cannot import APP is a start-up failure: one line, status 1.
+    # Imported by name: fastnet.workers imports this module (for its workers), and a
+    # static import both ways leaves mypy's view of the import cycle unresolved.
+    workers = importlib.import_module("fastnet.workers")
+    WorkerStartError, run_workers = workers.WorkerStartError, workers.run_workers
+
+    options.pop("on_metrics_ready", None)
+    started = False
+
+    def ready(supervisor: Any) -> None:
+        nonlocal started
+        started = True
+        print(f"listening on {supervisor.address}", flush=True)
+
+    try:
+        run_workers(
+            args.app,
+            args.host,
+            args.port,
+            workers=args.workers,
+            loop=args.loop,
+            on_ready=ready,
+            on_metrics_ready=_print_metrics_address,
+            drain_delay=args.drain_delay,
+            worker_timeout=args.worker_timeout,
+            log_level=args.log_level,
+            log_format=args.log_format,
+            **options,
+        )
+    except WorkerStartError as exc:
+        raise CLIError(str(exc)) from None
+    except OSError as exc:
+        if started:
+            raise
         raise CLIError(exc.strerror or str(exc)) from None
     return 0
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 import math
 import os
@@ -181,25 +182,47 @@ async def serve(
 
 
 def run(
-    handler: Handler,
+    handler: Handler | str,
     host: str = "127.0.0.1",
     port: int = 0,
     *,
     loop: str = "auto",
+    workers: int | None = None,
     **kwargs: Any,
 ) -> None:
     """Serve ``handler`` on a new event loop until SIGINT/SIGTERM, then return.
 
     Args:
         loop: ``"auto"`` (uvloop when installed), ``"uvloop"`` or ``"asyncio"``.
+        workers: run that many worker processes under a supervisor
+            (``fastnet.workers.run_workers``: SIGHUP rolls them, SIGTTIN and
+            SIGTTOU add and remove one); ``handler`` must then be given by
+            name, ``"module:function"`` or a built-in app, which each worker
+            imports, and ``kwargs`` must be picklable. None: this process
+            serves.
         handler, host, port, **kwargs: as ``serve`` (``drain_delay``,
             ``metrics_address=(host, port)`` for the metrics and health
             endpoint, ``on_ready``, ...) and ``Server``.
 
     Raises:
         OSError: an address cannot be bound.
-        RuntimeError: ``metrics_address`` without prometheus_client.
+        RuntimeError: ``metrics_address`` without prometheus_client;
+            ``fastnet.workers.WorkerStartError`` when a worker fails to start.
+        TypeError: ``handler`` is a name without ``workers``, or an object with.
     """
+    if workers is not None:
+        # Imported by name: fastnet.workers imports this module (run_coroutine), and
+        # a static import both ways leaves mypy's view of the import cycle unresolved.
+        run_workers = importlib.import_module("fastnet.workers").run_workers
+        if not isinstance(handler, str):
+            raise TypeError(
+                "with workers, give the handler by name ('module:function' or a built-in "
+                f"app): each worker imports it; got {type(handler).__name__}"
+            )
+        run_workers(handler, host, port, workers=workers, loop=loop, **kwargs)
+        return
+    if isinstance(handler, str):
+        raise TypeError("a handler given by name needs workers=N; give the function itself")
     run_coroutine(serve(handler, host, port, **kwargs), loop=loop)
 
 

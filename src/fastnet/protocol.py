@@ -121,18 +121,7 @@ class FrameProtocol(asyncio.BufferedProtocol, _Base):
         if self._lifecycle >= CLOSING:  # the peer's answer to our FIN (lingering close): done
             return False
         self._move_to(PEER_CLOSED)
-        try:
-            frames = self._decoder.eof()
-        except FrameError as exc:  # the stream ended inside a frame
-            self._decoder_failed = True
-            if exc.frames:
-                self._queue_frames(exc.frames)
-            self._report_frame_error(exc)
-            self._input_ended(_reasons.broken_factory(exc), pause=False)
-        else:
-            if frames:
-                self._queue_frames(frames)
-            self._input_ended(_reasons.peer_closed, pause=False)
+        self._end_of_stream()
         if self._half_close and self._strategy.kind != "tls":
             # Keep the transport open for writing: the handler may still
             # answer the last requests of a peer that closed its sending side.
@@ -150,6 +139,22 @@ class FrameProtocol(asyncio.BufferedProtocol, _Base):
         self._out.clear()
         return False
 
+    def _end_of_stream(self) -> None:
+        # The peer's stream ended: the frames still buffered are delivered,
+        # and a frame cut off is a framing error (IncompleteFrame).
+        try:
+            frames = self._decoder.eof()
+        except FrameError as exc:  # the stream ended inside a frame
+            self._decoder_failed = True
+            if exc.frames:
+                self._queue_frames(exc.frames)
+            self._report_frame_error(exc)
+            self._input_ended(_reasons.broken_factory(exc), pause=False)
+        else:
+            if frames:
+                self._queue_frames(frames)
+            self._input_ended(_reasons.peer_closed, pause=False)
+
     def connection_lost(self, exc: Exception | None) -> None:
         closing = self._lifecycle >= CLOSING
         silent_eof = self._lifecycle == OPEN and exc is None
@@ -162,18 +167,7 @@ class FrameProtocol(asyncio.BufferedProtocol, _Base):
             # The stream ended inside a frame with no eof_received first:
             # uvloop's TLS layer does this on a TCP FIN without close_notify
             # (asyncio's calls eof_received). The same framing error as there.
-            try:
-                frames = self._decoder.eof()
-            except FrameError as error:
-                self._decoder_failed = True
-                if error.frames:
-                    self._queue_frames(error.frames)
-                self._report_frame_error(error)
-                self._input_ended(_reasons.broken_factory(error), pause=False)
-            else:
-                if frames:
-                    self._queue_frames(frames)
-                self._input_ended(_reasons.peer_closed, pause=False)
+            self._end_of_stream()
         elif exc is None:
             self._input_ended(_reasons.peer_closed, pause=False)
         else:

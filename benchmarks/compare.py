@@ -393,8 +393,12 @@ def loadgen_command(
     else:
         loop = "uvloop" if args.generator_loop == "uvloop" else args.generator_loop
         command = [sys.executable, "-m", "fastnet.loadgen", "--loop", loop]
+    return [*command, *load_args(server, workload, args)]
+
+
+def load_args(server: ServerProcess, workload: Workload, args: argparse.Namespace) -> list[str]:
+    """The options both generators take: address, workload, timing, the server's pid."""
     return [
-        *command,
         "--host", server.host,
         "--port", str(server.port),
         "--connections", str(workload.connections),
@@ -1250,15 +1254,7 @@ def tls_loadgen_command(
         sys.executable, "-m", "fastnet.loadgen", "--loop", loop,
         "--tls", "--tls-ca", str(certs.ca),
         "--processes", str(args.tls_generator_processes),
-        "--host", server.host,
-        "--port", str(server.port),
-        "--connections", str(workload.connections),
-        "--depth", str(workload.depth),
-        "--size", str(workload.size),
-        "--duration", str(args.duration),
-        "--warmup", str(args.warmup),
-        "--server-pid", str(server.proc.pid),
-        "--json",
+        *load_args(server, workload, args),
     ]  # fmt: skip
 
 

@@ -143,6 +143,19 @@ class AbuseServer:
     def fds(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
 
+    def describe_fds(self) -> list[str]:
+        """Each open descriptor: its target, and for a TCP socket its state and addresses."""
+        tcp = _tcp_sockets(self.pid)
+        lines = []
+        for name in sorted(os.listdir(f"/proc/{self.pid}/fd"), key=int):
+            try:
+                target = os.readlink(f"/proc/{self.pid}/fd/{name}")
+            except OSError:
+                continue
+            inode = target[len("socket:[") : -1] if target.startswith("socket:[") else ""
+            lines.append(f"{name} -> {target} {tcp.get(inode, '')}".rstrip())
+        return lines
+
     def cpu_seconds(self) -> float:
         with open(f"/proc/{self.pid}/stat", encoding="ascii") as f:
             fields = f.read().rpartition(")")[2].split()
@@ -184,6 +197,31 @@ class AbuseServer:
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         self.stderr.close()
+
+
+# /proc/net/tcp's state codes (include/net/tcp_states.h).
+_TCP_STATES = {
+    "01": "ESTABLISHED", "02": "SYN_SENT", "03": "SYN_RECV", "04": "FIN_WAIT1",
+    "05": "FIN_WAIT2", "06": "TIME_WAIT", "07": "CLOSE", "08": "CLOSE_WAIT",
+    "09": "LAST_ACK", "0A": "LISTEN", "0B": "CLOSING",
+}  # fmt: skip
+
+
+def _tcp_sockets(pid: int) -> dict[str, str]:
+    # inode -> "STATE local remote tx_queue:rx_queue", from the process's view of /proc/net.
+    found: dict[str, str] = {}
+    for table in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/{pid}/net/{table}", encoding="ascii") as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if len(fields) > 9:
+                state = _TCP_STATES.get(fields[3], fields[3])
+                found[fields[9]] = f"{state} {fields[1]} {fields[2]} queues {fields[4]}"
+    return found
 
 
 @contextlib.contextmanager

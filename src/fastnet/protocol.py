@@ -268,16 +268,29 @@ class FrameProtocol(asyncio.BufferedProtocol, _Base):
         # handler error.
         failed = self._decoder_failed or self._handler_error is not None
         if peer_eof or failed or not transport.can_write_eof():
+            if self._strategy.kind == "tls":
+                # close() sends close_notify, and the TLS layer must read the
+                # peer's answer (or its EOF) to finish: on CPython 3.10 a
+                # paused TLS transport pauses the socket under it, so the
+                # close would wait out tls_shutdown_timeout.
+                self._read_on_discarding()
+                with contextlib.suppress(OSError, RuntimeError):
+                    transport.resume_reading()
             transport.close()
             return
-        self._on_frames = _discard  # what still arrives is read and dropped
-        self._read_pauses_on_write = False  # read on, whatever our buffer holds
-        self._read_paused = 0
+        self._read_on_discarding()
         try:
             transport.write_eof()
             transport.resume_reading()
         except (OSError, RuntimeError):  # the transport is already going away
             transport.close()
+
+    def _read_on_discarding(self) -> None:
+        # Closing: what still arrives is read and dropped, whatever our
+        # buffer holds.
+        self._on_frames = _discard
+        self._read_pauses_on_write = False
+        self._read_paused = 0
 
     def _begin_shutdown(self) -> None:
         """The server is shutting down: stop reading; end the input after the queued frames."""

@@ -18,7 +18,9 @@ Shutdown, step by step (``shutdown()``, or the first SIGINT/SIGTERM):
 
 1. Stop accepting at once: cancel the accept loop and close the listening
    socket, so new connections are refused (and those waiting in the
-   kernel's backlog, beyond ``max_connections``, are reset).
+   kernel's backlog, beyond ``max_connections``, are reset). Connections
+   that have received nothing yet (accepted a moment before) get
+   ``ACCEPT_GRACE`` (0.25 s) to read the request their client sent.
 2. Tell every connection: reading stops, frames already received stay
    queued, and ``conn.shutting_down`` turns true. A handler waiting for input
    sees the end of it (``async for`` ends, ``recv`` raises
@@ -86,6 +88,11 @@ __all__ = [
 # file descriptors) out of EMFILE, with room for the listening socket, the
 # event loop's own descriptors and a few files. Raise both together.
 DEFAULT_MAX_CONNECTIONS = 1000
+
+# Seconds a shutdown waits, after it stops accepting, for connections that
+# have received nothing yet (accepted just before) to read what their
+# clients sent with the connect, before their input ends (step 1b below).
+ACCEPT_GRACE = 0.25
 
 # What runner.py defines, still importable from here (``from fastnet.server
 # import run``); runner.py imports this module, so they are looked up when
@@ -532,7 +539,6 @@ class Server:
         assert self._done is not None
         self._stopping = True
         supervisor = self._supervisor
-        supervisor.shutting_down = True
         # Step 1: stop accepting at once; the kernel refuses new connections
         # (and resets those waiting in the backlog) when the socket closes.
         listener = self._listener
@@ -540,7 +546,14 @@ class Server:
             await listener.stop()
         await supervisor.stop_timer()
         self._close_listener()
+        # Step 1b: a connection accepted in the last moments has not read
+        # the request its client sent with the connect yet; stopping its
+        # input now would close it unanswered (a rolling restart of workers
+        # met this). Such connections get ACCEPT_GRACE to deliver it.
+        if supervisor.has_fresh_connections():
+            await asyncio.sleep(ACCEPT_GRACE)
         # Step 2: no more input; handlers finish the frames they have.
+        supervisor.shutting_down = True
         supervisor.begin_shutdown()
         # Steps 3 and 4: wait for the handlers (each connection's task
         # flushes and closes it when its handler returns); after the drain

@@ -1095,6 +1095,12 @@ class Supervisor:
 
     # --------------------------------------------------------------- shutdown
 
+    def has_fresh_connections(self) -> bool:
+        """True if a connection is still being set up or has received nothing yet."""
+        if len(self.tasks) > len(self.connections):
+            return True  # a PROXY header or a set-up in progress
+        return any(conn.bytes_in == 0 for conn in self.connections)
+
     def begin_shutdown(self) -> None:
         """Step 2 of a shutdown: no more input; handlers finish the frames they have."""
         self.shutting_down = True

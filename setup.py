@@ -130,7 +130,7 @@ else:
                 extra_compile_args=compile_args,
                 extra_link_args=link_args,
             )
-            for name in ("_frame", "_outq", "_core")
+            for name in ("_frame", "_outq", "_core", "_message")
         ],
         cmdclass={"build_ext": BuildExt},
     )

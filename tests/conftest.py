@@ -22,6 +22,17 @@ import pytest
 from fastnet import framing
 
 BACKEND_NAMES = ("LengthPrefixedDecoder", "LengthPrefixedEncoder", "LineDecoder", "LineEncoder")
+# The router's per-frame path and header codec, from _message or _message_py.
+MESSAGE_NAMES = (
+    "ALL_STATES",
+    "Dispatcher",
+    "Route",
+    "encode_message",
+    "error_body",
+    "pack_header",
+    "parse_error_body",
+    "parse_header",
+)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -65,6 +76,9 @@ def codec(frame_impl: ModuleType, monkeypatch: pytest.MonkeyPatch) -> Iterator[M
         monkeypatch.setattr(framing, name, getattr(frame_impl, name))
     monkeypatch.setattr(framing, "OutQueue", outq_module(frame_impl).OutQueue)
     monkeypatch.setattr(framing, "ConnectionCore", core_module(frame_impl).ConnectionCore)
+    message = message_module(frame_impl)
+    for name in MESSAGE_NAMES:
+        monkeypatch.setattr(framing, name, getattr(message, name))
     yield frame_impl
 
 
@@ -76,6 +90,17 @@ def outq_module(frame_impl: ModuleType) -> ModuleType:
 def core_module(frame_impl: ModuleType) -> ModuleType:
     """The connection core of ``frame_impl``'s backend: ``_core`` or ``_core_py``."""
     return _load("_core" if frame_impl.__name__ == "fastnet._frame" else "_core_py")
+
+
+def message_module(frame_impl: ModuleType) -> ModuleType:
+    """The router's per-frame path of ``frame_impl``'s backend: ``_message`` or ``_message_py``."""
+    return _load("_message" if frame_impl.__name__ == "fastnet._frame" else "_message_py")
+
+
+@pytest.fixture
+def message_impl(frame_impl: ModuleType) -> ModuleType:
+    """The router's per-frame module of the backend under test (ids ``c`` and ``py``)."""
+    return message_module(frame_impl)
 
 
 @pytest.fixture

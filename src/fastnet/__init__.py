@@ -24,6 +24,11 @@ Layout (data flows top to bottom on receive; docs/design.md §0 draws what runs 
     health.py       HTTP /metrics, /healthz, /readyz on the server's own loop
     jsonlog.py      JSONFormatter: one JSON object per log line (--log-format json)
     tls.py          TLS contexts from certificate files, Connection.tls, reload
+    wire.py         the router's wire format (the spec), error codes, RequestError
+    _message.pyx    the router's per-frame path in C: header, route, call, reply (twin: *_py)
+    router.py       Router: typed messages, one handler per type, states, deadlines, drain
+    bodies.py       body codecs for the router: Raw, Packed (struct), Msgpack (msgspec)
+    channel.py      Channel: the router's client side on one connection, calls multiplexed by id
     apps.py         built-in apps for `fastnet serve`: echo, kv
     cli.py          the `fastnet` command (serve, info, bench); __main__.py runs it
     _cliargs.py     the parsers the command and the load generator share
@@ -31,7 +36,8 @@ Layout (data flows top to bottom on receive; docs/design.md §0 draws what runs 
 
 from __future__ import annotations
 
-from . import tls
+from . import bodies, tls, wire
+from .channel import Channel, Draining, open_channel
 from .connection import Connection, WriteBufferFull, connect
 from .errors import (
     ConnectionBrokenError,
@@ -52,8 +58,20 @@ from .framing import (
 from .lifecycle import Lifecycle
 from .limits import Limits
 from .proxy import ProxyHeader, ProxyHeaderError
+from .router import Router
 from .runner import run, serve
 from .server import CallbackHandler, Server, callback_handler
+from .wire import (
+    DeadlineExceeded,
+    DecodeFailed,
+    ErrorCode,
+    Forbidden,
+    HeaderError,
+    InternalError,
+    Overloaded,
+    RequestError,
+    UnknownMessageType,
+)
 
 __version__ = "0.1.0"
 
@@ -62,26 +80,41 @@ __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
     "DEFAULT_MAX_LINE_LENGTH",
     "CallbackHandler",
+    "Channel",
     "Connection",
     "ConnectionBrokenError",
     "ConnectionBusyError",
     "ConnectionClosedError",
+    "DeadlineExceeded",
+    "DecodeFailed",
+    "Draining",
+    "ErrorCode",
     "FastnetError",
+    "Forbidden",
     "FrameError",
     "FrameTooLarge",
+    "HeaderError",
     "IncompleteFrame",
+    "InternalError",
     "LengthPrefixed",
     "Lifecycle",
     "Limits",
     "Lines",
+    "Overloaded",
     "ProxyHeader",
     "ProxyHeaderError",
+    "RequestError",
+    "Router",
     "Server",
+    "UnknownMessageType",
     "WriteBufferFull",
     "__version__",
+    "bodies",
     "callback_handler",
     "connect",
+    "open_channel",
     "run",
     "serve",
     "tls",
+    "wire",
 ]

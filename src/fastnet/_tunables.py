@@ -17,6 +17,7 @@ __all__ = [
     "HANDLER_SECONDS_BOUNDS",
     "LARGE_FRAME",
     "MAX_READ",
+    "PAUSE_BUSY",
     "PAUSE_FAIR",
     "PAUSE_INBOX",
     "PAUSE_RATE",
@@ -90,6 +91,7 @@ PAUSE_WRITE = 2  # the transport is over its write high-water mark
 PAUSE_STOP = 4  # no more input wanted: shutdown, framing error, close
 PAUSE_FAIR = 8  # until the loop's next turn, after a read of very many frames
 PAUSE_RATE = 16  # the peer is over its frames-per-second limit (Limits.frame_rate)
+PAUSE_BUSY = 32  # a Router's connection has max_in_flight handlers running
 
 # A read that delivered more frames than this pauses reading until the event
 # loop's next turn, so other connections get their turn: uvloop (libuv)

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-from . import _core_py, _frame_py, _outq_py
+from . import _core_py, _frame_py, _message_py, _outq_py
 from ._compat import USE_EXTENSIONS
 from ._tunables import DIRECT_THRESHOLD as DIRECT_THRESHOLD
 from ._tunables import MAX_READ as MAX_READ
@@ -35,6 +35,14 @@ if TYPE_CHECKING or not USE_EXTENSIONS:
         LineDecoder,
         LineEncoder,
     )
+    from ._message_py import ALL_STATES as ALL_STATES
+    from ._message_py import Dispatcher as Dispatcher
+    from ._message_py import Route as Route
+    from ._message_py import encode_message as encode_message
+    from ._message_py import error_body as error_body
+    from ._message_py import pack_header as pack_header
+    from ._message_py import parse_error_body as parse_error_body
+    from ._message_py import parse_header as parse_header
     from ._outq_py import OutQueue
 
     ACCELERATED = False
@@ -46,6 +54,16 @@ else:
             LengthPrefixedEncoder,
             LineDecoder,
             LineEncoder,
+        )
+        from ._message import (  # noqa: F401  (re-exported: the router's backend)
+            ALL_STATES,
+            Dispatcher,
+            Route,
+            encode_message,
+            error_body,
+            pack_header,
+            parse_error_body,
+            parse_header,
         )
         from ._outq import OutQueue
 
@@ -69,6 +87,7 @@ LineDecoderPy = _frame_py.LineDecoder
 LineEncoderPy = _frame_py.LineEncoder
 OutQueuePy = _outq_py.OutQueue
 ConnectionCorePy = _core_py.ConnectionCore
+DispatcherPy = _message_py.Dispatcher
 if ACCELERATED:
     LengthPrefixedDecoderC = LengthPrefixedDecoder
     LengthPrefixedEncoderC = LengthPrefixedEncoder
@@ -76,6 +95,7 @@ if ACCELERATED:
     LineEncoderC = LineEncoder
     OutQueueC = OutQueue
     ConnectionCoreC = ConnectionCore
+    DispatcherC = Dispatcher
 
 Buffer = bytes | bytearray | memoryview
 """A payload: any flat bytes-like object the codecs and ``Connection.send`` accept."""

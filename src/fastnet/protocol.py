@@ -34,6 +34,7 @@ from . import _reasons
 from ._tunables import (
     DEFAULT_MAX_WRITE_BUFFER,
     LARGE_FRAME,
+    PAUSE_BUSY,
     PAUSE_INBOX,
     PAUSE_RATE,
     PAUSE_STOP,
@@ -373,9 +374,11 @@ class FrameProtocol(asyncio.BufferedProtocol, _Base):
         them is output progress, which the supervisor watches), or while the
         peer is over its frames-per-second limit (``PAUSE_RATE``: its bytes
         wait in the kernel because fastnet will not read them yet; the pause
-        ends by itself when the bucket refills).
+        ends by itself when the bucket refills), or while a Router's
+        connection has its most handlers running (``PAUSE_BUSY``).
         """
-        return bool(self._read_paused & (PAUSE_INBOX | PAUSE_RATE)) or self._write_paused
+        paused = self._read_paused & (PAUSE_INBOX | PAUSE_RATE | PAUSE_BUSY)
+        return bool(paused) or self._write_paused
 
     @property
     def _buffered(self) -> int:

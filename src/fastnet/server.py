@@ -253,7 +253,9 @@ class Server:
         self._handler = handler
         self._host = host
         self._port = port
-        self._framing: Framing = LengthPrefixed() if framing is None else framing
+        if framing is None:
+            framing = getattr(handler, "framing", None) or LengthPrefixed()
+        self._framing: Framing = framing
         self.max_connections = max_connections
         self.drain_timeout = drain_timeout
         self._backlog = backlog

@@ -101,6 +101,9 @@ class CallbackHandler:
 
     __slots__ = ("__wrapped__", "fn")
 
+    # The framing the handler speaks, for a server given none (a Router's).
+    framing: Framing | None = None
+
     def __init__(self, fn: CallbackFunction) -> None:
         if not callable(fn):
             raise TypeError(f"a callback handler must be callable, not {type(fn).__name__}")
@@ -109,6 +112,14 @@ class CallbackHandler:
 
     def __repr__(self) -> str:
         return f"<fastnet.CallbackHandler {getattr(self.fn, '__qualname__', self.fn)!r}>"
+
+    def _bind(self) -> CallbackFunction:
+        """The function a server calls with each batch (once, when the server is made)."""
+        return self.fn
+
+    def _shutdown(self, conn: Connection) -> None:
+        """A graceful shutdown reaches ``conn``: end its input (a Router sends drain first)."""
+        conn._begin_shutdown()
 
 
 def callback_handler(fn: CallbackFunction) -> CallbackHandler:
@@ -434,8 +445,10 @@ class Supervisor:
         # One of the two is set: a task handler, or a callback handler's function.
         self._callback: CallbackFunction | None = None
         self._task_handler: Callable[[Connection], Awaitable[None]] | None = None
+        self._shutdown_connection: Callable[[Connection], None] = Connection._begin_shutdown
         if isinstance(handler, CallbackHandler):
-            self._callback = handler.fn
+            self._callback = handler._bind()
+            self._shutdown_connection = handler._shutdown
         else:
             self._task_handler = handler
         self._framing = framing
@@ -608,7 +621,7 @@ class Supervisor:
             if hooks is not None:
                 hooks.call("on_open", conn)
             if self.shutting_down:
-                conn._begin_shutdown()
+                self._shutdown_connection(conn)
             await self._run_handler(conn)
             # Tasks the handler spawned on the connection (Connection.spawn)
             # finish first; the drain timeout bounds this wait as it bounds
@@ -1108,7 +1121,7 @@ class Supervisor:
             task.cancel()  # its socket is closed as the handshake unwinds
         for conn in list(self.connections):
             if conn._transport is not None:
-                conn._begin_shutdown()
+                self._shutdown_connection(conn)
 
     async def drain(self, timeout: float) -> None:
         """Steps 3 and 4 of a shutdown: wait for the connections, then abort the rest.

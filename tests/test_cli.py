@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import errno
 import re
 import resource
@@ -96,7 +97,7 @@ def errno_text(code: int) -> str:
 
 def test_serve_on_a_unix_socket(tmp_path: Path) -> None:
     path = tmp_path / "kv.sock"
-    with server_process(["kv", "--host", f"unix:{path}"]) as server:
+    with server_process(["kv-text", "--host", f"unix:{path}"]) as server:
         assert server.address == f"unix:{path}"
         with socket.socket(socket.AF_UNIX) as sock:
             sock.connect(str(path))
@@ -109,7 +110,8 @@ def test_serve_on_a_unix_socket(tmp_path: Path) -> None:
 
 
 def test_serve_kv_over_lines_with_a_frame_limit() -> None:
-    args = ["kv", "--port", "0", "--framing", "lines", "--max-frame", "64", "--loop", "asyncio"]
+    args = ["kv-text", "--port", "0", "--framing", "lines", "--max-frame", "64"]
+    args += ["--loop", "asyncio"]
     with server_process(args) as server:
         with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
             sock.sendall(b"SET k hello\r\nGET k\n")
@@ -190,8 +192,8 @@ def test_unknown_app_exits_2_from_the_command_line() -> None:
     assert result.returncode == 2
     assert result.stdout == ""
     assert result.stderr.splitlines() == [
-        "fastnet serve: error: unknown app 'nosuch': use a built-in (echo, echo-task, kv) "
-        "or module:function"
+        "fastnet serve: error: unknown app 'nosuch': use a built-in (echo, echo-task, kv, "
+        "kv-text, router-echo, router-echo-async) or module:function"
     ]
 
 
@@ -449,7 +451,7 @@ def test_frame_timeout_is_passed_only_when_given() -> None:
 def test_server_options_from_the_command_line() -> None:
     parser = cli.build_parser()
     args = parser.parse_args(
-        ["serve", "kv", "--host", "unix:app.sock", "--framing", "lines:\\0",
+        ["serve", "kv-text", "--host", "unix:app.sock", "--framing", "lines:\\0",
          "--max-frame", "1KB", "--idle-timeout", "5", "--max-connections", "3"]
     )  # fmt: skip
     options = cli.server_options(args)
@@ -474,7 +476,7 @@ def test_serve_a_module_framing_and_a_delimiter_end_to_end(tmp_path: Path) -> No
         status, _, err = server.wait(10)
     assert status == 0, err
     # NUL-terminated lines, kv app: replies end with NUL too.
-    with server_process(["kv", "--port", "0", "--framing", "lines:\\0"]) as server:
+    with server_process(["kv-text", "--port", "0", "--framing", "lines:\\0"]) as server:
         with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
             sock.sendall(b"SET k a\nb\0GET k\0")
             data = b""
@@ -489,8 +491,43 @@ def test_serve_a_module_framing_and_a_delimiter_end_to_end(tmp_path: Path) -> No
 def test_resolve_app_builtins() -> None:
     assert cli.resolve_app("echo") is echo
     kv = cli.resolve_app("kv")
-    assert isinstance(kv, fastnet.CallbackHandler)
+    assert isinstance(kv, fastnet.Router)
     assert cli.resolve_app("kv") is not kv  # a fresh store each time
+    kv_text = cli.resolve_app("kv-text")
+    assert isinstance(kv_text, fastnet.CallbackHandler)
+    assert not isinstance(kv_text, fastnet.Router)
+
+
+def test_serve_kv_on_the_router_without_framing_options() -> None:
+    # No --framing: the server speaks the router's own framing.
+    options = cli.server_options(cli.build_parser().parse_args(["serve", "kv"]))
+    assert options["framing"] is None
+
+    async def client(port: int) -> None:
+        async with await fastnet.open_channel("127.0.0.1", port) as channel:
+            key = b"k"
+            set_body = len(key).to_bytes(2, "big") + key + b"hello world"
+            assert await channel.call(set_body, type=2, timeout=5) == b""
+            assert await channel.call(key, type=1, timeout=5) == b"hello world"
+            assert await channel.call(key, type=3, timeout=5) == b"\x01"
+            with pytest.raises(fastnet.RequestError) as missing:
+                await channel.call(key, type=1, timeout=5)
+            assert missing.value.code == 404
+            with pytest.raises(fastnet.RequestError) as bad:
+                await channel.call(b"\x00\x09k", type=2, timeout=5)
+            assert bad.value.code == 400
+            # Pipelined: 100 SETs then 100 GETs, all in flight at once.
+            sets = [
+                channel.call(b"\x00\x02k%d" % (i % 10) + b"v%d" % i, type=2, timeout=5)
+                for i in range(10, 110)
+            ]
+            assert await asyncio.gather(*sets) == [b""] * 100
+
+    with server_process(["kv", "--port", "0"]) as server:
+        asyncio.run(client(server.port))
+        server.signal(signal.SIGTERM)
+        status, _, err = server.wait(10)
+    assert status == 0, err
 
 
 def test_bench_is_registered_and_imports_loadgen_lazily(

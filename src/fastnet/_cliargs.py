@@ -130,7 +130,7 @@ FRAMING_HELP = (
     "bytes), length:SIZE:ORDER (big or little); lines (newline-terminated, a \\r before the "
     "newline removed too), lines:DELIM (frames end with DELIM; escapes \\n \\r \\t \\0 \\\\ "
     "\\xHH, e.g. 'lines:\\r\\n'); or module:NAME, a fastnet.LengthPrefixed or fastnet.Lines "
-    "object in an importable module (default: length)"
+    "object in an importable module (default: the app's own, a Router's, else length)"
 )
 
 # The backslash escapes DELIM may use, and the byte each stands for. \xHH

@@ -152,7 +152,8 @@ def parse_host_port(text: str) -> tuple[str, int]:
 def resolve_app(name: str) -> Handler:
     """Return the handler that ``APP`` names.
 
-    ``APP`` is a built-in app (``echo``, ``echo-task``, ``kv``) or
+    ``APP`` is a built-in app (``echo``, ``echo-task``, ``kv``, ``kv-text``,
+    ``router-echo``, ``router-echo-async``) or
     ``module:attribute`` (dotted attribute paths allowed): an ``async def
     handler(conn)``, an object whose ``__call__`` is one, or a
     ``fastnet.CallbackHandler``. The current directory is importable, so
@@ -210,8 +211,9 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
     serve.add_argument(
         "app",
         metavar="APP",
-        help="echo, echo-task, kv, or module:function (an async handler of one connection, "
-        "or a fastnet.CallbackHandler)",
+        help="echo, echo-task, kv (on the router), kv-text, router-echo, router-echo-async, "
+        "or module:NAME (an async handler "
+        "of one connection, a fastnet.CallbackHandler or a fastnet.Router)",
     )
     serve.add_argument(
         "--host",
@@ -220,7 +222,7 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
         help="interface to bind: an IPv4 or IPv6 address, a name, or unix:PATH (127.0.0.1)",
     )
     serve.add_argument("--port", type=parse_port, default=8080, help="TCP port; 0 picks one (8080)")
-    serve.add_argument("--framing", default="length", metavar=FRAMING_METAVAR, help=FRAMING_HELP)
+    serve.add_argument("--framing", default=None, metavar=FRAMING_METAVAR, help=FRAMING_HELP)
     serve.add_argument(
         "--max-frame",
         type=parse_size,
@@ -437,8 +439,12 @@ def server_options(args: argparse.Namespace) -> dict[str, Any]:
             ``--proxy-protocol`` without ``--trusted-proxy`` (on TCP) or the
             other way round.
     """
+    # No --framing: the app's own (a Router's), else length-prefixed frames.
+    framing = None
+    if args.framing is not None or args.max_frame is not None:
+        framing = parse_framing(args.framing or "length", args.max_frame)
     options: dict[str, Any] = {
-        "framing": parse_framing(args.framing, args.max_frame),
+        "framing": framing,
         "max_connections": args.max_connections,
         "idle_timeout": args.idle_timeout,
         "drain_timeout": args.drain_timeout,

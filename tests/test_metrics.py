@@ -332,3 +332,33 @@ def test_a_reset_is_counted_and_reported_as_such(arun: Runner[Any]) -> None:
 
     arun(scenario())
     assert [info.reason for info in recorder.closes()] == ["reset"]
+
+
+def test_router_events_are_exported(arun: Runner[Any], codec: Any) -> None:
+    # A Router's counters are fastnet_handler_events_total{event}: each known
+    # event from the first scrape (0), and each moves when it happens.
+    registry = CollectorRegistry()
+    router = fastnet.Router()
+
+    @router.handler(1)
+    def ok(conn: fastnet.Connection, body: bytes) -> bytes:
+        return body
+
+    async def scenario() -> None:
+        async with serving(router, metrics=registry) as server:
+
+            def event(name: str) -> float:
+                return sample(registry, server, "fastnet_handler_events_total", event=name)
+
+            assert event("unknown_type") == 0
+            assert event("pings") == 0
+            async with await fastnet.open_channel("127.0.0.1", server.port) as channel:
+                assert await channel.call(b"x", type=1, timeout=5) == b"x"
+                with pytest.raises(fastnet.UnknownMessageType):
+                    await channel.call(b"x", type=9, timeout=5)
+                await channel.ping(timeout=5)
+            assert event("unknown_type") == 1
+            assert event("pings") == 1
+            assert event("internal_errors") == 0
+
+    arun(scenario())

@@ -235,6 +235,7 @@ def snapshot(server: Any) -> dict[str, Any]:
     data["draining"] = bool(server.draining)
     if m is None:
         return data
+    data["handler_events"] = server.handler_stats()
     data["frame_errors"] = dict(m.frame_errors)
     data["accept_errors"] = dict(m.accept_errors)
     data["tls_errors"] = dict(m.tls_errors)
@@ -290,7 +291,7 @@ def merge_snapshots(snaps: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 # The labelled counts of a snapshot (dicts by label value).
-_TABLES = ("frame_errors", "accept_errors", "tls_errors", "proxy_errors")
+_TABLES = ("frame_errors", "accept_errors", "tls_errors", "proxy_errors", "handler_events")
 
 # The label values of each labelled counter known in advance (accept errors
 # are by errno: the capacity ones are listed, the rest appear when they happen).
@@ -438,6 +439,13 @@ class FastnetCollector:
         proxy_errors = counter(
             "proxy_header_errors", "PROXY protocol headers rejected, by cause.", ["cause"]
         )
+        handler_events = counter(
+            "handler_events",
+            "Events the handler counts (a Router: unknown_type, decode_errors, handler_errors, "
+            "internal_errors, deadline_exceeded, forbidden, malformed, suspended, held, pings, "
+            "drains_sent).",
+            ["event"],
+        )
         for snap in snaps:
             where = snap["listener"]
             rejected.add_metric([where, "admission"], snap["stats"]["rejected"])
@@ -450,6 +458,7 @@ class FastnetCollector:
                 ("frame_errors", frame_errors),
                 ("tls_errors", tls_errors),
                 ("proxy_errors", proxy_errors),
+                ("handler_events", handler_events),
             ):
                 # Every known label value is exported, 0 until it happens, so
                 # rate() and alerts see a series from the first scrape.
@@ -462,6 +471,7 @@ class FastnetCollector:
         yield frame_errors
         yield tls_errors
         yield proxy_errors
+        yield handler_events
 
         for name, key, bounds, doc in (
             (

@@ -472,6 +472,11 @@ class Server:
 
     # ------------------------------------------------------------- statistics
 
+    def handler_stats(self) -> dict[str, int]:
+        """The handler's own counters (a Router's ``stats()``), empty for a plain handler."""
+        handler = self._handler
+        return handler.stats() if isinstance(handler, CallbackHandler) else {}
+
     def stats(self) -> dict[str, int]:
         """Return the server's counters.
 

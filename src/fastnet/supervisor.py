@@ -121,6 +121,13 @@ class CallbackHandler:
         """A graceful shutdown reaches ``conn``: end its input (a Router sends drain first)."""
         conn._begin_shutdown()
 
+    def stats(self) -> dict[str, int]:
+        """Events the handler counts, by name (a Router's; none for a plain function).
+
+        A server with metrics exports them as ``fastnet_handler_events_total{event}``.
+        """
+        return {}
+
 
 def callback_handler(fn: CallbackFunction) -> CallbackHandler:
     """Decorate ``def handler(conn, frames) -> replies`` as a ``CallbackHandler``."""

@@ -192,6 +192,7 @@ class ServerKind:
     script: str | None = None  # servers/<script>, for the Python baselines
     native: bool = False  # a compiled server with its own runtime: run once, not per loop
     before: bool = False  # fastnet from the --fastnet-before interpreter
+    protocol: str = "frames"  # the generators' --protocol: "router" for a router server
 
 
 WORKLOADS = (
@@ -397,8 +398,12 @@ def loadgen_command(
 
 
 def load_args(server: ServerProcess, workload: Workload, args: argparse.Namespace) -> list[str]:
-    """The options both generators take: address, workload, timing, the server's pid."""
-    return [
+    """The options both generators take: address, workload, timing, the server's pid.
+
+    A server that speaks the router's wire format (``protocol="router"``)
+    adds ``--protocol router``; for the others the options are unchanged.
+    """
+    options = [
         "--host", server.host,
         "--port", str(server.port),
         "--connections", str(workload.connections),
@@ -409,6 +414,9 @@ def load_args(server: ServerProcess, workload: Workload, args: argparse.Namespac
         "--server-pid", str(server.proc.pid),
         "--json",
     ]  # fmt: skip
+    if server.kind.protocol != "frames":
+        options += ["--protocol", server.kind.protocol]
+    return options
 
 
 def run_load(

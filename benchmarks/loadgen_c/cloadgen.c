@@ -5,6 +5,7 @@
  *
  *     cloadgen --port 9000 [--host 127.0.0.1] [--connections 64] [--depth 16]
  *              [--size 64] [--duration 2] [--warmup 0.5] [--server-pid PID] [--json]
+ *              [--protocol frames|router] [--message-type N]
  *
  * Why it exists: fastnet's own generator (python -m fastnet.loadgen) adds
  * about a microsecond of Python per read to the kernel's recv and send, more
@@ -49,6 +50,31 @@
  *   from /proc/PID/stat) and the whole machine's busy time (/proc/stat) are
  *   read at both edges. After it, no new frames are sent; the frames in
  *   flight must come back (and are verified) within DRAIN_TIMEOUT seconds.
+ *
+ * --protocol router drives the router's wire format instead (specified in
+ * src/fastnet/wire.py): each frame is a request, a 12-byte header (kind 1,
+ * flags 0, type --message-type, a request id, deadline 0) before the payload,
+ * and the server answers each with a reply (kind 2) carrying the same id and
+ * payload, in any order. So replies are parsed, not compared as a stream:
+ *
+ * - A request is a copy of a ring frame with its id written in, appended to
+ *   the connection's output buffer; a top-up is one send() of the buffer.
+ *   Ids are a per-connection counter (wrapping, skipping 0), and the request
+ *   with id i on connection n carries ring frame (i + n) mod R's payload.
+ * - The ids in flight live in a per-connection table of 2**k >= 2 x depth
+ *   slots indexed by id & (2**k - 1), holding the id and its send time: an id
+ *   whose slot is taken by an older request still in flight is skipped, so a
+ *   lookup is one probe. A reply's id must be in flight and its body equal to
+ *   the request's (one memcmp); latency is now - send time, per request.
+ * - A frame cut by the end of a read is kept in a per-connection buffer
+ *   (allocated the first time one is needed) until its end comes.
+ * - An error reply (kind 3) counts one error, with its code and text, and
+ *   frees its request's slot: the connection goes on, as a router's does. A
+ *   malformed frame, an unknown id or a wrong body counts one error and
+ *   closes the connection, as a wrong echo does. Control messages are skipped,
+ *   but a ping gets its pong and a drain is counted ("drains", not an error):
+ *   the connection then sends no new request, collects the replies still due
+ *   and closes.
  *
  * Output: one JSON object on stdout, the shape of `fastnet.loadgen --json`
  * (frames, frames_per_s, mib_per_s, latency_ms, errors, error_messages,
@@ -115,6 +141,34 @@
  * per call; more than this only waits for the next call. */
 #define MAX_EVENTS 512
 
+/* The router's wire format (src/fastnet/wire.py): after the length field, a
+ * 12-byte header: kind (1), flags (1), type (2), id (4), deadline (4), all
+ * big-endian; then the body. */
+#define ROUTER_HEADER 12
+#define ROUTER_BODY (HEADER_SIZE + ROUTER_HEADER) /* a body's offset in its frame */
+#define KIND_REQUEST 1
+#define KIND_REPLY 2
+#define KIND_ERROR 3
+#define KIND_CONTROL 4
+#define CONTROL_PING 1
+#define CONTROL_PONG 2
+#define CONTROL_DRAIN 3
+/* The longest body accepted in a message that is not a reply (an error
+ * reply's code and text): a longer frame is an error, so that a broken
+ * length field cannot make the generator buffer without end. */
+#define MAX_ERROR_BODY (16 * 1024)
+/* Characters of an error reply's text kept in the error message. */
+#define ERROR_TEXT 120
+/* Pongs that may wait in a connection's output buffer (16 bytes each). */
+#define PONG_ROOM 64
+
+/* A request in flight (--protocol router). */
+struct slot {
+    uint32_t id;
+    uint32_t used;
+    uint64_t sent_ns;
+};
+
 struct conn {
     int fd;             /* -1 once closed */
     int number;         /* index, for error messages */
@@ -128,6 +182,15 @@ struct conn {
     uint64_t *batch_end;   /* top-ups in flight: index after their last frame */
     uint64_t *batch_ns;    /* ... and when they were queued */
     unsigned batch_head, batch_count;
+    /* --protocol router */
+    struct slot *slots;    /* requests in flight, indexed by id & slot_mask */
+    unsigned pending;      /* requests in flight */
+    uint32_t next_id;      /* the next id to try (never 0) */
+    int server_drain;      /* the server sent drain: no new requests */
+    unsigned char *out;    /* requests and pongs to send: out[out_sent, out_len) */
+    size_t out_len, out_sent;
+    unsigned char *partial; /* a frame cut by the end of a read (allocated on demand) */
+    size_t partial_len;
 };
 
 /* The run's parameters and state: one process, one thread. */
@@ -140,12 +203,19 @@ static struct {
     double duration;
     double warmup;
     long server_pid;
+    int router;            /* --protocol router */
+    unsigned message_type; /* --message-type */
 
     uint64_t frame_size;
     uint64_t ring_frames;
     uint64_t period;
     uint64_t tail;
     unsigned char *ring;
+    uint64_t body_offset;  /* where a payload starts in its frame */
+    uint64_t max_length;   /* router: the longest length field accepted */
+    uint32_t slot_mask;    /* router: slots per connection - 1 */
+    size_t out_capacity;   /* router: bytes of a connection's output buffer */
+    uint64_t drains;       /* router: drain messages received */
 
     struct conn *conns;
     int epfd;
@@ -250,8 +320,24 @@ static void fill_payload(unsigned char *p, uint64_t size, uint32_t index) {
     }
 }
 
+static void put_be32(unsigned char *p, uint32_t value) {
+    p[0] = (unsigned char)(value >> 24);
+    p[1] = (unsigned char)(value >> 16);
+    p[2] = (unsigned char)(value >> 8);
+    p[3] = (unsigned char)value;
+}
+
+static uint32_t be32(const unsigned char *p) {
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | (uint32_t)p[3];
+}
+
+static unsigned be16(const unsigned char *p) { return (unsigned)p[0] << 8 | (unsigned)p[1]; }
+
+/* The ring: frames of a length field, (router) a request header with id 0,
+ * then the payload. */
 static int build_ring(void) {
-    g.frame_size = HEADER_SIZE + g.size;
+    g.body_offset = g.router ? ROUTER_BODY : HEADER_SIZE;
+    g.frame_size = g.body_offset + g.size;
     uint64_t fill = (RING_TARGET_BYTES + g.frame_size - 1) / g.frame_size;
     uint64_t least = 2 * (uint64_t)g.depth + 1;
     g.ring_frames = fill > least ? fill : least;
@@ -264,11 +350,15 @@ static int build_ring(void) {
     if (!g.ring) return -1;
     for (uint64_t i = 0; i < g.ring_frames; i++) {
         unsigned char *frame = g.ring + i * g.frame_size;
-        frame[0] = (unsigned char)(g.size >> 24);
-        frame[1] = (unsigned char)(g.size >> 16);
-        frame[2] = (unsigned char)(g.size >> 8);
-        frame[3] = (unsigned char)g.size;
-        fill_payload(frame + HEADER_SIZE, g.size, (uint32_t)i);
+        put_be32(frame, (uint32_t)(g.frame_size - HEADER_SIZE));
+        if (g.router) {
+            unsigned char *header = frame + HEADER_SIZE;
+            memset(header, 0, ROUTER_HEADER);
+            header[0] = KIND_REQUEST;
+            header[2] = (unsigned char)(g.message_type >> 8);
+            header[3] = (unsigned char)g.message_type;
+        }
+        fill_payload(frame + g.body_offset, g.size, (uint32_t)i);
     }
     for (uint64_t i = 0; i < g.tail; i++) g.ring[g.period + i] = g.ring[i % g.period];
     return 0;
@@ -281,13 +371,22 @@ static void set_writing(struct conn *c, int on) {
     if (epoll_ctl(g.epfd, EPOLL_CTL_MOD, c->fd, &ev) == 0) c->writing = on;
 }
 
-/* Send what is owed (want - sent); arm EPOLLOUT when the socket is full. */
+/* Send what is owed (want - sent, or the router's output buffer); arm
+ * EPOLLOUT when the socket is full. */
 static void flush(struct conn *c) {
-    while (c->sent < c->want) {
-        uint64_t offset = (c->start + c->sent) % g.period;
-        uint64_t n = c->want - c->sent;
-        if (n > g.tail) n = g.tail;
-        ssize_t w = send(c->fd, g.ring + offset, n, MSG_NOSIGNAL);
+    for (;;) {
+        const unsigned char *from;
+        uint64_t n;
+        if (g.router) {
+            from = c->out + c->out_sent;
+            n = c->out_len - c->out_sent;
+        } else {
+            from = g.ring + (c->start + c->sent) % g.period;
+            n = c->want - c->sent;
+            if (n > g.tail) n = g.tail;
+        }
+        if (!n) break;
+        ssize_t w = send(c->fd, from, n, MSG_NOSIGNAL);
         if (w < 0) {
             if (errno == EINTR) continue;
             if (errno == EAGAIN || errno == EWOULDBLOCK) {
@@ -300,7 +399,9 @@ static void flush(struct conn *c) {
             return;
         }
         c->sent += (uint64_t)w;
+        if (g.router) c->out_sent += (size_t)w;
     }
+    if (g.router) c->out_len = c->out_sent = 0;
     if (c->writing) set_writing(c, 0);
 }
 
@@ -311,6 +412,50 @@ static void top_up(struct conn *c, uint64_t end, uint64_t now) {
     c->batch_ns[slot] = now;
     c->batch_count++;
     c->want = end * g.frame_size;
+    flush(c);
+}
+
+/* Room for `n` more bytes in the router output buffer: the bytes already
+ * sent are dropped first. */
+static int out_room(struct conn *c, size_t n) {
+    if (c->out_sent) {
+        memmove(c->out, c->out + c->out_sent, c->out_len - c->out_sent);
+        c->out_len -= c->out_sent;
+        c->out_sent = 0;
+    }
+    return c->out_len + n <= g.out_capacity;
+}
+
+/* A fresh id for a request: the counter's next value whose slot is free
+ * (a slot still taken holds an older request in flight: that id is skipped,
+ * so the ids in flight stay distinct). There are at most `depth` requests in
+ * flight and at least 2 x depth slots, so this ends within depth + 1 tries. */
+static uint32_t take_id(struct conn *c) {
+    for (;;) {
+        uint32_t id = c->next_id++;
+        if (c->next_id == 0) c->next_id = 1; /* wrap, skipping 0 (one-way) */
+        if (!c->slots[id & g.slot_mask].used) return id;
+    }
+}
+
+/* Router: queue requests up to `depth` in flight, then send. */
+static void router_top_up(struct conn *c, uint64_t now) {
+    unsigned count = (unsigned)g.depth - c->pending;
+    if (!count) return;
+    if (!out_room(c, (size_t)count * g.frame_size)) return; /* cannot happen: see out_capacity */
+    for (unsigned i = 0; i < count; i++) {
+        uint32_t id = take_id(c);
+        struct slot *s = &c->slots[id & g.slot_mask];
+        s->id = id;
+        s->used = 1;
+        s->sent_ns = now;
+        c->pending++;
+        unsigned char *frame = c->out + c->out_len;
+        memcpy(frame, g.ring + ((uint64_t)id + (uint64_t)c->number) % g.ring_frames * g.frame_size,
+               g.frame_size);
+        put_be32(frame + HEADER_SIZE + 4, id);
+        c->out_len += g.frame_size;
+    }
     flush(c);
 }
 
@@ -352,7 +497,229 @@ static void completed(struct conn *c, uint64_t new_done) {
     if (!g.stopping) top_up(c, new_done + (uint64_t)g.depth, now);
 }
 
+/* ------------------------------------------------------------------ receiving replies (router) */
+
+/* A length field outside what the generator accepts; 0 when it is fine. */
+static int check_length(struct conn *c, uint32_t length) {
+    if (length < ROUTER_HEADER) {
+        error_message("connection %d: the server sent a %u-byte frame, shorter than the "
+                      "12-byte router header", c->number, length);
+    } else if (length > g.max_length) {
+        error_message("connection %d: the server announced a %u-byte frame, longer than any "
+                      "reply due (at most %llu)", c->number, length,
+                      (unsigned long long)g.max_length);
+    } else {
+        return 0;
+    }
+    fail(c);
+    return -1;
+}
+
+/* Queue a pong for ping `id`; 0, or -1 when too many wait (an error). */
+static int pong(struct conn *c, uint32_t id) {
+    if (!out_room(c, HEADER_SIZE + ROUTER_HEADER)) {
+        error_message("connection %d: more than %d pings wait for their pong", c->number,
+                      PONG_ROOM);
+        fail(c);
+        return -1;
+    }
+    unsigned char *frame = c->out + c->out_len;
+    memset(frame, 0, HEADER_SIZE + ROUTER_HEADER);
+    put_be32(frame, ROUTER_HEADER);
+    frame[HEADER_SIZE] = KIND_CONTROL;
+    frame[HEADER_SIZE + 3] = CONTROL_PONG;
+    put_be32(frame + HEADER_SIZE + 4, id);
+    c->out_len += HEADER_SIZE + ROUTER_HEADER;
+    return 0;
+}
+
+/* A message that is not a well-formed reply of the expected length: an error
+ * reply, a control message, or an error. 0, or -1 when the connection failed. */
+static int router_other(struct conn *c, const unsigned char *f, uint32_t length) {
+    unsigned kind = f[HEADER_SIZE], flags = f[HEADER_SIZE + 1];
+    unsigned type = be16(f + HEADER_SIZE + 2);
+    uint32_t id = be32(f + HEADER_SIZE + 4), deadline = be32(f + HEADER_SIZE + 8);
+    if (flags) {
+        error_message("connection %d: the server sent a message with flags 0x%02x "
+                      "(reserved, must be 0)", c->number, flags);
+    } else if (kind != KIND_REPLY && kind != KIND_ERROR && kind != KIND_CONTROL) {
+        if (kind == KIND_REQUEST)
+            error_message("connection %d: the server sent a request (kind 1), which a "
+                          "client never accepts", c->number);
+        else
+            error_message("connection %d: the server sent an unknown kind %u, which a "
+                          "client never accepts", c->number, kind);
+    } else if (deadline) {
+        error_message("connection %d: the server sent a deadline (%u ms) in a message of kind %u",
+                      c->number, deadline, kind);
+    } else if (kind == KIND_REPLY) {
+        error_message("connection %d: the server sent a %u-byte reply to request %u, "
+                      "whose body was %llu bytes", c->number, length - ROUTER_HEADER, id,
+                      (unsigned long long)g.size);
+    } else if (kind == KIND_ERROR) {
+        struct slot *s = &c->slots[id & g.slot_mask];
+        if (length < ROUTER_HEADER + 2) {
+            error_message("connection %d: the server sent an error reply without its "
+                          "2-byte error code", c->number);
+        } else if (!s->used || s->id != id) {
+            error_message("connection %d: the server sent an error reply to request %u, "
+                          "which is not in flight", c->number, id);
+        } else {
+            /* An answer, though not the one wanted: one error; the connection
+             * goes on, as the router's does. The text is shown as printable
+             * ASCII (anything else as '?'), so the JSON report stays valid. */
+            s->used = 0;
+            c->pending--;
+            const unsigned char *body = f + ROUTER_BODY;
+            unsigned code = be16(body);
+            size_t n = length - ROUTER_HEADER - 2;
+            char text[ERROR_TEXT + 4];
+            size_t shown = n > ERROR_TEXT ? ERROR_TEXT : n;
+            for (size_t i = 0; i < shown; i++)
+                text[i] = body[2 + i] >= 0x20 && body[2 + i] < 0x7f ? (char)body[2 + i] : '?';
+            strcpy(text + shown, n > ERROR_TEXT ? "..." : "");
+            error_message("connection %d: request %u (type %u) answered with error %u: '%s'",
+                          c->number, id, type, code, text);
+            return 0;
+        }
+    } else { /* control: skipped, but a ping gets its pong and a drain is counted */
+        if (type == CONTROL_PING) return pong(c, id);
+        if (type == CONTROL_DRAIN) {
+            g.drains++;
+            c->server_drain = 1;
+        }
+        return 0;
+    }
+    fail(c);
+    return -1;
+}
+
+/* One complete message: `f` is its length field, `length` its value. */
+static int router_message(struct conn *c, const unsigned char *f, uint32_t length, uint64_t now) {
+    const unsigned char *header = f + HEADER_SIZE;
+    if (header[0] == KIND_REPLY && length == g.frame_size - HEADER_SIZE && !header[1] &&
+        !be32(header + 8)) {
+        uint32_t id = be32(header + 4);
+        struct slot *s = &c->slots[id & g.slot_mask];
+        if (!s->used || s->id != id) {
+            error_message("connection %d: a reply to request %u, which is not in flight",
+                          c->number, id);
+            fail(c);
+            return -1;
+        }
+        const unsigned char *expected =
+            g.ring + ((uint64_t)id + (uint64_t)c->number) % g.ring_frames * g.frame_size +
+            ROUTER_BODY;
+        if (memcmp(f + ROUTER_BODY, expected, g.size) != 0) {
+            uint64_t at = 0;
+            while (f[ROUTER_BODY + at] == expected[at]) at++;
+            error_message("connection %d: the reply to request %u differs from its request's "
+                          "body at byte %llu", c->number, id, (unsigned long long)at);
+            fail(c);
+            return -1;
+        }
+        s->used = 0;
+        c->pending--;
+        c->done++;
+        if (g.recording) {
+            uint64_t bucket = (now - s->sent_ns) >> HISTOGRAM_SHIFT;
+            if (bucket >= HISTOGRAM_BUCKETS) bucket = HISTOGRAM_BUCKETS - 1;
+            g.histogram[bucket]++;
+        }
+        return 0;
+    }
+    return router_other(c, f, length);
+}
+
+/* The bytes of one read: complete a cut frame first, then every whole frame
+ * in place, then keep the start of a cut one. 0, or -1 when the connection
+ * failed. */
+static int router_input(struct conn *c, const unsigned char *data, size_t n, uint64_t now) {
+    size_t p = 0;
+    if (c->partial_len) {
+        if (c->partial_len < HEADER_SIZE) {
+            size_t take = HEADER_SIZE - c->partial_len;
+            if (take > n) take = n;
+            memcpy(c->partial + c->partial_len, data, take);
+            c->partial_len += take;
+            p += take;
+            if (c->partial_len < HEADER_SIZE) return 0;
+        }
+        uint32_t length = be32(c->partial);
+        if (check_length(c, length) != 0) return -1;
+        size_t whole = HEADER_SIZE + (size_t)length;
+        size_t take = whole - c->partial_len;
+        if (take > n - p) take = n - p;
+        memcpy(c->partial + c->partial_len, data + p, take);
+        c->partial_len += take;
+        p += take;
+        if (c->partial_len < whole) return 0;
+        c->partial_len = 0;
+        if (router_message(c, c->partial, length, now) != 0) return -1;
+    }
+    while (n - p >= HEADER_SIZE) {
+        uint32_t length = be32(data + p);
+        if (check_length(c, length) != 0) return -1;
+        if (n - p - HEADER_SIZE < length) break;
+        if (router_message(c, data + p, length, now) != 0) return -1;
+        p += HEADER_SIZE + (size_t)length;
+    }
+    if (p < n) {
+        if (!c->partial) {
+            c->partial = malloc(HEADER_SIZE + g.max_length);
+            if (!c->partial) {
+                error_message("connection %d: out of memory", c->number);
+                fail(c);
+                return -1;
+            }
+        }
+        memcpy(c->partial, data + p, n - p);
+        c->partial_len = n - p;
+    }
+    return 0;
+}
+
+static void router_readable(struct conn *c) {
+    for (;;) {
+        ssize_t n = recv(c->fd, g.buffer, READ_SIZE, 0);
+        if (n > 0) {
+            c->received += (uint64_t)n;
+            uint64_t now = now_ns();
+            if (router_input(c, g.buffer, (size_t)n, now) != 0) return;
+            if (g.stopping || c->server_drain) {
+                if (c->out_len > c->out_sent) flush(c); /* pongs */
+                /* All answered after a drain: close, as the drain asks. */
+                if (c->fd >= 0 && c->server_drain && !c->pending) close_conn(c);
+            } else {
+                router_top_up(c, now);
+                if (c->fd >= 0 && c->out_len > c->out_sent) flush(c); /* pongs only */
+            }
+            if (c->fd < 0) return;
+            if (n < READ_SIZE) return; /* the socket is empty */
+            continue;
+        }
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
+        if (n == 0 && (g.stopping || c->server_drain) && !c->pending) {
+            close_conn(c); /* an orderly close after everything came back */
+            return;
+        }
+        if (n == 0)
+            error_message("connection %d closed by the server after %llu frames", c->number,
+                          (unsigned long long)c->done);
+        else
+            error_message("connection %d closed by the server after %llu frames: %s",
+                          c->number, (unsigned long long)c->done, strerror(errno));
+        fail(c);
+        return;
+    }
+}
+
 static void readable(struct conn *c) {
+    if (g.router) {
+        router_readable(c);
+        return;
+    }
     for (;;) {
         ssize_t n = recv(c->fd, g.buffer, READ_SIZE, 0);
         if (n > 0) {
@@ -476,11 +843,16 @@ static void run_until(uint64_t deadline) {
     }
 }
 
+/* Frames sent and not yet echoed in full (router: requests not yet answered). */
+static uint64_t outstanding(const struct conn *c) {
+    if (c->fd < 0 || c->failed) return 0;
+    if (g.router) return c->pending;
+    return (c->want - c->received + g.frame_size - 1) / g.frame_size;
+}
+
 static int all_echoed(void) {
-    for (int i = 0; i < g.connections; i++) {
-        struct conn *c = &g.conns[i];
-        if (c->fd >= 0 && !c->failed && c->received < c->want) return 0;
-    }
+    for (int i = 0; i < g.connections; i++)
+        if (outstanding(&g.conns[i])) return 0;
     return 1;
 }
 
@@ -497,13 +869,10 @@ static void drain(void) {
         if (n > 0) dispatch(events, n);
     }
     uint64_t missing = 0;
-    for (int i = 0; i < g.connections; i++) {
-        struct conn *c = &g.conns[i];
-        if (c->fd >= 0 && !c->failed && c->received < c->want)
-            missing += (c->want - c->received) / g.frame_size;
-    }
+    for (int i = 0; i < g.connections; i++) missing += outstanding(&g.conns[i]);
     if (missing)
-        error_message("%llu frames sent were not echoed within %g s after the run",
+        error_message(g.router ? "%llu requests sent were not answered within %g s after the run"
+                               : "%llu frames sent were not echoed within %g s after the run",
                       (unsigned long long)missing, DRAIN_TIMEOUT_S);
 }
 
@@ -558,10 +927,14 @@ static void usage(FILE *out) {
     fprintf(out,
             "usage: cloadgen --port PORT [--host HOST] [--connections N] [--depth D]\n"
             "                [--size BYTES[K|M]] [--duration T] [--warmup W]\n"
-            "                [--server-pid PID] [--json]\n"
+            "                [--server-pid PID] [--json] [--protocol frames|router]\n"
+            "                [--message-type N]\n"
             "Drive a length-prefixed (4-byte big-endian) echo server and verify every\n"
             "echoed byte; print one JSON report on stdout (--json is accepted for\n"
-            "compatibility with fastnet.loadgen; the output is always JSON).\n");
+            "compatibility with fastnet.loadgen; the output is always JSON).\n"
+            "--protocol router sends router requests (src/fastnet/wire.py) of type\n"
+            "--message-type (1-65535, default 1) and matches the replies by id, in\n"
+            "any order.\n");
 }
 
 static int parse_long(const char *text, long low, long high, long *out) {
@@ -605,6 +978,9 @@ static int parse_args(int argc, char **argv) {
     g.duration = 5.0;
     g.warmup = 1.0;
     g.server_pid = 0;
+    g.router = 0;
+    g.message_type = 1;
+    int message_type_given = 0;
     for (int i = 1; i < argc; i++) {
         const char *arg = argv[i];
         if (!strcmp(arg, "--json")) continue;
@@ -638,6 +1014,13 @@ static int parse_args(int argc, char **argv) {
             bad = parse_seconds(value, &g.warmup);
         } else if (!strcmp(arg, "--server-pid")) {
             bad = parse_long(value, 1, LONG_MAX, &g.server_pid);
+        } else if (!strcmp(arg, "--protocol")) {
+            bad = strcmp(value, "frames") != 0 && strcmp(value, "router") != 0;
+            g.router = !strcmp(value, "router");
+        } else if (!strcmp(arg, "--message-type")) {
+            bad = parse_long(value, 1, 65535, &number);
+            g.message_type = (unsigned)number;
+            message_type_given = 1;
         } else {
             fprintf(stderr, "cloadgen: unknown option %s\n", arg);
             usage(stderr);
@@ -653,8 +1036,13 @@ static int parse_args(int argc, char **argv) {
         usage(stderr);
         return -1;
     }
-    if (g.size < 1 || g.size > 0xFFFFFFFFu) {
-        fprintf(stderr, "cloadgen: the payload size must be 1 byte to 4 GiB - 1\n");
+    if (g.size < 1 || g.size > 0xFFFFFFFFu - (g.router ? ROUTER_HEADER : 0)) {
+        fprintf(stderr, "cloadgen: the payload size must be 1 byte to 4 GiB - 1%s\n",
+                g.router ? " - 12 (the router header)" : "");
+        return -1;
+    }
+    if (message_type_given && !g.router) {
+        fprintf(stderr, "cloadgen: --message-type needs --protocol router\n");
         return -1;
     }
     return 0;
@@ -674,6 +1062,23 @@ int main(int argc, char **argv) {
         fprintf(stderr, "cloadgen: out of memory or no epoll\n");
         return 2;
     }
+    struct slot *slots = NULL;
+    unsigned char *outs = NULL;
+    if (g.router) {
+        /* Slots: a power of two, at least 2 x depth (see take_id). Output:
+         * depth requests and PONG_ROOM pongs. */
+        uint64_t slot_count = 2;
+        while (slot_count < 2 * (uint64_t)g.depth) slot_count *= 2;
+        g.slot_mask = (uint32_t)(slot_count - 1);
+        g.max_length = ROUTER_HEADER + (g.size > MAX_ERROR_BODY ? g.size : MAX_ERROR_BODY);
+        g.out_capacity = (size_t)g.depth * g.frame_size + PONG_ROOM * (HEADER_SIZE + ROUTER_HEADER);
+        slots = calloc((size_t)g.connections * slot_count, sizeof *slots);
+        outs = malloc((size_t)g.connections * g.out_capacity);
+        if (!slots || !outs) {
+            fprintf(stderr, "cloadgen: out of memory\n");
+            return 2;
+        }
+    }
     for (int i = 0; i < g.connections; i++) {
         struct conn *c = &g.conns[i];
         c->number = i;
@@ -681,12 +1086,22 @@ int main(int argc, char **argv) {
         c->start = ((uint64_t)i % g.ring_frames) * g.frame_size;
         c->batch_end = batches + (size_t)i * (size_t)(g.depth + 1) * 2;
         c->batch_ns = c->batch_end + g.depth + 1;
+        if (g.router) {
+            c->slots = slots + (size_t)i * ((size_t)g.slot_mask + 1);
+            c->out = outs + (size_t)i * g.out_capacity;
+            c->next_id = 1;
+        }
     }
 
     int connected = open_connections();
     uint64_t begin = now_ns();
-    for (int i = 0; i < g.connections; i++)
-        if (g.conns[i].fd >= 0) top_up(&g.conns[i], (uint64_t)g.depth, begin);
+    for (int i = 0; i < g.connections; i++) {
+        if (g.conns[i].fd < 0) continue;
+        if (g.router)
+            router_top_up(&g.conns[i], begin);
+        else
+            top_up(&g.conns[i], (uint64_t)g.depth, begin);
+    }
     if (connected) run_until(begin + (uint64_t)(g.warmup * 1e9));
 
     uint64_t start_frames = frames_done();
@@ -731,6 +1146,11 @@ int main(int argc, char **argv) {
     printf("  \"connections\": %d,\n  \"connected\": %d,\n", g.connections, connected);
     printf("  \"depth\": %d,\n  \"size\": %llu,\n", g.depth, (unsigned long long)g.size);
     printf("  \"framing\": \"length:4:big\",\n  \"processes\": 1,\n  \"loop\": \"epoll\",\n");
+    printf("  \"protocol\": \"%s\",\n", g.router ? "router" : "frames");
+    if (g.router)
+        printf("  \"message_type\": %u,\n", g.message_type);
+    else
+        printf("  \"message_type\": null,\n");
     printf("  \"warmup_s\": %g,\n  \"duration_s\": %.4f,\n", g.warmup, window);
     printf("  \"frames\": %llu,\n", (unsigned long long)frames);
     json_number("frames_per_s", fps, 1, 1, 0);
@@ -753,6 +1173,7 @@ int main(int argc, char **argv) {
         json_string(g.message[i]);
     }
     printf("],\n");
+    printf("  \"drains\": %llu,\n", (unsigned long long)g.drains);
     json_number("loadgen_cpu_s", loadgen_cpu, 4, 1, 0);
     json_number("loadgen_cpu_us_per_frame", frames ? loadgen_cpu / (double)frames * 1e6 : 0, 4,
                 frames > 0, 0);

@@ -49,12 +49,40 @@ so it does no per-frame Python work.
   handshake, a plain client that a TLS server hung up on), the run ends at
   once with the errors instead of sleeping through the window.
 
-The cost is a few Python operations per read callback, whatever the number of
-frames the read completed. ``--server-pid`` additionally reads the server
-process's CPU time (Linux ``/proc``) at the edges of the measured window, so
-the report gives the server's CPU seconds per frame, which stays honest even
-when the generator is the limit. The generator's own CPU time is reported
-too: when it is well below one core per process, the server was the limit.
+``--protocol router`` drives the router's wire format instead (specified in
+``fastnet/wire.py``): every frame is a request, a 12-byte header (kind 1,
+flags 0, type ``--message-type``, a request id, deadline 0) before the same
+payload, and the server answers each with a reply (kind 2) carrying the id
+and the payload, in any order. The stream is then no longer a fixed byte
+sequence, so this mode pays a few Python operations per frame:
+
+- A request is a copy of a precomputed ring frame with its id written in
+  (``struct.pack_into``); a top-up of ``k`` requests is one ``bytearray``
+  copy of ``k`` ring frames, ``k`` packs and one write. Ids are a
+  per-connection counter (wrapping at 2**32 - 1, skipping 0 and, once
+  wrapped, the ids still in flight).
+- The request with id ``i`` on connection ``n`` carries the payload of ring
+  frame ``(i + n) mod R``, so a reply's id names the body it must carry.
+  Each reply's length field and header are one ``struct.unpack_from``; its
+  id is popped from the connection's ``id -> sent at`` map (an unknown id,
+  or one already answered, is an error) and its body compared with the
+  expected payload by one ``startswith`` (a ``memcmp``). Latency is
+  ``now - sent at`` per reply, ``now`` being read once per read callback.
+- An error reply (kind 3) counts one error, naming its code and text, and
+  frees its request's slot: the connection goes on, as a router's does. A
+  malformed frame, an unknown id or a wrong body counts one error and drops
+  the connection, as a wrong echo does. Control messages are skipped, but a
+  ping is answered with its pong, and a drain is counted (``drains``, not an
+  error): the connection then sends no new request, collects the replies
+  still due and closes.
+
+In the frames protocol the cost is a few Python operations per read
+callback, whatever the number of frames the read completed.
+``--server-pid`` additionally reads the server process's CPU time (Linux
+``/proc``) at the edges of the measured window, so the report gives the
+server's CPU seconds per frame, which stays honest even when the generator
+is the limit. The generator's own CPU time is reported too: when it is well
+below one core per process, the server was the limit.
 """
 
 from __future__ import annotations
@@ -66,6 +94,7 @@ import json
 import multiprocessing
 import os
 import ssl
+import struct
 import sys
 import time
 from collections import deque
@@ -81,6 +110,7 @@ from ._cliargs import (
     FRAMING_METAVAR,
     SIZE_SPELLINGS,
     ArgumentParser,
+    UsageError,
     add_loop_argument,
     framing_text,
     non_negative_float,
@@ -171,6 +201,33 @@ CONNECT_TIMEOUT = 10.0
 # major version 3 (RFC 8446 section 5.1).
 TLS_RECORD_STARTS = (b"\x15\x03", b"\x16\x03")
 
+# The wire protocols: "frames" echoes plain frames (every byte checked in
+# order); "router" sends router requests and matches replies by id.
+PROTOCOLS = ("frames", "router")
+
+# The router's wire format (fastnet/wire.py's docstring is the specification;
+# the few constants the generator needs are repeated here). After the 4-byte
+# big-endian length of LengthPrefixed() comes a 12-byte header: kind, flags,
+# type, id, deadline, all big-endian and unsigned.
+ROUTER_HEADER = struct.Struct(">BBHII")
+# A frame's length field and header, read at once: one unpack per reply.
+ROUTER_FRAME = struct.Struct(">I" + ROUTER_HEADER.format[1:])
+ROUTER_LENGTH = struct.Struct(">I")
+# A request's id, written into its copy of a ring frame: after the length
+# field (4 bytes), kind, flags and type (4 bytes).
+ROUTER_ID = struct.Struct(">I")
+ROUTER_ID_OFFSET = 8
+ROUTER_REQUEST, ROUTER_REPLY, ROUTER_ERROR, ROUTER_CONTROL = 1, 2, 3, 4  # kinds
+ROUTER_PING, ROUTER_PONG, ROUTER_DRAIN = 1, 2, 3  # control codes
+ROUTER_MAX_ID = 0xFFFFFFFF
+ROUTER_MAX_TYPE = 0xFFFF
+# The longest body accepted in a message that is not a reply (an error
+# reply's code and text): a longer frame is an error, so that a broken length
+# field cannot make the generator buffer without end.
+ROUTER_MAX_ERROR_BODY = 16 * 1024
+# Characters of an error reply's text kept in the error message.
+ROUTER_ERROR_TEXT = 120
+
 # Added to the error of a plain connection that a server hung up on, or
 # answered with a TLS record, before echoing anything.
 PLAIN_TO_TLS_HINT = "if the server serves TLS, run the generator with --tls"
@@ -186,6 +243,14 @@ def _framing_option(text: str) -> str:
     """
     parse_framing(text)
     return text
+
+
+def _message_type(text: str) -> int:
+    """``--message-type``: a router message type, 1 to 65535."""
+    value = positive_int(text)
+    if value > ROUTER_MAX_TYPE:
+        raise UsageError(f"a message type is 1 to {ROUTER_MAX_TYPE}: {text!r}")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -225,6 +290,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="length",
         metavar=FRAMING_METAVAR,
         help="as the server's --framing: " + FRAMING_HELP,
+    )
+    parser.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="frames",
+        help="frames: echo of plain frames, every byte checked in order; router: router "
+        "requests (fastnet.wire) with ids, replies matched by id in any order (frames)",
+    )
+    parser.add_argument(
+        "--message-type",
+        type=_message_type,
+        default=None,
+        metavar="T",
+        help="the requests' message type with --protocol router, 1-65535 (1)",
     )
     parser.add_argument(
         "--processes",
@@ -302,6 +381,8 @@ class BenchParams:
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_server_name: str | None = None
+    protocol: str = "frames"
+    message_type: int = 1
 
 
 def tls_context(params: BenchParams) -> ssl.SSLContext | None:
@@ -347,17 +428,31 @@ class Ring:
     so that any slice of up to ``tail`` bytes starting in the period is
     contiguous.
 
+    With a ``header`` (the router's request header), every frame carries it
+    between the length field and the payload; ``bodies`` then holds each
+    frame's payload, and ``body_offset`` is where a payload starts in its
+    frame.
+
     Args:
         spec: the framing (``LengthPrefixed`` or ``Lines``).
         size: payload bytes per frame.
         depth: frames in flight per connection.
         read_size: the largest read the receiver will compare at once.
+        header: bytes before each payload, inside the frame (length-prefixed
+            framings only).
 
     Raises:
         ValueError: the payload size does not fit the framing.
     """
 
-    def __init__(self, spec: LengthPrefixed | Lines, size: int, depth: int, read_size: int) -> None:
+    def __init__(
+        self,
+        spec: LengthPrefixed | Lines,
+        size: int,
+        depth: int,
+        read_size: int,
+        header: bytes = b"",
+    ) -> None:
         if size < 1:
             raise ValueError("the payload size must be at least 1 byte")
         if depth < 1:
@@ -365,16 +460,21 @@ class Ring:
         if isinstance(spec, LengthPrefixed):
             if spec.offset or spec.adjustment or spec.strip is not None:
                 raise ValueError("the generator writes plain length-prefixed frames only")
-            if size >= 1 << (8 * spec.length_size):
-                raise ValueError(
-                    f"a {size}-byte payload does not fit a {spec.length_size}-byte length field"
-                )
-            header = size.to_bytes(spec.length_size, spec.byteorder)
-            prefix, suffix = header, b""
+            length = len(header) + size
+            if length >= 1 << (8 * spec.length_size):
+                what = f"{size}-byte payload"
+                if header:
+                    what += f" with its {len(header)}-byte header"
+                raise ValueError(f"a {what} does not fit a {spec.length_size}-byte length field")
+            prefix, suffix = length.to_bytes(spec.length_size, spec.byteorder) + header, b""
         else:
+            if header:
+                raise ValueError("a frame header needs a length-prefixed framing")
             if size > spec.max_length:
                 raise ValueError(f"a {size}-byte line exceeds the {spec.max_length}-byte limit")
             prefix, suffix = b"", spec.delimiter
+        self.size = size
+        self.body_offset = len(prefix)
         self.frame_size = len(prefix) + size + len(suffix)
         # More than twice the depth, so frames in flight are all distinct even
         # across a wrap-around; otherwise enough to fill RING_TARGET_BYTES.
@@ -385,6 +485,13 @@ class Ring:
         repeats = -(-(self.period + self.tail) // self.period)
         self.data = (ring * repeats)[: self.period + self.tail]
         self.view = memoryview(self.data)
+        self.bodies: list[bytes] = []
+        if header:
+            first = self.body_offset
+            step = self.frame_size
+            self.bodies = [
+                self.data[i * step + first : i * step + first + size] for i in range(self.frames)
+            ]
 
     @staticmethod
     def payload(index: int, size: int) -> bytes:
@@ -455,7 +562,10 @@ class Stats:
     stopping: bool = False  # after the window: send no new frames
     connected: int = 0  # connections opened
     failed: int = 0  # of those, failed since
-    # Set when every connection opened has failed: nothing left to measure.
+    drains: int = 0  # router drain messages received (not errors)
+    drained_connections: int = 0  # closed cleanly after the server drained them
+    # Set when every connection opened has failed, or closed after a drain:
+    # nothing left to measure.
     all_failed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def error(self, message: str) -> None:
@@ -465,7 +575,13 @@ class Stats:
 
     def connection_failed(self) -> None:
         self.failed += 1
-        if self.failed >= self.connected:
+        if self.failed + self.drained_connections >= self.connected:
+            self.all_failed.set()
+
+    def connection_drained(self) -> None:
+        """A connection the server drained closed cleanly: one fewer to measure."""
+        self.drained_connections += 1
+        if self.failed + self.drained_connections >= self.connected:
             self.all_failed.set()
 
 
@@ -496,7 +612,7 @@ class EchoClient(asyncio.Protocol):
         self.frame_size = ring.frame_size
         self.depth = depth
         self.stats = stats
-        self.write: Callable[[bytes | memoryview], None] | None = None  # transport.write
+        self.write: Callable[[bytes | bytearray | memoryview], None] | None = None
         self.transport: asyncio.Transport | None = None
         self.sent = 0  # bytes written
         self.received = 0  # bytes received and verified
@@ -561,10 +677,8 @@ class EchoClient(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.lost.done():
             self.lost.set_result(None)
-        if self.failed:
+        if self.failed or self._closed_cleanly():
             return
-        if self.drained is not None and self.received == self.sent:
-            return  # we were closing it
         self.failed = True
         reason = f": {exc}" if exc else ""
         if not self.received and not self._is_tls():
@@ -596,6 +710,14 @@ class EchoClient(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
+
+    def outstanding(self) -> int:
+        """Frames sent and not yet echoed in full."""
+        return (self.sent - self.received) // self.frame_size
+
+    def _closed_cleanly(self) -> bool:
+        """True when a lost connection is no error: we were closing it, all echoed."""
+        return self.drained is not None and self.received == self.sent
 
     def _is_tls(self) -> bool:
         return self.transport is not None and (
@@ -663,9 +785,309 @@ def buffer_size(ring: Ring, depth: int) -> int:
     return min(MAX_READ, 2 * depth * ring.frame_size)
 
 
-def client_class(ring: Ring) -> type[EchoClient]:
-    """The protocol class for frames of this ring's size."""
-    return BufferedEchoClient if ring.frame_size >= BUFFERED_FRAME_SIZE else EchoClient
+class RouterClient(EchoClient):
+    """One connection of ``--protocol router``: ``depth`` requests in flight, replies by id.
+
+    The ring's frames are requests (its header has id 0); each request sent
+    is a copy with its id written in. ``pending`` maps the ids in flight to
+    their send time; ``done`` counts the replies verified. The hot path,
+    ``_replies``, is flat like ``EchoClient.data_received``: per reply one
+    unpack, one ``dict.pop``, one ``startswith`` and a histogram count.
+
+    Args:
+        as ``EchoClient``; the ring must carry the router's request header.
+    """
+
+    def __init__(self, number: int, ring: Ring, depth: int, stats: Stats) -> None:
+        super().__init__(number, ring, depth, stats)
+        self.view = ring.view
+        self.bodies = ring.bodies
+        self.ring_frames = ring.frames
+        self.body_offset = ring.body_offset
+        self.reply_length = ring.frame_size - ROUTER_LENGTH.size  # a reply's length field
+        self.max_length = ROUTER_HEADER.size + max(ring.size, ROUTER_MAX_ERROR_BODY)
+        self.pending: dict[int, int] = {}  # request id -> sent at, ns
+        self.next_id = 1
+        self.wrapped = False  # the ids went past 2**32 - 1: skip those still in flight
+        self.partial = bytearray()  # the start of a frame cut by the end of a read
+        self.server_drain = False  # the server sent drain: no new requests here
+
+    # -- asyncio callbacks
+
+    def data_received(self, data: bytes) -> None:  # type: ignore[override]
+        # A plain Protocol: asyncio and uvloop pass bytes.
+        self.received += len(data)
+        partial = self.partial
+        if partial:
+            partial += data
+            end = self._replies(partial, len(partial))
+            if end > 0:
+                del partial[:end]
+        else:
+            end = self._replies(data, len(data))
+            if 0 <= end < len(data):
+                partial += data[end:]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.failed and self.drained is None and self.server_drain and not self.pending:
+            self.stats.connection_drained()
+        super().connection_lost(exc)
+
+    # -- the replies
+
+    def _replies(self, buf: bytes | bytearray, end: int) -> int:
+        """Verify the complete frames of ``buf[:end]``; top the connection up.
+
+        Returns:
+            The offset of the first byte not consumed (the start of a cut
+            frame), or -1 when the connection failed.
+        """
+        pending = self.pending
+        pop = pending.pop
+        stats = self.stats
+        recording = stats.recording
+        counts = self.counts
+        bodies = self.bodies
+        ring_frames = self.ring_frames
+        number = self.number
+        body_offset = self.body_offset
+        reply_length = self.reply_length
+        unpack = ROUTER_FRAME.unpack_from
+        done = self.done
+        now = perf_counter_ns()
+        pos = 0
+        while end - pos >= 16:
+            length, kind, flags, _, rid, deadline = unpack(buf, pos)
+            stop = pos + 4 + length
+            if stop > end:
+                break
+            if kind == ROUTER_REPLY and length == reply_length and not flags and not deadline:
+                sent_at = pop(rid, None)
+                if sent_at is None or not buf.startswith(
+                    bodies[(rid + number) % ring_frames], pos + body_offset
+                ):
+                    self.done = done
+                    self._bad_reply(buf, pos, end, rid, sent_at is None)
+                    return -1
+                done += 1
+                if recording:
+                    bucket = (now - sent_at) >> HISTOGRAM_SHIFT
+                    counts[bucket] = counts.get(bucket, 0) + 1
+            elif not self._other(buf, pos, end):
+                self.done = done
+                return -1
+            pos = stop
+        self.done = done
+        if end - pos >= 4:
+            # A cut frame: its length must be one the generator will buffer.
+            (length,) = ROUTER_LENGTH.unpack_from(buf, pos)
+            if not ROUTER_HEADER.size <= length <= self.max_length:
+                self._fail(self._length_error(length), buf, pos, end)
+                return -1
+        if stats.stopping or self.server_drain:
+            if not pending:
+                self._release_drain()
+                if self.server_drain and self.drained is None and self.transport is not None:
+                    self.transport.close()  # all answered: close, as a drain asks
+        elif len(pending) < self.depth:
+            self._send(self.depth - len(pending), now)
+        return pos
+
+    def _other(self, buf: bytes | bytearray | memoryview, pos: int, end: int) -> bool:
+        """Handle a complete frame that is not a well-formed reply; False if it failed."""
+        length, kind, flags, mtype, rid, deadline = ROUTER_FRAME.unpack_from(buf, pos)
+        where = f"connection {self.number}"
+        if not ROUTER_HEADER.size <= length <= self.max_length:
+            self._fail(self._length_error(length), buf, pos, end)
+            return False
+        if flags:
+            problem = f"a message with flags {flags:#04x} (reserved, must be 0)"
+        elif kind not in (ROUTER_REPLY, ROUTER_ERROR, ROUTER_CONTROL):
+            what = "a request (kind 1)" if kind == ROUTER_REQUEST else f"an unknown kind {kind}"
+            problem = f"{what}, which a client never accepts"
+        elif deadline:
+            problem = f"a deadline ({deadline} ms) in a message of kind {kind}"
+        elif kind == ROUTER_REPLY:
+            problem = (
+                f"a {length - ROUTER_HEADER.size}-byte reply to request {rid}, "
+                f"whose body was {self.reply_length - ROUTER_HEADER.size} bytes"
+            )
+        elif kind == ROUTER_ERROR:
+            if length < ROUTER_HEADER.size + 2:
+                problem = "an error reply without its 2-byte error code"
+            elif self.pending.pop(rid, None) is None:
+                problem = f"an error reply to request {rid}, which is not in flight"
+            else:
+                body = pos + 4 + ROUTER_HEADER.size
+                code = int.from_bytes(buf[body : body + 2], "big")
+                text = bytes(buf[body + 2 : pos + 4 + length]).decode("utf-8", "replace")
+                if len(text) > ROUTER_ERROR_TEXT:
+                    text = text[:ROUTER_ERROR_TEXT] + "..."
+                # An answer, though not the one wanted: one error; the
+                # connection goes on, as the router's does.
+                self.stats.error(
+                    f"{where}: request {rid} (type {mtype}) answered with error {code}: {text!r}"
+                )
+                return True
+        else:  # control: skipped, but a ping gets its pong and a drain is counted
+            if mtype == ROUTER_PING and self.write is not None:
+                pong = ROUTER_FRAME.pack(ROUTER_HEADER.size, ROUTER_CONTROL, 0, ROUTER_PONG, rid, 0)
+                self.write(pong)
+                self.sent += len(pong)
+            elif mtype == ROUTER_DRAIN:
+                self.stats.drains += 1
+                self.server_drain = True
+            return True
+        self._fail(f"{where}: the server sent {problem}", buf, pos, end)
+        return False
+
+    def _bad_reply(
+        self, buf: bytes | bytearray | memoryview, pos: int, end: int, rid: int, unknown: bool
+    ) -> None:
+        """A reply whose id is not in flight, or whose body is not its request's."""
+        where = f"connection {self.number}"
+        if unknown:
+            self._fail(f"{where}: a reply to request {rid}, which is not in flight", buf, pos, end)
+            return
+        expected = self.bodies[(rid + self.number) % self.ring_frames]
+        body = bytes(buf[pos + self.body_offset : pos + self.body_offset + len(expected)])
+        at = next(i for i, (a, b) in enumerate(zip(expected, body, strict=True)) if a != b)
+        self._fail(
+            f"{where}: the reply to request {rid} differs from its request's body at byte {at}",
+            buf,
+            pos,
+            end,
+        )
+
+    def _length_error(self, length: int) -> str:
+        if length < ROUTER_HEADER.size:
+            return (
+                f"connection {self.number}: the server sent a {length}-byte frame, "
+                "shorter than the 12-byte router header"
+            )
+        return (
+            f"connection {self.number}: the server announced a {length}-byte frame, "
+            f"longer than any reply due (at most {self.max_length})"
+        )
+
+    def _fail(self, message: str, buf: bytes | bytearray | memoryview, pos: int, end: int) -> None:
+        """Count one error and drop this connection."""
+        at = self.received - end + pos  # the frame's offset in the connection's stream
+        if at == 0 and bytes(buf[pos : pos + 2]) in TLS_RECORD_STARTS and not self._is_tls():
+            message = (
+                f"connection {self.number}: the server answered with a TLS record, "
+                f"not a router message; {PLAIN_TO_TLS_HINT}"
+            )
+        self.failed = True
+        self.stats.error(message)
+        self.stats.connection_failed()
+        self._release_drain()
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- the requests
+
+    def _send(self, count: int, now: int) -> None:
+        """Send ``count`` new requests in one write, each with a fresh id."""
+        if self.write is None:
+            return
+        pending = self.pending
+        pack = ROUTER_ID.pack_into
+        frame_size = self.frame_size
+        first = self.next_id
+        last = first + count - 1
+        if last <= ROUTER_MAX_ID and not self.wrapped:
+            # The usual case: ids first..last, ring frames consecutive (the
+            # ring's tail holds `depth` frames past its period).
+            start = (first + self.number) % self.ring_frames * frame_size
+            out = bytearray(self.view[start : start + count * frame_size])
+            offset = ROUTER_ID_OFFSET
+            for rid in range(first, last + 1):
+                pack(out, offset, rid)
+                pending[rid] = now
+                offset += frame_size
+            self.next_id = last + 1
+        else:
+            out = bytearray()
+            rid = first
+            for _ in range(count):
+                while True:
+                    if rid > ROUTER_MAX_ID:
+                        rid = 1
+                        self.wrapped = True
+                    if not (self.wrapped and rid in pending):
+                        break
+                    rid += 1
+                start = (rid + self.number) % self.ring_frames * frame_size
+                offset = len(out) + ROUTER_ID_OFFSET
+                out += self.view[start : start + frame_size]
+                pack(out, offset, rid)
+                pending[rid] = now
+                rid += 1
+            self.next_id = rid
+        self.write(out)
+        self.sent += len(out)
+
+    # -- helpers
+
+    def start(self) -> None:
+        """Send the first ``depth`` requests."""
+        if self.write is None or self.failed:
+            return
+        self._send(self.depth, perf_counter_ns())
+
+    def begin_drain(self) -> asyncio.Future[None]:
+        """Stop sending; return a future set when every request sent has been answered."""
+        self.drained = asyncio.get_running_loop().create_future()
+        if self.failed or not self.pending:
+            self.drained.set_result(None)
+        return self.drained
+
+    def outstanding(self) -> int:
+        """Requests sent and not yet answered."""
+        return len(self.pending)
+
+    def _closed_cleanly(self) -> bool:
+        return not self.pending and (self.drained is not None or self.server_drain)
+
+
+class BufferedRouterClient(RouterClient, asyncio.BufferedProtocol):
+    """A ``RouterClient`` for large frames: the kernel writes into our buffer.
+
+    A frame cut by the end of a read is moved to the buffer's start, and the
+    next read lands after it; the buffer holds two frames at least, so there
+    is always room for the rest of one.
+    """
+
+    def __init__(self, number: int, ring: Ring, depth: int, stats: Stats) -> None:
+        super().__init__(number, ring, depth, stats)
+        capacity = max(buffer_size(ring, depth), 2 * ring.frame_size)
+        capacity = max(capacity, 2 * (ROUTER_LENGTH.size + self.max_length))
+        self.inbuf = bytearray(capacity)
+        self.inview = memoryview(self.inbuf)
+        self.filled = 0  # bytes of a cut frame at the start of inbuf
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.inview[self.filled :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.received += nbytes
+        end = self.filled + nbytes
+        pos = self._replies(self.inbuf, end)
+        if pos < 0:
+            return
+        rest = end - pos
+        if rest and pos:
+            self.inbuf[:rest] = bytes(self.inview[pos:end])
+        self.filled = rest
+
+
+def client_class(ring: Ring, protocol: str = "frames") -> type[EchoClient]:
+    """The protocol class for this wire protocol and frames of this ring's size."""
+    buffered = ring.frame_size >= BUFFERED_FRAME_SIZE
+    if protocol == "router":
+        return BufferedRouterClient if buffered else RouterClient
+    return BufferedEchoClient if buffered else EchoClient
 
 
 # --------------------------------------------------------------------------- one process
@@ -749,7 +1171,7 @@ def _raise_fd_limit(connections: int) -> None:
 async def _open(params: BenchParams, ring: Ring, stats: Stats) -> list[EchoClient]:
     loop = asyncio.get_running_loop()
     gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
-    protocol = client_class(ring)
+    protocol = client_class(ring, params.protocol)
     context = tls_context(params)
     tls: dict[str, Any] = {}
     if context is not None:
@@ -828,11 +1250,40 @@ def _tls_session(clients: list[EchoClient], params: BenchParams) -> dict[str, An
     return session
 
 
+def make_ring(params: BenchParams, read_size: int = MAX_READ) -> Ring:
+    """The ring of frames ``params`` asks for: plain frames, or router requests.
+
+    Raises:
+        ValueError: an unknown protocol, a message type out of range, a
+            framing other than the router's with ``--protocol router``, or
+            a payload size the framing cannot carry.
+    """
+    spec = parse_framing(params.framing)
+    if params.protocol == "frames":
+        return Ring(spec, params.size, params.depth, read_size)
+    if params.protocol != "router":
+        raise ValueError(f"unknown protocol {params.protocol!r}: expected {', '.join(PROTOCOLS)}")
+    if not 1 <= params.message_type <= ROUTER_MAX_TYPE:
+        raise ValueError(f"a message type is 1 to {ROUTER_MAX_TYPE}, not {params.message_type}")
+    if (
+        not isinstance(spec, LengthPrefixed)
+        or spec.length_size != 4
+        or spec.byteorder != "big"
+        or spec.offset
+        or spec.adjustment
+        or spec.strip is not None
+    ):
+        raise ValueError(
+            "--protocol router speaks the router's framing: --framing length "
+            "(4-byte big-endian length)"
+        )
+    header = ROUTER_HEADER.pack(ROUTER_REQUEST, 0, params.message_type, 0, 0)
+    return Ring(spec, params.size, params.depth, read_size, header)
+
+
 async def _measure(params: BenchParams, control: _Control) -> dict[str, Any]:
     """Run one generator process; return its raw counters."""
-    spec = parse_framing(params.framing)
-    read_size = MAX_READ
-    ring = Ring(spec, params.size, params.depth, read_size)
+    ring = make_ring(params)
     stats = Stats()
     _raise_fd_limit(params.connections)
     clients = await _open(params, ring, stats)
@@ -875,14 +1326,11 @@ async def _measure(params: BenchParams, control: _Control) -> dict[str, Any]:
     if drains:
         _, pending = await asyncio.wait(drains, timeout=DRAIN_TIMEOUT)
         if pending:
-            missing = sum(
-                (c.sent - c.received) // ring.frame_size
-                for c in clients
-                if not c.failed and c.received < c.sent
-            )
-            stats.error(
-                f"{missing} frames sent were not echoed within {DRAIN_TIMEOUT:g} s after the run"
-            )
+            missing = sum(c.outstanding() for c in clients if not c.failed)
+            what = "frames sent were not echoed"
+            if params.protocol == "router":
+                what = "requests sent were not answered"
+            stats.error(f"{missing} {what} within {DRAIN_TIMEOUT:g} s after the run")
             for future in pending:
                 future.cancel()
     for client in clients:
@@ -905,6 +1353,7 @@ async def _measure(params: BenchParams, control: _Control) -> dict[str, Any]:
         "frame_size": ring.frame_size,
         "errors": stats.errors,
         "messages": stats.messages,
+        "drains": stats.drains,
         "histogram": stats.histogram.counts,
         "loadgen_cpu_s": end_cpu - start_cpu,
         "server_cpu_s": server_cpu,
@@ -1092,6 +1541,8 @@ def _merge(params: BenchParams, parts: list[dict[str, Any]]) -> dict[str, Any]:
         "depth": params.depth,
         "size": params.size,
         "framing": framing_text(parse_framing(params.framing)) or params.framing,
+        "protocol": params.protocol,
+        "message_type": params.message_type if params.protocol == "router" else None,
         "processes": len(parts),
         "loop": resolve_loop(params.loop),
         "tls": _merge_tls(parts),
@@ -1104,6 +1555,7 @@ def _merge(params: BenchParams, parts: list[dict[str, Any]]) -> dict[str, Any]:
         "latency_ms": {"p50": ms(50), "p99": ms(99), "p99.9": ms(99.9), "max": ms(100)},
         "errors": errors,
         "error_messages": messages,
+        "drains": sum(p.get("drains", 0) for p in parts),
         "loadgen_cpu_s": round(loadgen_cpu, 4),
         "loadgen_cpu_us_per_frame": round(loadgen_cpu / frames * 1e6, 4) if frames else None,
         "loadgen_cpu_util": round(loadgen_cpu / busy_window, 3) if busy_window else None,
@@ -1145,10 +1597,13 @@ def _format(report: dict[str, Any]) -> str:
     def fmt_ms(value: float | None) -> str:
         return "-" if value is None else f"{value:.3f} ms"
 
+    protocol = ""
+    if report["protocol"] == "router":
+        protocol = f" router type {report['message_type']},"
     lines = [
         f"fastnet bench {report['host']}:{report['port']}: {report['connected']}/"
         f"{report['connections']} connections x depth {report['depth']} x "
-        f"{report['size']} B, {report['framing']}, {report['processes']} process(es), "
+        f"{report['size']} B, {report['framing']},{protocol} {report['processes']} process(es), "
         f"{report['loop']}{_tls_text(report['tls'])}",
         f"  measured     {report['duration_s']:.2f} s after {report['warmup_s']:g} s warmup",
         f"  frames/s     {report['frames_per_s']:,.0f}   ({report['frames']:,} frames)",
@@ -1159,6 +1614,8 @@ def _format(report: dict[str, Any]) -> str:
         f"  errors       {report['errors']}",
     ]
     lines += [f"    {m}" for m in report["error_messages"]]
+    if report["drains"]:
+        lines.append(f"  drains       {report['drains']} (connections the server drained)")
     if report["loadgen_cpu_util"] is not None:
         lines.append(
             f"  generator    {report['loadgen_cpu_util']:.2f} CPU cores"
@@ -1190,7 +1647,9 @@ def bench(params: BenchParams) -> dict[str, Any]:
         The same object ``--json`` prints: frames, frames_per_s, mib_per_s,
         latency_ms (p50, p99, p99.9, max), errors, error_messages, and the
         generator's and (with ``server_pid``) the server's CPU use; with
-        ``tls``, the session (version, cipher, whether the server was verified).
+        ``tls``, the session (version, cipher, whether the server was verified);
+        protocol, message_type (router only) and drains (router drain
+        messages received, not errors).
 
     Raises:
         ValueError: parameters out of range, or a TLS option or file that
@@ -1203,9 +1662,9 @@ def bench(params: BenchParams) -> dict[str, Any]:
         raise ValueError("--processes must be at least 1")
     if params.duration <= 0 or params.warmup < 0:
         raise ValueError("--duration must be positive and --warmup not negative")
-    # Validate the loop, framing and size here, before any process starts.
+    # Validate the loop, protocol, framing and size here, before any process starts.
     parse_loop(params.loop)
-    Ring(parse_framing(params.framing), params.size, params.depth, 1)
+    make_ring(params, 1)
     tls_context(params)  # the files are checked here too, before any process starts
     processes = min(params.processes, params.connections)
     if processes > 1:
@@ -1245,8 +1704,12 @@ def run(args: argparse.Namespace) -> int:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_server_name=args.tls_server_name,
+        protocol=args.protocol,
+        message_type=1 if args.message_type is None else args.message_type,
     )
     try:
+        if args.message_type is not None and args.protocol != "router":
+            raise ValueError("--message-type needs --protocol router")
         report = bench(params)
     except ValueError as exc:  # parameters out of range, a bad framing, loop or TLS file
         print(f"fastnet bench: error: {exc}", file=sys.stderr)

@@ -193,6 +193,10 @@ class ServerKind:
     native: bool = False  # a compiled server with its own runtime: run once, not per loop
     before: bool = False  # fastnet from the --fastnet-before interpreter
     protocol: str = "frames"  # the generators' --protocol: "router" for a router server
+    # A fixed request body (the C generator's --body-hex), for a typed router
+    # whose reply must re-encode to the request's bytes: "msgspec" is
+    # servers/router_msgspec.py's SAMPLE.
+    body: str | None = None
 
 
 WORKLOADS = (
@@ -222,6 +226,23 @@ SERVERS = (
     # (--fastnet-before PYTHON), to measure a change before and after in one sitting.
     ServerKind("fastnet-before", "fastnet echo, before", before=True),
     ServerKind("fastnet-task-before", "fastnet echo-task, before", app="echo-task", before=True),
+    # The router set (--set router, issue 12): fastnet's router answering type
+    # 1 with the body, from a plain handler, from an async def handler, and
+    # with a small msgspec struct decoded and encoded (servers/router_msgspec.py).
+    ServerKind("router-echo", "router-echo, plain handler", app="router-echo", protocol="router"),
+    ServerKind(
+        "router-echo-async",
+        "router-echo, async handler",
+        app="router-echo-async",
+        protocol="router",
+    ),
+    ServerKind(
+        "router-msgspec",
+        "router, msgspec struct",
+        app="router_msgspec:router",
+        protocol="router",
+        body="msgspec",
+    ),
 )
 DEFAULT_SERVERS = (
     "fastnet",
@@ -299,6 +320,8 @@ def server_env(kind: ServerKind) -> dict[str, str]:
     env.pop("FASTNET_NO_EXTENSIONS", None)
     if kind.no_extensions:
         env["FASTNET_NO_EXTENSIONS"] = "1"
+    if ":" in kind.app:  # an app module of servers/ (router_msgspec:router)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SERVERS_DIR), env.get("PYTHONPATH")]))
     return env
 
 
@@ -416,7 +439,21 @@ def load_args(server: ServerProcess, workload: Workload, args: argparse.Namespac
     ]  # fmt: skip
     if server.kind.protocol != "frames":
         options += ["--protocol", server.kind.protocol]
+    if server.kind.body is not None:
+        options += ["--body-hex", request_body(server.kind.body).hex()]
     return options
+
+
+def request_body(name: str) -> bytes:
+    """A ServerKind's fixed request body: "msgspec" is servers/router_msgspec.py's SAMPLE."""
+    if name != "msgspec":
+        raise ValueError(f"unknown request body {name!r}")
+    sys.path.insert(0, str(SERVERS_DIR))
+    try:
+        import router_msgspec
+    finally:
+        sys.path.remove(str(SERVERS_DIR))
+    return bytes(router_msgspec.SAMPLE)
 
 
 def run_load(
@@ -1156,6 +1193,81 @@ CHART_LABEL_WIDTH = 12
 # benchmarks/tls_load.py. Alongside, plain-TCP fastnet on uvloop (compare.py's
 # generator), to show the plain path unchanged by TLS support.
 TLS_LOAD = HERE / "tls_load.py"
+# --------------------------------------------------------------------------- the router set
+
+ROUTER_SERVERS = ("fastnet", "router-echo", "router-echo-async", "router-msgspec")
+# Issue 12's targets: (server, workload, least ratio to fastnet's plain echo frames/s).
+ROUTER_TARGETS = (
+    ("router-echo", "small", 0.8),
+    ("router-echo", "rpc", 0.8),
+    ("router-echo-async", "small", 0.6),
+)
+
+
+def router_markdown(result: dict[str, Any]) -> str:
+    """router.md: each router server against plain echo, per workload and loop; the targets."""
+    meta = result.get("meta", {})
+    cases = {(c["workload"], c["server"], c["loop"]): c for c in result["cases"]}
+    lines = [
+        "# The router against plain echo",
+        "",
+        f"Command: `{meta.get('command', 'python benchmarks/compare.py --set router')}`, "
+        f"{meta.get('date', '')}; {meta.get('runs', '?')} runs of "
+        f"{meta.get('duration_s', '?')} s per case, interleaved; medians; "
+        f"{meta.get('pinning', '')}. Generator: the C one (`loadgen_c/cloadgen.c --protocol "
+        "router`), every reply matched by id and its body compared.",
+        "",
+        "Servers: `fastnet` is `fastnet serve echo` (the callback handler, raw frames); "
+        "`router-echo` answers router requests from a plain handler, `router-echo-async` from "
+        "an `async def` one (it does not await: its first step runs inline), `router-msgspec` "
+        "decodes a 36-byte msgpack struct, builds a new one and encodes it "
+        "(`servers/router_msgspec.py`). Cells: frames/s · server CPU µs per frame · ratio to "
+        "`fastnet` in the same loop and workload.",
+        "",
+    ]
+    workloads = [w for w in WORKLOADS if any(c["workload"] == w.name for c in result["cases"])]
+    loops = sorted({c["loop"] for c in result["cases"]}, key=LOOPS.index)
+    for workload in workloads:
+        lines += [f"## {workload.title}", ""]
+        lines.append("| server | " + " | ".join(loops) + " |")
+        lines.append("|---|" + "---:|" * len(loops))
+        for server in ROUTER_SERVERS:
+            cells = []
+            for loop in loops:
+                case = cases.get((workload.name, server, loop))
+                base = cases.get((workload.name, "fastnet", loop))
+                summary = case and case["summary"]
+                if not summary:
+                    cells.append("failed" if case and case["failure"] else "-")
+                    continue
+                fps = summary["frames_per_s"]["median"]
+                cpu = summary["server_cpu_us_per_frame"]
+                cell = f"{fps:,.0f} · {cpu['median']:.2f}" if cpu else f"{fps:,.0f}"
+                if base and base["summary"] and server != "fastnet":
+                    ratio = fps / base["summary"]["frames_per_s"]["median"]
+                    cell += f" · {ratio:.2f}x"
+                cells.append(cell)
+            lines.append(f"| {server} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## Targets", "", "| target | loop | ratio | verdict |", "|---|---|---:|---|"]
+    for server, workload, least in ROUTER_TARGETS:
+        for loop in loops:
+            case = cases.get((workload, server, loop))
+            base = cases.get((workload, "fastnet", loop))
+            if not (case and case["summary"] and base and base["summary"]):
+                continue
+            ratio = (
+                case["summary"]["frames_per_s"]["median"]
+                / base["summary"]["frames_per_s"]["median"]
+            )
+            verdict = "met" if ratio >= least else "not met"
+            lines.append(
+                f"| {server} ≥ {least}x echo, {workload} | {loop} | {ratio:.2f}x | {verdict} |"
+            )
+    lines.append("")
+    return "\n".join(lines)
+
+
 TLS_SERVERS = ("fastnet", "protocol-reflect")
 TLS_BASELINE = "protocol-reflect"
 TLS_ECHO_WORKLOADS = ("small", "large")
@@ -1820,11 +1932,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--set",
-        choices=("plain", "tls"),
+        choices=("plain", "tls", "router"),
         default="plain",
         help="plain: the comparison above (compare.{json,md,png}); tls: the TLS set "
         "(issue 9: TLS echo, new TLS connections/s, RSS per idle TLS connection, and plain "
-        "fastnet uvloop in the same sitting), into tls.{json,md} (default plain)",
+        "fastnet uvloop in the same sitting), into tls.{json,md}; router: the router set "
+        "(issue 12: router-echo plain and async, a msgspec struct, against plain echo, "
+        "small and rpc), into router.{json,md} (default plain)",
     )
     parser.add_argument("--runs", type=int, default=3, help="runs per case (3)")
     parser.add_argument("--duration", type=float, default=2.0, help="measured seconds (2)")
@@ -1963,6 +2077,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.tls_idle_connections = min(args.tls_idle_connections, 300)
     if args.set == "tls":
         args.servers = ",".join(TLS_SERVERS + (("fastnet-before",) if args.fastnet_before else ()))
+    if args.set == "router":
+        args.servers = ",".join(ROUTER_SERVERS)
+        if args.workloads == ",".join(w.name for w in WORKLOADS):
+            args.workloads = "small,rpc"
+        args.no_memory = True
     if min(args.tls_generator_processes, args.tls_connections, args.tls_concurrency) < 1:
         parser.error("--tls-generator-processes, --tls-connections, --tls-concurrency: at least 1")
     if args.tls_idle_connections < 1:
@@ -2075,6 +2194,11 @@ def main(argv: list[str] | None = None) -> int:
         (out / "tls.md").write_text(text)
         print(text)
         return 0
+    if args.render is not None and args.set == "router":
+        text = router_markdown(json.loads(args.render.read_text()))
+        ((args.out or args.render.parent) / "router.md").write_text(text)
+        print(text)
+        return 0
     if args.render is not None:
         return render(args.render, args.out or args.render.parent)
     pin = not args.no_pin and pinning_available()
@@ -2125,6 +2249,17 @@ def main(argv: list[str] | None = None) -> int:
     }
     if not args.no_memory:
         result["memory"] = run_memory(args)
+    if args.set == "router":
+        text = router_markdown(result)
+        print(text)
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "router.json").write_text(json.dumps(result, indent=1) + "\n")
+            (args.out / "router.md").write_text(text)
+            print(f"wrote {args.out}/router.{{json,md}}", file=sys.stderr)
+        failed = any(c["failure"] for c in result["cases"])
+        errors = any(c["summary"] and c["summary"]["errors"] for c in result["cases"])
+        return 1 if failed or errors else 0
     text = markdown(result)
     print(text)
     if args.out is not None:

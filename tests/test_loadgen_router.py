@@ -820,8 +820,19 @@ def test_c_generator_frames_report_is_unchanged_but_for_new_fields(cloadgen: Pat
         ["--port", "1", "--protocol", "router", "--message-type", "0"],
         ["--port", "1", "--protocol", "router", "--message-type", "65536"],
         ["--port", "1", "--message-type", "2"],
+        ["--port", "1", "--protocol", "router", "--body-hex", "abc"],
+        ["--port", "1", "--protocol", "router", "--body-hex", "zz"],
+        ["--port", "1", "--body-hex", "00"],
     ],
-    ids=["protocol", "type-0", "type-65536", "type-without-router"],
+    ids=[
+        "protocol",
+        "type-0",
+        "type-65536",
+        "type-without-router",
+        "body-odd-digits",
+        "body-not-hex",
+        "body-without-router",
+    ],
 )
 def test_c_generator_bad_router_arguments_exit_2(cloadgen: Path, arguments: list[str]) -> None:
     done = subprocess.run([str(cloadgen), *arguments], capture_output=True, text=True, timeout=30)
@@ -849,3 +860,30 @@ def test_compare_passes_the_protocol_of_a_router_server(compare: ModuleType) -> 
     assert "--protocol" not in plain
     router = load_args(compare.ServerKind("router", "router echo", protocol="router"))
     assert router == [*plain, "--protocol", "router"]
+
+
+def test_c_generator_sends_a_fixed_body_to_a_typed_router(
+    cloadgen: Path, compare: ModuleType
+) -> None:
+    # --body-hex: every request is the same msgpack struct, which the typed
+    # router (benchmarks/servers/router_msgspec.py) decodes, rebuilds and
+    # encodes back; the generator verifies each reply's body against it.
+    pytest.importorskip("msgspec")
+    body = compare.request_body("msgspec")
+    kind = next(s for s in compare.SERVERS if s.name == "router-msgspec")
+    command = [sys.executable, "-m", "fastnet", "serve", kind.app, "--port", "0"]
+    command += ["--log-level", "warning"]
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, env=compare.server_env(kind), text=True
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("listening on "), line
+        port = int(line.rsplit(":", 1)[1])
+        status, report = run_c(cloadgen, port, "--body-hex", body.hex(), connections=4)
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)
+    assert status == 0, report["error_messages"]
+    assert report["errors"] == 0 and report["frames"] > 0

@@ -84,6 +84,7 @@
  */
 
 #define _GNU_SOURCE
+#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -216,6 +217,7 @@ static struct {
     uint32_t slot_mask;    /* router: slots per connection - 1 */
     size_t out_capacity;   /* router: bytes of a connection's output buffer */
     uint64_t drains;       /* router: drain messages received */
+    unsigned char *body;   /* router, --body-hex: every request's payload */
 
     struct conn *conns;
     int epfd;
@@ -358,7 +360,10 @@ static int build_ring(void) {
             header[2] = (unsigned char)(g.message_type >> 8);
             header[3] = (unsigned char)g.message_type;
         }
-        fill_payload(frame + g.body_offset, g.size, (uint32_t)i);
+        if (g.body)
+            memcpy(frame + g.body_offset, g.body, g.size);
+        else
+            fill_payload(frame + g.body_offset, g.size, (uint32_t)i);
     }
     for (uint64_t i = 0; i < g.tail; i++) g.ring[g.period + i] = g.ring[i % g.period];
     return 0;
@@ -928,13 +933,14 @@ static void usage(FILE *out) {
             "usage: cloadgen --port PORT [--host HOST] [--connections N] [--depth D]\n"
             "                [--size BYTES[K|M]] [--duration T] [--warmup W]\n"
             "                [--server-pid PID] [--json] [--protocol frames|router]\n"
-            "                [--message-type N]\n"
+            "                [--message-type N] [--body-hex HEX]\n"
             "Drive a length-prefixed (4-byte big-endian) echo server and verify every\n"
             "echoed byte; print one JSON report on stdout (--json is accepted for\n"
             "compatibility with fastnet.loadgen; the output is always JSON).\n"
             "--protocol router sends router requests (src/fastnet/wire.py) of type\n"
             "--message-type (1-65535, default 1) and matches the replies by id, in\n"
-            "any order.\n");
+            "any order; --body-hex makes every request's body those bytes (a message a\n"
+            "typed router decodes and encodes back), instead of the counter-tagged ring.\n");
 }
 
 static int parse_long(const char *text, long low, long high, long *out) {
@@ -1017,6 +1023,23 @@ static int parse_args(int argc, char **argv) {
         } else if (!strcmp(arg, "--protocol")) {
             bad = strcmp(value, "frames") != 0 && strcmp(value, "router") != 0;
             g.router = !strcmp(value, "router");
+        } else if (!strcmp(arg, "--body-hex")) {
+            /* A fixed request body (a valid message for a typed router,
+             * e.g. a msgpack struct the server decodes and encodes back). */
+            size_t digits = strlen(value);
+            bad = digits == 0 || digits % 2 != 0;
+            if (!bad) {
+                g.body = malloc(digits / 2);
+                if (!g.body) return -1;
+                for (size_t k = 0; k < digits / 2 && !bad; k++) {
+                    unsigned byte;
+                    bad = sscanf(value + 2 * k, "%2x", &byte) != 1 ||
+                          !isxdigit((unsigned char)value[2 * k]) ||
+                          !isxdigit((unsigned char)value[2 * k + 1]);
+                    g.body[k] = (unsigned char)byte;
+                }
+                g.size = digits / 2;
+            }
         } else if (!strcmp(arg, "--message-type")) {
             bad = parse_long(value, 1, 65535, &number);
             g.message_type = (unsigned)number;
@@ -1039,6 +1062,10 @@ static int parse_args(int argc, char **argv) {
     if (g.size < 1 || g.size > 0xFFFFFFFFu - (g.router ? ROUTER_HEADER : 0)) {
         fprintf(stderr, "cloadgen: the payload size must be 1 byte to 4 GiB - 1%s\n",
                 g.router ? " - 12 (the router header)" : "");
+        return -1;
+    }
+    if (g.body && !g.router) {
+        fprintf(stderr, "cloadgen: --body-hex needs --protocol router\n");
         return -1;
     }
     if (message_type_given && !g.router) {

@@ -6,6 +6,9 @@
 #   make serve       the example echo server in the foreground (SERVE_ARGS, default port 8080)
 #   make bench       codec micro-benchmarks (pytest-benchmark, make bench-micro), then the
 #                    end-to-end comparison benchmarks/compare.py (make bench-compare)
+#   make bench-router the router set (compare.py --set router): router-echo, plain and async
+#                    handlers, and a msgspec struct against plain echo, into
+#                    benchmarks/results/router.{json,md}; then router_split.py's CPU per message
 #   make bench-tls   the TLS set of the comparison (compare.py --set tls): TLS echo, new TLS
 #                    connections/s and RSS per idle TLS connection against the TLS Protocol
 #                    baseline, into benchmarks/results/tls.{json,md} (COMPARE_ARGS apply)
@@ -54,7 +57,7 @@ NO_EXT_GUARD = $(if $(FASTNET_NO_EXTENSIONS),$(error FASTNET_NO_EXTENSIONS is se
 	`make $(or $(MAKECMDGOALS),all)` builds and uses the extension; unset it \
 	(`make test-pure` tests the pure-Python package)))
 
-.PHONY: all test test-pure serve bench bench-micro bench-compare bench-tls soak soak-ci build \
+.PHONY: all test test-pure serve bench bench-micro bench-compare bench-tls bench-router soak soak-ci build \
 	lint lint-deps clean distclean
 .PHONY: asan fuzz fuzz-ci test-matrix
 
@@ -109,6 +112,12 @@ bench-compare: $(VENV)/.bench-installed
 bench-tls: $(VENV)/.bench-installed
 	$(NO_EXT_GUARD)
 	$(PY) benchmarks/compare.py --set tls $(COMPARE_ARGS)
+
+# The router set needs msgspec (the test extra) for its typed server.
+bench-router: $(VENV)/.bench-installed
+	$(NO_EXT_GUARD)
+	$(PY) benchmarks/compare.py --set router $(COMPARE_ARGS)
+	$(PY) benchmarks/router_split.py
 
 # The documented soak: results and the chart (matplotlib, from the bench
 # extra) go to benchmarks/results/soak.json and soak.png.

@@ -121,29 +121,10 @@ class Channel:
             Draining: the server is shutting down this connection.
             ConnectionBrokenError, ConnectionClosedError: the connection ended.
         """
-        self._check_open()
-        id_ = self._new_id()
-        deadline = 0
-        if timeout is not None:
-            if timeout <= 0:
-                raise ValueError(f"timeout must be positive, got {timeout!r}")
-            deadline = min(max(math.ceil(timeout * 1000), 1), MAX_DEADLINE_MS)
-        frame = self._encode(msg, type, id_, deadline)
-        future: asyncio.Future[Any] = self._loop.create_future()
-        self._pending[id_] = future
-        timer = None
-        if timeout is not None:
-            timer = self._loop.call_later(timeout, _expire, future, timeout)
-        try:
-            await self._send(frame)
-            return await future
-        finally:
-            if timer is not None:
-                timer.cancel()
-            if self._pending.get(id_) is future:
-                del self._pending[id_]
-            if self._draining and not self._pending:
-                self._finish_drain()
+        call = self._begin(msg, type, timeout)
+        if call.unsent is not None:
+            await self._send(call)
+        return await self._wait(call)
 
     def send(self, msg: Any, *, type: int | None = None) -> None:
         """Send a one-way message: no reply, not even an error reply.
@@ -166,7 +147,12 @@ class Channel:
         self._pings[id_] = future
         began = self._loop.time()
         try:
-            await self._send(framing.pack_header(CONTROL, PING, id_, 0))
+            frame = framing.pack_header(CONTROL, PING, id_, 0)
+            try:
+                self._conn.send(frame)
+            except WriteBufferFull:
+                await self._conn.drain()
+                self._conn.send(frame)
             await asyncio.wait_for(future, timeout)
         finally:
             self._pings.pop(id_, None)
@@ -194,6 +180,66 @@ class Channel:
         await self.close()
 
     # ------------------------------------------------------------ internals
+
+    def _begin(self, msg: Any, type_: int | None, timeout: float | None) -> _Call:
+        """Register a call and send its request, or raise having sent nothing.
+
+        Raises (nothing was sent): ``Draining``, ``ConnectionClosedError`` or
+        ``ConnectionBrokenError`` (the channel cannot take calls), TypeError
+        or ValueError (the message). Once this returns, the request is the
+        server's (``call.unsent`` is only bytes that wait for the write
+        buffer to drain, and ``_send`` writes them).
+        """
+        self._check_open()
+        deadline = 0
+        if timeout is not None:
+            if timeout <= 0:
+                raise ValueError(f"timeout must be positive, got {timeout!r}")
+            deadline = min(max(math.ceil(timeout * 1000), 1), MAX_DEADLINE_MS)
+        id_ = self._new_id()
+        frame = self._encode(msg, type_, id_, deadline)
+        future: asyncio.Future[Any] = self._loop.create_future()
+        call = _Call(id_, future)
+        try:
+            self._conn.send(frame)
+        except WriteBufferFull:
+            call.unsent = frame  # the server has not got it yet, but it is queued next
+        self._pending[id_] = future
+        if timeout is not None:
+            call.timer = self._loop.call_later(timeout, _expire, future, timeout)
+        return call
+
+    async def _send(self, call: _Call) -> None:
+        # A request that met a full write buffer: wait for room, then write it.
+        frame = call.unsent
+        assert frame is not None
+        call.unsent = None
+        try:
+            while True:
+                await self._conn.drain()
+                try:
+                    self._conn.send(frame)
+                    return
+                except WriteBufferFull:
+                    continue
+        except BaseException:
+            self._done(call)
+            raise
+
+    async def _wait(self, call: _Call) -> Any:
+        """The reply of a call ``_begin`` sent (or its error)."""
+        try:
+            return await call.future
+        finally:
+            self._done(call)
+
+    def _done(self, call: _Call) -> None:
+        if call.timer is not None:
+            call.timer.cancel()
+        if self._pending.get(call.id) is call.future:
+            del self._pending[call.id]
+        if self._draining and not self._pending:
+            self._finish_drain()
 
     def _check_open(self) -> None:
         if self._closed is not None:
@@ -238,14 +284,6 @@ class Channel:
         if not 1 <= type_ <= 0xFFFF:
             raise ValueError(f"a message type is 1-65535, got {type_!r}")
         return framing.encode_message(REQUEST, type_, id_, deadline, msg)
-
-    async def _send(self, frame: bytes) -> None:
-        conn = self._conn
-        try:
-            conn.send(frame)
-        except WriteBufferFull:
-            await conn.drain()
-            conn.send(frame)
 
     def _decode(self, type_: int, body: bytes) -> Any:
         if type_ == 0:
@@ -327,6 +365,18 @@ class Channel:
                 future.set_exception(self._closed_error())
         if not self.drained.done():
             self.drained.cancel()
+
+
+class _Call:
+    """One call in flight: its id, the future its reply completes, its timer."""
+
+    __slots__ = ("future", "id", "timer", "unsent")
+
+    def __init__(self, id_: int, future: asyncio.Future[Any]) -> None:
+        self.id = id_
+        self.future = future
+        self.timer: asyncio.TimerHandle | None = None
+        self.unsent: bytes | None = None
 
 
 def _expire(future: asyncio.Future[Any], timeout: float) -> None:

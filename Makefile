@@ -149,7 +149,7 @@ FUZZ_HARNESSES := $(patsubst fuzz/fuzz_%.py,%,$(wildcard fuzz/fuzz_*.py))
 FUZZ_WORK := build/fuzz
 CODEC_TESTS := tests/test_length_prefixed.py tests/test_lines.py tests/test_codec_edges.py \
 	tests/test_buffers.py tests/test_differential.py tests/test_encode.py tests/test_fuzz_regressions.py \
-	tests/test_outq.py
+	tests/test_outq.py tests/test_message_codec.py
 # The sanitizer runtimes the compiler links against, preloaded because the
 # python binary itself is not instrumented: ASan must come first in the
 # process. Leak detection is off (CPython keeps objects alive at exit);

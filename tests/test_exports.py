@@ -353,6 +353,20 @@ PAIRS = {
         },
     ),
     "_outq": ("_outq_py", {"OutQueue": {"append", "extend", "take", "clear", "nbytes"}}),
+    "_message": (
+        "_message_py",
+        {
+            "ALL_STATES": set(),
+            "Dispatcher": {"session", "run", "reply"},
+            "Route": {"type_id", "handler", "decode", "is_async", "allowed", "name"},
+            "Session": {"state", "in_flight", "backlog", "failed", "draining", "tasks"},
+            "pack_header": set(),
+            "encode_message": set(),
+            "parse_header": set(),
+            "error_body": set(),
+            "parse_error_body": set(),
+        },
+    ),
 }
 
 

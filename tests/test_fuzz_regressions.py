@@ -21,7 +21,7 @@ import pytest
 from fastnet import FrameTooLarge, LengthPrefixed, Lines
 
 FUZZ_DIR = Path(__file__).resolve().parents[1] / "fuzz"
-HARNESSES = ("length_prefixed", "lines", "encoders", "http_head", "outq")
+HARNESSES = ("length_prefixed", "lines", "encoders", "http_head", "outq", "message")
 
 
 @pytest.mark.parametrize("nbytes", [-1, 65537, 1 << 21])

@@ -201,6 +201,9 @@ def test_sdist_contents(sdist: Path) -> None:
         "src/fastnet/_outq.pxd",
         "src/fastnet/_outq.pyi",
         "src/fastnet/_outq_py.py",
+        "src/fastnet/_message.pyx",
+        "src/fastnet/_message.pyi",
+        "src/fastnet/_message_py.py",
         "src/fastnet/py.typed",
         "requirements/cython.txt",  # cibuildwheel's PIP_CONSTRAINT, read from the sdist
         "tests/conftest.py",
@@ -220,7 +223,7 @@ def test_wheel_contents(wheel: Path) -> None:
     assert not wheel.name.endswith("-none-any.whl"), f"{wheel.name} is not a platform wheel"
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
-    for module in ("_frame", "_outq"):
+    for module in ("_frame", "_outq", "_message"):
         compiled = [
             n for n in names if n.startswith(f"fastnet/{module}.") and n.endswith((".so", ".pyd"))
         ]
@@ -234,6 +237,8 @@ def test_wheel_contents(wheel: Path) -> None:
         "fastnet/_frame_py.py",
         "fastnet/_outq.pyi",
         "fastnet/_outq_py.py",
+        "fastnet/_message.pyi",
+        "fastnet/_message_py.py",
     ):
         assert required in names, f"{required} is missing from {wheel.name}"
     unwanted = sorted(n for n in names if n.endswith((".c", ".h", ".html")))

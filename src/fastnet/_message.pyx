@@ -16,7 +16,21 @@ from cpython.ref cimport PyObject, Py_XDECREF
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
+from operator import index
+
 from fastnet.wire import HeaderError, header_error, short_message
+
+__all__ = [
+    "ALL_STATES",
+    "Dispatcher",
+    "Route",
+    "Session",
+    "encode_message",
+    "error_body",
+    "pack_header",
+    "parse_error_body",
+    "parse_header",
+]
 
 
 cdef extern from "Python.h":
@@ -86,6 +100,11 @@ cdef bytes _message(int kind, uint32_t type_, uint32_t id_, uint32_t deadline, o
 
 
 cdef _check_fields(object kind, object type_, object id_, object deadline):
+    # Ints (or __index__): a float is refused, not truncated to a C int.
+    index(kind)
+    index(type_)
+    index(id_)
+    index(deadline)
     if not 1 <= kind <= K_CONTROL:
         raise ValueError(f"kind must be 1-4, got {kind!r}")
     if not 0 <= type_ <= 0xFFFF:
@@ -130,10 +149,13 @@ def parse_header(frame):
         PyBuffer_Release(&view)
 
 
-def error_body(code, str message):
+def error_body(code, message):
     """The body of an error reply: the 2-byte code, then the message in UTF-8."""
+    index(code)  # an int: a float is refused, not truncated
     if not 0 <= code <= 0xFFFF:
         raise ValueError(f"an error code is 0-65535, got {code!r}")
+    if not isinstance(message, str):
+        raise TypeError(f"an error message is a str, not {type(message).__name__}")
     cdef unsigned int c = code
     cdef bytes text = message.encode("utf-8", "replace")
     cdef bytes out = PyBytes_FromStringAndSize(NULL, 2 + len(text))

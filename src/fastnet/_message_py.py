@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextvars
 import struct
 from collections.abc import Callable
+from operator import index
 from typing import Any
 
 from .wire import (
@@ -58,12 +59,12 @@ def encode_message(kind: int, type_: int, id_: int, deadline: int, body: Any) ->
     _check_fields(kind, type_, id_, deadline)
     if body is None:
         raise TypeError("a message body must be bytes-like, not None")
-    return _pack(kind, 0, type_, id_, deadline) + memoryview(body).cast("B")
+    return _pack(kind, 0, type_, id_, deadline) + _flat(body)
 
 
 def parse_header(frame: Any) -> tuple[int, int, int, int]:
     """``(kind, type, id, deadline)`` of a message; ``HeaderError`` if it breaks the format."""
-    size = len(memoryview(frame).cast("B"))
+    size = len(_flat(frame))
     if size < HEADER_SIZE:
         raise short_message(size)
     kind, flags, type_, id_, deadline = _unpack_from(frame)
@@ -75,6 +76,7 @@ def parse_header(frame: Any) -> tuple[int, int, int, int]:
 
 def error_body(code: int, message: str) -> bytes:
     """The body of an error reply: the 2-byte code, then the message in UTF-8."""
+    index(code)  # an int: a float is refused, not truncated (as in C)
     if not 0 <= code <= 0xFFFF:
         raise ValueError(f"an error code is 0-65535, got {code!r}")
     if not isinstance(message, str):
@@ -90,7 +92,23 @@ def parse_error_body(body: Any) -> tuple[int, str]:
     return _CODE.unpack_from(data)[0], data[2:].decode("utf-8", "replace")
 
 
+def _flat(data: Any) -> memoryview:
+    """The bytes of a bytes-like object; its errors worded as C's (``PyObject_GetBuffer``)."""
+    try:
+        view = memoryview(data)
+    except TypeError as exc:
+        raise TypeError(str(exc).removeprefix("memoryview: ")) from None
+    if not view.c_contiguous:
+        raise BufferError("memoryview: underlying buffer is not C-contiguous")
+    return view.cast("B")
+
+
 def _check_fields(kind: int, type_: int, id_: int, deadline: int) -> None:
+    # Ints (or __index__): a float is refused, not truncated (as in C).
+    index(kind)
+    index(type_)
+    index(id_)
+    index(deadline)
     if not 1 <= kind <= CONTROL:
         raise ValueError(f"kind must be 1-4, got {kind!r}")
     if not 0 <= type_ <= 0xFFFF:
@@ -283,10 +301,10 @@ class Dispatcher:
                 body = entry[1](result)
                 if body is None:
                     raise TypeError("the codec's encoder returned None")
-                return _pack(REPLY, 0, entry[0], id_, 0) + memoryview(body).cast("B")
+                return _pack(REPLY, 0, entry[0], id_, 0) + _flat(body)
             except Exception as exc:
                 return self._router._unencodable(conn, route, id_, result, exc)  # type: ignore[no-any-return]
         try:
-            return _pack(REPLY, 0, 0, id_, 0) + memoryview(result).cast("B")
+            return _pack(REPLY, 0, 0, id_, 0) + _flat(result)
         except (TypeError, BufferError) as exc:
             return self._router._unencodable(conn, route, id_, result, exc)  # type: ignore[no-any-return]

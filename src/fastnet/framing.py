@@ -55,7 +55,7 @@ else:
             LineDecoder,
             LineEncoder,
         )
-        from ._message import (  # noqa: F401  (re-exported: the router's backend)
+        from ._message import (
             ALL_STATES,
             Dispatcher,
             Route,
@@ -75,6 +75,16 @@ else:
             LengthPrefixedEncoder,
             LineDecoder,
             LineEncoder,
+        )
+        from ._message_py import (  # noqa: F401  (re-exported: the router's backend)
+            ALL_STATES,
+            Dispatcher,
+            Route,
+            encode_message,
+            error_body,
+            pack_header,
+            parse_error_body,
+            parse_header,
         )
         from ._outq_py import OutQueue
 

@@ -346,6 +346,8 @@ class Router(CallbackHandler):
                 msg = route.decode(body)
             except Exception as exc:
                 return self._decode_failed(conn, route, id_, exc)
+        # A CancelledError here is the handler's own (it awaited something
+        # cancelled): no task runs it yet, so nothing is cancelling it.
         if route.is_async:
             context = contextvars.copy_context()
             try:
@@ -353,7 +355,7 @@ class Router(CallbackHandler):
                 yielded = context.run(coro.send, None)
             except StopIteration as stop:
                 result = stop.value
-            except Exception as exc:
+            except (Exception, asyncio.CancelledError) as exc:
                 return self._failed(conn, route, id_, exc)
             else:
                 self._suspended(conn, session, route, id_, coro, yielded, context, expires)
@@ -361,7 +363,7 @@ class Router(CallbackHandler):
         else:
             try:
                 result = route.handler(conn, msg)
-            except Exception as exc:
+            except (Exception, asyncio.CancelledError) as exc:
                 return self._failed(conn, route, id_, exc)
         if time.monotonic() > expires:
             return self._expired(route, id_)
@@ -388,7 +390,8 @@ class Router(CallbackHandler):
         # a bug, logged (rate-limited) and answered "internal error".
         if isinstance(exc, RequestError):
             self._counts["handler_errors"] += 1
-            return self._error(route.type_id, id_, exc.code, exc.message)
+            message = exc.message if isinstance(exc.message, str) else str(exc.message)
+            return self._error(route.type_id, id_, exc.code, message)
         if isinstance(exc, (ConnectionClosedError, ConnectionBrokenError)):
             return None  # the connection is going away: nobody to answer
         self._counts["internal_errors"] += 1
@@ -508,10 +511,15 @@ class Router(CallbackHandler):
             reply: bytes | None
             try:
                 result = await _Resumed(coro, yielded)
-            except asyncio.CancelledError:
-                if not expired:
+            except asyncio.CancelledError as exc:
+                if expired:
+                    reply = self._expired(route, id_)
+                elif _cancel_requested(asyncio.current_task()):
                     raise  # the connection is being aborted
-                reply = self._expired(route, id_)
+                else:
+                    # The handler's own: something it awaited was cancelled,
+                    # not this task. A failure like any other (answered).
+                    reply = self._failed(conn, route, id_, exc)
             except Exception as exc:
                 reply = self._failed(conn, route, id_, exc)
             else:
@@ -641,6 +649,14 @@ class _RateLimit:
 def _check_type_id(type_id: int) -> None:
     if not isinstance(type_id, int) or isinstance(type_id, bool) or not 1 <= type_id <= MAX_TYPE:
         raise ValueError(f"a message type is an int from 1 to {MAX_TYPE}, got {type_id!r}")
+
+
+def _cancel_requested(task: asyncio.Task[Any] | None) -> bool:
+    # Whether task.cancel() was called (CPython 3.11+ counts the requests);
+    # on 3.10 a cancellation cannot be told from a CancelledError the
+    # coroutine raised itself, so every one is taken for the task's.
+    cancelling = getattr(task, "cancelling", None)
+    return cancelling is None or cancelling() > 0
 
 
 def _is_async(fn: Callable[..., Any]) -> bool:

@@ -259,6 +259,9 @@ class FakeConn:
     def send_many(self, frames: list[bytes]) -> None:
         self.events.append(("send_many", [bytes(f) for f in frames]))
 
+    def _send_replies(self, frames: list[bytes]) -> None:
+        self.events.append(("send_replies", [bytes(f) for f in frames]))
+
     def _framing_failed(self, exc: BaseException) -> None:
         self.events.append(("framing_failed", type(exc), str(exc), exc.args))
 

@@ -646,6 +646,9 @@ class FakeConn:
     def send_many(self, frames: list[bytes]) -> None:
         self.events.append(("send_many", [bytes(f) for f in frames]))
 
+    def _send_replies(self, frames: list[bytes]) -> None:
+        self.events.append(("send_replies", [bytes(f) for f in frames]))
+
     def _framing_failed(self, exc: BaseException) -> None:
         self.events.append(("framing_failed", type(exc), str(exc), exc.args))
 
@@ -799,7 +802,7 @@ def only_replies(run: Run) -> list[tuple[int, int, int, Any]]:
     """The frames the dispatcher returned or sent, in order, read."""
     out = []
     for event in run.events:
-        if (event[0] == "returned" and event[1]) or event[0] == "send_many":
+        if (event[0] == "returned" and event[1]) or event[0] in ("send_many", "send_replies"):
             out.extend(read(f) for f in event[1])
         elif event[0] == "send":
             out.append(read(event[1]))
@@ -966,7 +969,7 @@ def test_malformed_header_in_a_batch(
         ],
     )
     assert run.events == [
-        ("send_many", [raw_header(REPLY, 0, 1) + b"a", raw_header(CONTROL, PONG, 2)]),
+        ("send_replies", [raw_header(REPLY, 0, 1) + b"a", raw_header(CONTROL, PONG, 2)]),
         ("framing_failed", HeaderError, message, (message,)),
         ("returned", None),
         ("returned", None),
@@ -1008,17 +1011,17 @@ def test_suspended_handlers_hold_reading(codec: ModuleType, message_impl: Module
         ("spawn",),
         ("pause", 32),  # ECHO 3 and what follows are held
         ("resume",),
-        ("send", raw_header(REPLY, 0, 1) + b"slow:a"),
+        ("send_replies", [raw_header(REPLY, 0, 1) + b"slow:a"]),
         # Below the limit again: the held frames run, up to the limit again.
         ("spawn",),
         ("pause", 32),
-        ("send_many", [raw_header(REPLY, 0, 3)]),
+        ("send_replies", [raw_header(REPLY, 0, 3)]),
         ("resume",),
-        ("send", raw_header(ERROR, SLOW_FAIL, 2) + b"\x01\x2dtoo late"),
-        ("send_many", [raw_header(REPLY, 0, 5)]),
+        ("send_replies", [raw_header(ERROR, SLOW_FAIL, 2) + b"\x01\x2dtoo late"]),
+        ("send_replies", [raw_header(REPLY, 0, 5)]),
         ("unpause", 32),  # nothing held any more
         ("resume",),
-        ("send", raw_header(REPLY, 0, 4) + b"slow:"),
+        ("send_replies", [raw_header(REPLY, 0, 4) + b"slow:"]),
     ]
     assert [e[1] for e in run.events if e[0] == "returned"] == [[], None]
     assert run.stats["suspended"] == 3

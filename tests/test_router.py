@@ -11,9 +11,10 @@ the process test runs ``fastnet serve router_app:router`` on both as well
 Routers are made inside each scenario: a router binds its per-frame path
 (C or Python) when its server is made, under the ``codec`` fixture.
 
-Tests marked ``xfail(strict=True)`` state what the wire format promises and
-the router does not do yet; each reason names the bug and where it lives.
-When one is fixed its test passes, strict xfail fails it: drop the mark.
+Four tests began as strict xfails, each a bug this file found (a handler's own
+CancelledError in its first step, the deadline of a request held at
+max_in_flight, a reply over the frame limit, a slow reader of suspended
+handlers' replies); they are fixed and pass.
 """
 
 from __future__ import annotations
@@ -767,13 +768,6 @@ def test_a_handler_cancelled_from_inside_is_answered(
     assert sum("raised CancelledError" in r.getMessage() for r in caplog.records) == len(ids)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG in _message.pyx/_message_py.py Dispatcher._call: the first step of a "
-    "handler (no deadline) catches Exception only; a CancelledError the handler raises "
-    "escapes the read callback ('Fatal error: protocol.buffer_updated() call failed'), "
-    "the connection is torn down and the request gets no answer",
-)
 def test_a_cancelled_error_in_a_handlers_first_step_is_answered(
     arun: Runner[Any], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -807,13 +801,6 @@ def test_a_cancelled_error_in_a_handlers_first_step_is_answered(
         arun(scenario())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (router.py _request/_release with Dispatcher.run): a request held back at "
-    "max_in_flight has its deadline counted from when the backlog is run, not from when "
-    "it was read (wire.py: 'counted from when the receiver reads it'); it is run and "
-    "answered normally long after its deadline passed",
-)
 def test_a_held_request_keeps_the_deadline_counted_from_its_reading(arun: Runner[Any]) -> None:
     async def scenario() -> None:
         router = fastnet.Router(max_in_flight=1)
@@ -845,14 +832,6 @@ def test_a_held_request_keeps_the_deadline_counted_from_its_reading(arun: Runner
     arun(scenario())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG in _message.pyx/_message_py.py Dispatcher.reply (and router.py _rest, "
-    "which sends what it builds): a reply larger than max_message_size is not refused "
-    "where it is encoded; the connection's send raises FrameTooLarge, which closes the "
-    "whole connection as a handler error (the other requests of the batch unanswered) "
-    "instead of an INTERNAL error reply",
-)
 def test_an_oversized_reply_is_an_internal_error(
     arun: Runner[Any], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -887,14 +866,6 @@ def test_an_oversized_reply_is_an_internal_error(
         arun(scenario())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG in router.py _rest/_release: the replies of handlers that suspended (and of "
-    "a released backlog) are sent with conn.send/send_many, which raise WriteBufferFull "
-    "past max_write_buffer; the exception fails the connection ('handler raised "
-    "WriteBufferFull', closed, most requests unanswered), where inline replies are queued "
-    "and reading pauses (backpressure, not an error)",
-)
 def test_a_slow_reader_gets_every_answer_of_async_handlers(
     arun: Runner[Any], caplog: pytest.LogCaptureFixture
 ) -> None:

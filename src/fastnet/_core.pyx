@@ -636,6 +636,22 @@ cdef class ConnectionCore:
         out._append(frame)
         self._queued(was_empty)
 
+    def _send_replies(self, list frames):
+        """Queue frames past ``max_write_buffer``: replies whose number is bounded elsewhere.
+
+        A Router's replies from handlers that suspended (at most
+        ``max_in_flight`` per connection, and a server connection stops
+        reading under write pressure): as a callback handler's replies are
+        queued, without ``WriteBufferFull``.
+        """
+        block = self._send_block
+        if block is not None:
+            raise block()
+        cdef OutQueue out = self._out
+        cdef bint was_empty = out.queued_frames == 0
+        out.extend(frames)
+        self._queued(was_empty)
+
     def send_many(self, frames):
         """Queue several frames, in order; they are written with the rest of their batch.
 

@@ -620,6 +620,22 @@ class ConnectionCore:
         out.append(frame)
         self._queued(was_empty)
 
+    def _send_replies(self, frames: list[bytes]) -> None:
+        """Queue frames past ``max_write_buffer``: replies whose number is bounded elsewhere.
+
+        A Router's replies from handlers that suspended (at most
+        ``max_in_flight`` per connection, and a server connection stops
+        reading under write pressure): as a callback handler's replies are
+        queued, without ``WriteBufferFull``.
+        """
+        block = self._send_block
+        if block is not None:
+            raise block()
+        out = self._out
+        was_empty = not out
+        out.extend(frames)
+        self._queued(was_empty)
+
     def send_many(self, frames: Iterable[Buffer]) -> None:
         """Queue several frames, in order; they are written with the rest of their batch.
 

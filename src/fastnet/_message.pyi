@@ -43,7 +43,7 @@ class Route:
 class Session:
     state: int
     in_flight: int
-    backlog: list[bytes] | None
+    backlog: Any
     failed: bool
     draining: bool
     tasks: set[Any] | None
@@ -57,10 +57,11 @@ class Dispatcher:
         replies: dict[type, tuple[int, Callable[[Any], Any]]],
         max_in_flight: int,
         initial_state: int,
+        max_frame: int = -1,
     ) -> None: ...
     def session(self, conn: Any) -> Session: ...
     def __call__(self, conn: Any, frames: list[bytes]) -> list[bytes] | None: ...
     def run(
-        self, conn: Any, session: Session, frames: list[bytes], start: int
+        self, conn: Any, session: Session, frames: list[bytes], start: int, read_at: float
     ) -> list[bytes] | None: ...
     def reply(self, conn: Any, route: Route, id_: int, result: Any) -> bytes: ...

@@ -18,6 +18,9 @@ from libc.string cimport memcpy
 
 from operator import index
 
+from asyncio import CancelledError
+
+from fastnet.errors import FrameTooLarge
 from fastnet.wire import HeaderError, header_error, short_message
 
 __all__ = [
@@ -221,13 +224,16 @@ cdef class Dispatcher:
     cdef dict _replies
     cdef int _limit
     cdef int _initial
+    cdef long long _max_frame
 
-    def __init__(self, router, list routes, dict replies, int max_in_flight, int initial_state):
+    def __init__(self, router, list routes, dict replies, int max_in_flight, int initial_state,
+                 long long max_frame=-1):
         self._router = router
         self._routes = routes
         self._replies = replies
         self._limit = max_in_flight
         self._initial = initial_state
+        self._max_frame = max_frame  # the largest reply frame the framing sends; -1: any
 
     def session(self, conn):
         """The connection's session, made on first use."""
@@ -241,15 +247,19 @@ cdef class Dispatcher:
         if session is None:
             session = Session(self._initial)
             conn._session = session
-        if session.backlog is not None:
-            session.backlog.extend(frames)  # still waiting for a handler to finish
-            return None
         if session.failed:
             return None
-        return self.run(conn, session, frames, 0)
+        if session.backlog is not None:
+            self._router._hold_more(conn, session, frames)  # a handler must finish first
+            return None
+        return self.run(conn, session, frames, 0, 0.0)
 
-    cpdef run(self, conn, Session session, list frames, Py_ssize_t start):
-        """Answer ``frames[start:]`` in order; the replies that are ready at once."""
+    cpdef run(self, conn, Session session, list frames, Py_ssize_t start, double read_at):
+        """Answer ``frames[start:]`` in order; the replies that are ready at once.
+
+        ``read_at`` is when the frames were read (``time.monotonic()``), for
+        frames held back at the in-flight limit; 0.0 for frames just read.
+        """
         cdef object router = self._router
         cdef list routes = self._routes
         cdef Py_ssize_t nroutes = len(routes)
@@ -286,15 +296,19 @@ cdef class Dispatcher:
                 i += 1
                 continue
             if session.in_flight >= self._limit:
-                router._hold(conn, session, frames, i)
+                router._hold(conn, session, frames, i, read_at)
                 break
             route_obj = routes[type_] if type_ < nroutes else None
             if route_obj is None:
-                reply = router._request(conn, session, None, type_, id_, deadline, frame)
+                reply = router._request(
+                    conn, session, None, type_, id_, deadline, frame, read_at
+                )
             else:
                 route = <Route>route_obj
                 if deadline or not ((route.allowed >> session.state) & 1):
-                    reply = router._request(conn, session, route, type_, id_, deadline, frame)
+                    reply = router._request(
+                        conn, session, route, type_, id_, deadline, frame, read_at
+                    )
                 else:
                     reply = self._call(conn, session, route, id_, frame, size)
             if reply is not None:
@@ -326,7 +340,7 @@ cdef class Dispatcher:
                     status = PyIter_Send(coro, None, &sent)
                 finally:
                     PyContext_Exit(context)
-            except Exception as exc:
+            except (Exception, CancelledError) as exc:  # CancelledError: the handler's own
                 return router._failed(conn, route, id_, exc)
             result = <object>sent
             Py_XDECREF(sent)
@@ -336,7 +350,7 @@ cdef class Dispatcher:
         else:
             try:
                 result = route.handler(conn, msg)
-            except Exception as exc:
+            except (Exception, CancelledError) as exc:  # CancelledError: the handler's own
                 return router._failed(conn, route, id_, exc)
         if not id_:
             return None
@@ -344,6 +358,13 @@ cdef class Dispatcher:
 
     cpdef reply(self, conn, Route route, uint32_t id_, object result):
         """The reply frame for a handler's result (``INTERNAL`` error reply if it cannot be)."""
+        cdef object frame = self._reply(conn, route, id_, result)
+        if self._max_frame >= 0 and frame is not None and len(frame) > self._max_frame:
+            exc = FrameTooLarge(len(frame), self._max_frame)
+            return self._router._unencodable(conn, route, id_, result, exc)
+        return frame
+
+    cdef object _reply(self, conn, Route route, uint32_t id_, object result):
         cdef object entry, body
         if result is None or type(result) is bytes:
             return _message(K_REPLY, 0, id_, 0, result)

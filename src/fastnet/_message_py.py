@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import contextvars
 import struct
+from asyncio import CancelledError
 from collections.abc import Callable
 from operator import index
 from typing import Any
 
+from .errors import FrameTooLarge
 from .wire import (
     CONTROL,
     HEADER_SIZE,
@@ -162,7 +164,7 @@ class Session:
         self.in_flight = 0  # handlers suspended (tasks running)
         # Frames read while the in-flight limit was reached (reading paused),
         # waiting for a handler to finish; None when there are none.
-        self.backlog: list[bytes] | None = None
+        self.backlog: Any = None  # a deque of (frames, time read), or None
         self.failed = False  # a malformed header: nothing more is read
         self.draining = False  # a drain control message was sent
         self.tasks: set[Any] | None = None  # the tasks of suspended handlers
@@ -179,7 +181,7 @@ class Dispatcher:
         initial_state: the protocol state a new connection starts in.
     """
 
-    __slots__ = ("_initial", "_limit", "_replies", "_router", "_routes")
+    __slots__ = ("_initial", "_limit", "_max_frame", "_replies", "_router", "_routes")
 
     def __init__(
         self,
@@ -188,12 +190,14 @@ class Dispatcher:
         replies: dict[type, tuple[int, Callable[[Any], Any]]],
         max_in_flight: int,
         initial_state: int,
+        max_frame: int = -1,
     ) -> None:
         self._router = router
         self._routes = routes
         self._replies = replies
         self._limit = max_in_flight
         self._initial = initial_state
+        self._max_frame = max_frame  # the largest reply frame the framing sends; -1: any
 
     def session(self, conn: Any) -> Session:
         """The connection's session, made on first use."""
@@ -206,17 +210,21 @@ class Dispatcher:
         session = conn._session
         if session is None:
             session = conn._session = Session(self._initial)
-        if session.backlog is not None:
-            session.backlog.extend(frames)  # still waiting for a handler to finish
-            return None
         if session.failed:
             return None
-        return self.run(conn, session, frames, 0)
+        if session.backlog is not None:
+            self._router._hold_more(conn, session, frames)  # a handler must finish first
+            return None
+        return self.run(conn, session, frames, 0, 0.0)
 
     def run(
-        self, conn: Any, session: Session, frames: list[bytes], start: int
+        self, conn: Any, session: Session, frames: list[bytes], start: int, read_at: float
     ) -> list[bytes] | None:
-        """Answer ``frames[start:]`` in order; the replies that are ready at once."""
+        """Answer ``frames[start:]`` in order; the replies that are ready at once.
+
+        ``read_at`` is when the frames were read (``time.monotonic()``), for
+        frames held back at the in-flight limit; 0.0 for frames just read.
+        """
         router = self._router
         routes = self._routes
         nroutes = len(routes)
@@ -242,11 +250,11 @@ class Dispatcher:
                 i += 1
                 continue
             if session.in_flight >= self._limit:
-                router._hold(conn, session, frames, i)
+                router._hold(conn, session, frames, i, read_at)
                 break
             route = routes[type_] if type_ < nroutes else None
             if route is None or deadline or not (route.allowed >> session.state) & 1:
-                reply = router._request(conn, session, route, type_, id_, deadline, frame)
+                reply = router._request(conn, session, route, type_, id_, deadline, frame, read_at)
             else:
                 reply = self._call(conn, session, route, id_, frame)
             if reply is not None:
@@ -275,7 +283,7 @@ class Dispatcher:
                 yielded = context.run(coro.send, None)
             except StopIteration as stop:
                 result = stop.value
-            except Exception as exc:
+            except (Exception, CancelledError) as exc:  # CancelledError: the handler's own
                 return router._failed(conn, route, id_, exc)  # type: ignore[no-any-return]
             else:
                 router._suspended(conn, session, route, id_, coro, yielded, context, None)
@@ -283,7 +291,7 @@ class Dispatcher:
         else:
             try:
                 result = route.handler(conn, msg)
-            except Exception as exc:
+            except (Exception, CancelledError) as exc:
                 return router._failed(conn, route, id_, exc)  # type: ignore[no-any-return]
         if not id_:
             return None
@@ -291,6 +299,14 @@ class Dispatcher:
 
     def reply(self, conn: Any, route: Route, id_: int, result: Any) -> bytes:
         """The reply frame for a handler's result (``INTERNAL`` error reply if it cannot be)."""
+        frame = self._reply(conn, route, id_, result)
+        limit = self._max_frame
+        if limit >= 0 and len(frame) > limit:
+            exc = FrameTooLarge(len(frame), limit)
+            return self._router._unencodable(conn, route, id_, result, exc)  # type: ignore[no-any-return]
+        return frame
+
+    def _reply(self, conn: Any, route: Route, id_: int, result: Any) -> bytes:
         if result is None:
             return _pack(REPLY, 0, 0, id_, 0)
         if type(result) is bytes:

@@ -35,6 +35,7 @@ import contextvars
 import inspect
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine, Generator, Iterable
 from typing import Any, TypeVar
 
@@ -74,6 +75,11 @@ DEFAULT_MAX_IN_FLIGHT = 64
 # interval; the rest are counted (router.stats()).
 INTERNAL_LOG_BURST = 10
 INTERNAL_LOG_INTERVAL = 10.0
+
+# An error reply's text is cut to this many characters (at most 4 KiB of
+# UTF-8 with the header): a RequestError carrying a whole document must not
+# make a reply larger than the frame limit, which would fail the connection.
+MAX_ERROR_TEXT = 1000
 
 _DRAIN_FRAME = framing.pack_header(CONTROL, DRAIN, 0, 0)
 
@@ -252,8 +258,13 @@ class Router(CallbackHandler):
                     f"{cls.__qualname__} ({type_id}): {exc}"
                 ) from exc
 
-    def _bind(self) -> Any:
-        """Check, then freeze the declarations into the per-frame dispatcher."""
+    def _bind(self, framing_: Any = None) -> Any:
+        """Check, then freeze the declarations into the per-frame dispatcher.
+
+        ``framing_`` is the server's (its ``max_frame`` bounds the replies:
+        a larger one is answered ``INTERNAL`` instead); the router's own
+        when None.
+        """
         if self._dispatcher is None:
             self.check()
             top = max(self._handlers, default=0)
@@ -270,7 +281,11 @@ class Router(CallbackHandler):
                     self._name(type_id),
                 )
             replies = {cls: (t, self.codec.encoder(cls)) for t, cls in self._classes.items()}
-            self._dispatcher = framing.Dispatcher(self, routes, replies, self.max_in_flight, 0)
+            spec = self.framing if framing_ is None else framing_
+            max_frame = getattr(spec, "max_frame", -1)
+            self._dispatcher = framing.Dispatcher(
+                self, routes, replies, self.max_in_flight, 0, max_frame
+            )
             self.fn = self._dispatcher
         return self._dispatcher
 
@@ -292,7 +307,10 @@ class Router(CallbackHandler):
         return int(self._session(conn).in_flight)
 
     def _session(self, conn: Connection) -> Any:
-        return self._bind().session(conn)
+        dispatcher = self._dispatcher
+        if dispatcher is None:
+            raise RuntimeError("the router serves no connection yet (no server uses it)")
+        return dispatcher.session(conn)
 
     # ------------------------------------------------------------ statistics
 
@@ -320,9 +338,11 @@ class Router(CallbackHandler):
         id_: int,
         deadline: int,
         frame: bytes,
+        read_at: float = 0.0,
     ) -> bytes | None:
         # A request the fast path does not take: no route, a state that
-        # forbids it, or a deadline.
+        # forbids it, or a deadline (counted from read_at, when the frame
+        # was read, for one held back at the in-flight limit).
         counts = self._counts
         if route is None:
             counts["unknown_type"] += 1
@@ -338,7 +358,7 @@ class Router(CallbackHandler):
                 f"{route.name} is not allowed in state {self.states[session.state]!r}",
             )
         # A deadline: the same call, timed.
-        expires = time.monotonic() + deadline / 1000.0
+        expires = (read_at or time.monotonic()) + deadline / 1000.0
         body = frame[HEADER_SIZE:]
         msg: Any = body
         if route.decode is not None:
@@ -415,6 +435,8 @@ class Router(CallbackHandler):
     def _error(self, type_id: int, id_: int, code: int, message: str) -> bytes | None:
         if not id_:
             return None  # a one-way message gets no answer, not even an error
+        if len(message) > MAX_ERROR_TEXT:  # a reply must fit any sane frame limit
+            message = message[:MAX_ERROR_TEXT] + "..."
         return framing.encode_message(ERROR, type_id, id_, 0, framing.error_body(code, message))
 
     def _log_internal(self, conn: Connection, what: str, exc: BaseException) -> None:
@@ -448,18 +470,24 @@ class Router(CallbackHandler):
         session.failed = True
         session.backlog = None
         if replies:
-            with contextlib.suppress(ConnectionClosedError, ConnectionBrokenError):
-                conn.send_many(replies)
+            _send_replies(conn, replies)
         conn._framing_failed(exc)
 
     # ------------------------------------------------- handlers that suspend
 
-    def _hold(self, conn: Connection, session: Any, frames: list[bytes], start: int) -> None:
-        # max_in_flight handlers are running: keep the rest of the batch and
-        # stop reading until one finishes.
+    def _hold(
+        self, conn: Connection, session: Any, frames: list[bytes], start: int, read_at: float
+    ) -> None:
+        # max_in_flight handlers are running: keep the rest of the batch, with
+        # when it was read (deadlines count from then), and stop reading
+        # until one finishes.
         self._counts["held"] += 1
-        session.backlog = frames[start:]
+        session.backlog = deque([(frames[start:], read_at or time.monotonic())])
         conn._pause_reading(PAUSE_BUSY)
+
+    def _hold_more(self, conn: Connection, session: Any, frames: list[bytes]) -> None:
+        # Frames read while some are held (the rest of a read under way).
+        session.backlog.append((frames, time.monotonic()))
 
     def _suspended(
         self,
@@ -528,27 +556,33 @@ class Router(CallbackHandler):
                 else:
                     reply = self._dispatcher.reply(conn, route, id_, result) if id_ else None
             if reply is not None:
-                with contextlib.suppress(ConnectionClosedError, ConnectionBrokenError):
-                    conn.send(reply)
+                _send_replies(conn, [reply])
         finally:
             if timer is not None:
                 timer.cancel()
             session.in_flight -= 1
-            if session.backlog is not None and session.in_flight < self.max_in_flight:
-                self._release(conn, session)
+        if session.backlog is not None and session.in_flight < self.max_in_flight:
+            self._release(conn, session)
 
     def _release(self, conn: Connection, session: Any) -> None:
-        # A handler finished below the limit: answer the frames held back.
+        # A handler finished below the limit: answer the frames held back,
+        # each run with the time it was read; resume reading once none is left.
         backlog = session.backlog
         session.backlog = None
         if session.failed or conn._lifecycle >= CLOSING:
             return
-        replies = self._dispatcher.run(conn, session, backlog, 0)
-        if replies:
-            try:
-                conn.send_many(replies)
-            except (ConnectionClosedError, ConnectionBrokenError):
+        replies: list[bytes] = []
+        while backlog:
+            frames, read_at = backlog.popleft()
+            done = self._dispatcher.run(conn, session, frames, 0, read_at)
+            if done is None:  # a malformed header: the connection is failing
                 return
+            replies += done
+            if session.backlog is not None:  # the limit again: keep the rest in order
+                session.backlog.extend(backlog)
+                break
+        if replies:
+            _send_replies(conn, replies)
         if session.backlog is None and not session.failed:
             conn._unpause_reading(PAUSE_BUSY)
 
@@ -644,6 +678,14 @@ class _RateLimit:
             self._count = 0
         self._count += 1
         return self._count <= self._burst
+
+
+def _send_replies(conn: Connection, frames: list[bytes]) -> None:
+    # Replies whose number max_in_flight bounds: queued as a callback
+    # handler's are, past max_write_buffer (reading pauses under write
+    # pressure instead); nothing to do once the connection is going.
+    with contextlib.suppress(ConnectionClosedError, ConnectionBrokenError):
+        conn._send_replies(frames)
 
 
 def _check_type_id(type_id: int) -> None:

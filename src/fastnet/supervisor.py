@@ -113,8 +113,11 @@ class CallbackHandler:
     def __repr__(self) -> str:
         return f"<fastnet.CallbackHandler {getattr(self.fn, '__qualname__', self.fn)!r}>"
 
-    def _bind(self) -> CallbackFunction:
-        """The function a server calls with each batch (once, when the server is made)."""
+    def _bind(self, framing: Framing | None = None) -> CallbackFunction:
+        """The function a server calls with each batch (once, when the server is made).
+
+        ``framing`` is the server's (a Router bounds its replies by it).
+        """
         return self.fn
 
     def _shutdown(self, conn: Connection) -> None:
@@ -454,7 +457,7 @@ class Supervisor:
         self._task_handler: Callable[[Connection], Awaitable[None]] | None = None
         self._shutdown_connection: Callable[[Connection], None] = Connection._begin_shutdown
         if isinstance(handler, CallbackHandler):
-            self._callback = handler._bind()
+            self._callback = handler._bind(framing)
             self._shutdown_connection = handler._shutdown
         else:
             self._task_handler = handler

@@ -29,6 +29,10 @@ Layout (data flows top to bottom on receive; docs/design.md §0 draws what runs 
     router.py       Router: typed messages, one handler per type, states, deadlines, drain
     bodies.py       body codecs for the router: Raw, Packed (struct), Msgpack (msgspec)
     channel.py      Channel: the router's client side on one connection, calls multiplexed by id
+    client.py       Client: calls over several servers: balanced, breakers, retries, drain
+    breaker.py      CircuitBreaker: closed/open/half-open over a sliding window (per endpoint)
+    retry.py        RetryPolicy, RetryBudget (a share of calls), Backoff (jittered)
+    balancer.py     Balancer: power of two choices, outlier ejection
     apps.py         built-in apps for `fastnet serve`: echo, kv
     cli.py          the `fastnet` command (serve, info, bench); __main__.py runs it
     _cliargs.py     the parsers the command and the load generator share
@@ -37,7 +41,9 @@ Layout (data flows top to bottom on receive; docs/design.md §0 draws what runs 
 from __future__ import annotations
 
 from . import bodies, tls, wire
+from .breaker import BreakerPolicy, CircuitBreaker, CircuitOpen
 from .channel import Channel, Draining, open_channel
+from .client import Client, NoEndpointAvailable
 from .connection import Connection, WriteBufferFull, connect
 from .errors import (
     ConnectionBrokenError,
@@ -58,6 +64,7 @@ from .framing import (
 from .lifecycle import Lifecycle
 from .limits import Limits
 from .proxy import ProxyHeader, ProxyHeaderError
+from .retry import Backoff, RetryBudget, RetryPolicy
 from .router import Router
 from .runner import run, serve
 from .server import CallbackHandler, Server, callback_handler
@@ -77,10 +84,15 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ACCELERATED",
+    "Backoff",
+    "BreakerPolicy",
     "DEFAULT_MAX_FRAME_SIZE",
     "DEFAULT_MAX_LINE_LENGTH",
     "CallbackHandler",
     "Channel",
+    "CircuitBreaker",
+    "CircuitOpen",
+    "Client",
     "Connection",
     "ConnectionBrokenError",
     "ConnectionBusyError",
@@ -100,10 +112,13 @@ __all__ = [
     "Lifecycle",
     "Limits",
     "Lines",
+    "NoEndpointAvailable",
     "Overloaded",
     "ProxyHeader",
     "ProxyHeaderError",
     "RequestError",
+    "RetryBudget",
+    "RetryPolicy",
     "Router",
     "Server",
     "UnknownMessageType",

@@ -1,0 +1,603 @@
+"""Client: calls to a service of several router servers, balanced, protected, retried.
+
+    client = fastnet.Client(["10.0.0.1:7000", "10.0.0.2:7000"], router=router)
+    reply = await client.call(Get(key="a"), timeout=0.5)
+    await client.close()
+
+Each endpoint (a server) has up to ``connections_per_endpoint`` connections
+(``Channel``), and each connection carries up to ``max_in_flight`` calls at
+once, multiplexed by request id. Per call:
+
+1. **Pick an endpoint**: power of two choices on outstanding calls, among
+   the endpoints that are not ejected (``balancer.py``: an endpoint is
+   ejected after consecutive connection failures, for a time that grows with
+   each ejection), whose breaker lets the call through (``breaker.py``), and
+   that have not just drained a connection (a server shutting down).
+2. **Send it** on the endpoint's least busy connection (connecting one if
+   needed, within ``connect_timeout``); the call's timeout is sent as the
+   request's deadline.
+3. **Judge the outcome**: a connection failure counts against the endpoint
+   (balancer) and its breaker; a timeout and an ``Overloaded`` reply count
+   against the breaker; an application's error reply is an answer, not a
+   failure (``is_failure`` changes that).
+4. **Retry only where safe** (``retry.py``): a request that never reached
+   the server (the connection could not be made, or was draining, or the
+   breaker refused) or that the server did not run (``Overloaded``), or of a
+   message type marked idempotent; with jittered exponential backoff, at most
+   ``max_attempts`` times, and only while the retry budget (a share of all
+   calls plus a floor per second) has room, so retries cannot multiply an
+   outage. The call's timeout bounds all attempts together.
+
+A connection that receives drain (its server is shutting down) takes no new
+calls; its calls in flight finish; new calls go to another connection, and
+the endpoint gets no new connection for ``DRAIN_AVOID`` seconds unless it is
+the only one: a rolling restart of the servers costs the client no call.
+
+Events (``client.stats()``, ``on_event(name, **info)``, and
+``fastnet_client_events_total{event}`` with ``metrics=``): ``connected``,
+``connect_failed``, ``drained``, ``breaker_open``, ``breaker_half_open``,
+``breaker_closed``, ``endpoint_ejected``, ``endpoint_returned``,
+``retry``, ``retry_budget_exhausted``, ``in_flight_full`` (a call waited for
+a free slot: every connection of the endpoint at ``max_in_flight``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from .balancer import Balancer, EndpointState
+from .breaker import DEFAULT_POLICY, BreakerPolicy, CircuitBreaker, CircuitOpen
+from .channel import Channel, Draining, open_channel
+from .errors import ConnectionBrokenError, ConnectionClosedError, FastnetError
+from .retry import RetryPolicy
+from .router import Router
+from .wire import DeadlineExceeded, Overloaded, RequestError
+
+__all__ = ["Client", "NoEndpointAvailable", "default_is_failure"]
+
+logger = logging.getLogger("fastnet")
+
+DEFAULT_TIMEOUT = 10.0  # a call's default timeout: bounded, never forever
+DEFAULT_CONNECT_TIMEOUT = 5.0
+DEFAULT_MAX_IN_FLIGHT = 64  # as the router's default per connection
+# Seconds an endpoint that drained a connection gets no new connection
+# (unless it is the only one left): its server is shutting down; a restarted
+# one is found again after this.
+DRAIN_AVOID = 1.0
+
+EVENTS = (
+    "connected",
+    "connect_failed",
+    "drained",
+    "breaker_open",
+    "breaker_half_open",
+    "breaker_closed",
+    "endpoint_ejected",
+    "endpoint_returned",
+    "retry",
+    "retry_budget_exhausted",
+    "in_flight_full",
+)
+
+_DEFAULT: Any = object()
+DEFAULT_RETRY = RetryPolicy()
+
+
+class NoEndpointAvailable(FastnetError, ConnectionError):
+    """No endpoint can take the call: all ejected, draining, or their breakers open."""
+
+
+def default_is_failure(exc: BaseException) -> bool:
+    """What counts against an endpoint's breaker: connection errors, timeouts, Overloaded.
+
+    An application's error reply (``RequestError`` of another code) is the
+    server answering, so it does not.
+    """
+    if isinstance(exc, (DeadlineExceeded, Overloaded, asyncio.TimeoutError, TimeoutError)):
+        return True
+    if isinstance(exc, RequestError):
+        return False
+    return isinstance(exc, (ConnectionError, OSError, ConnectionClosedError, ConnectionBrokenError))
+
+
+def _address(endpoint: str | tuple[str, int]) -> tuple[str, str, int]:
+    if isinstance(endpoint, tuple):
+        host, port = endpoint
+    else:
+        host, sep, port_text = endpoint.rpartition(":")
+        if not sep or not port_text.isdigit():
+            raise ValueError(f"an endpoint is 'host:port' or (host, port), not {endpoint!r}")
+        port = int(port_text)
+        host = host.strip("[]")
+    if not isinstance(port, int) or not 0 < port < 65536:
+        raise ValueError(f"bad port in endpoint {endpoint!r}")
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return shown, host, port
+
+
+class _Endpoint:
+    """One server: its connections, breaker and balancer state."""
+
+    __slots__ = (
+        "address",
+        "avoid_until",
+        "breaker",
+        "channels",
+        "connecting",
+        "host",
+        "port",
+        "state",
+        "waiters",
+    )
+
+    def __init__(self, address: str, host: str, port: int, state: EndpointState) -> None:
+        self.address = address
+        self.host = host
+        self.port = port
+        self.state = state
+        self.breaker: CircuitBreaker | None = None
+        self.channels: list[Channel] = []
+        self.connecting: asyncio.Task[Channel] | None = None
+        self.avoid_until = 0.0
+        self.waiters: deque[asyncio.Future[None]] = deque()
+
+
+class Client:
+    """Calls to a service of one or more router servers (see the module docstring).
+
+    Args:
+        endpoints: ``"host:port"`` strings or ``(host, port)`` tuples.
+        router: declares the message classes and the body codec (its
+            handlers are not used); raw bodies by default.
+        ssl, server_hostname: TLS for every connection
+            (``fastnet.tls.client_context(...)``).
+        timeout: a call's default timeout in seconds, over all its attempts
+            (None: no timeout; not recommended).
+        connect_timeout: seconds one connection attempt may take.
+        connections_per_endpoint: connections kept to each endpoint.
+        max_in_flight: calls in flight per connection; beyond, a call waits
+            for a free slot (within its timeout).
+        breaker: the breaker policy of each endpoint, or None for none.
+        retry: the retry policy (attempts, backoff, budget, idempotent
+            types), or None for no retries.
+        is_failure: what counts against a breaker (``default_is_failure``).
+        consecutive_failures, base_ejection_seconds, max_ejection_seconds,
+            max_ejection_percent: the balancer's outlier ejection.
+        on_event: ``on_event(name, **info)`` for every event (module docstring).
+        metrics: a prometheus_client registry to export the events to.
+    """
+
+    def __init__(
+        self,
+        endpoints: Iterable[str | tuple[str, int]],
+        *,
+        router: Router | None = None,
+        ssl: Any = None,
+        server_hostname: str | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        connections_per_endpoint: int = 1,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        breaker: BreakerPolicy | None = DEFAULT_POLICY,
+        retry: RetryPolicy | None = DEFAULT_RETRY,
+        is_failure: Callable[[BaseException], bool] = default_is_failure,
+        consecutive_failures: int = 5,
+        base_ejection_seconds: float = 30.0,
+        max_ejection_seconds: float = 300.0,
+        max_ejection_percent: float = 50.0,
+        on_event: Callable[..., None] | None = None,
+        metrics: Any = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        parsed = [_address(e) for e in endpoints]
+        if not parsed:
+            raise ValueError("a Client needs at least one endpoint")
+        if len({a for a, _, _ in parsed}) != len(parsed):
+            raise ValueError("an endpoint is listed twice")
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f"timeout must be positive or None, got {timeout!r}")
+        if connect_timeout <= 0:
+            raise ValueError(f"connect_timeout must be positive, got {connect_timeout!r}")
+        if connections_per_endpoint < 1 or max_in_flight < 1:
+            raise ValueError("connections_per_endpoint and max_in_flight must be at least 1")
+        self.router = Router() if router is None else router
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.connections_per_endpoint = connections_per_endpoint
+        self.max_in_flight = max_in_flight
+        self.retry = retry
+        self.is_failure = is_failure
+        self._ssl = ssl
+        self._server_hostname = server_hostname
+        self._on_event = on_event
+        self._events = dict.fromkeys(EVENTS, 0)
+        self._rng = rng if rng is not None else random.Random()
+        self._balancer = Balancer(
+            [address for address, _, _ in parsed],
+            consecutive_failures=consecutive_failures,
+            base_ejection_seconds=base_ejection_seconds,
+            max_ejection_seconds=max_ejection_seconds,
+            max_ejection_percent=max_ejection_percent,
+            rng=self._rng,
+            on_eject=lambda state: self._event("endpoint_ejected", endpoint=state.address),
+            on_return=lambda state: self._event("endpoint_returned", endpoint=state.address),
+        )
+        states = {state.address: state for state in self._balancer.endpoints}
+        self._endpoints: dict[str, _Endpoint] = {}
+        for address, host, port in parsed:
+            ep = _Endpoint(address, host, port, states[address])
+            if breaker is not None:
+                ep.breaker = CircuitBreaker(breaker, name=address, on_change=self._breaker_changed)
+            self._endpoints[address] = ep
+        self._by_state = {id(ep.state): ep for ep in self._endpoints.values()}
+        self._budget = None if retry is None else retry.new_budget()
+        self._closed = False
+        if metrics is not None:
+            metrics.register(_ClientCollector(self))
+
+    def __repr__(self) -> str:
+        return f"<fastnet.Client {len(self._endpoints)} endpoints>"
+
+    # ----------------------------------------------------------------- calls
+
+    async def call(
+        self,
+        msg: Any,
+        *,
+        type: int | None = None,
+        timeout: float | None = _DEFAULT,
+        idempotent: bool | None = None,
+    ) -> Any:
+        """Send a request to one endpoint and return its reply (see the module docstring).
+
+        Args:
+            msg: a message declared on the router, or bytes-like with ``type``.
+            type: the message type of a raw body.
+            timeout: seconds for the whole call, retries included (the
+                client's ``timeout`` by default); sent as each attempt's deadline.
+            idempotent: whether the request may be retried after it was sent
+                (default: whether the retry policy lists its type).
+
+        Raises:
+            RequestError: the server's error reply (its subclass);
+                ``DeadlineExceeded`` (a ``TimeoutError``) when the timeout passes.
+            CircuitOpen: every endpoint's breaker is open.
+            NoEndpointAvailable: no endpoint can take the call.
+            ConnectionError: the last attempt's connection failure.
+        """
+        if self._closed:
+            raise ConnectionClosedError("the client is closed")
+        if timeout is _DEFAULT:
+            timeout = self.timeout
+        loop = asyncio.get_running_loop()
+        expires = None if timeout is None else loop.time() + timeout
+        type_id = self._type_of(msg, type)
+        if idempotent is None:
+            idempotent = self.retry is not None and type_id in self.retry.idempotent
+        budget = self._budget
+        if budget is not None:
+            budget.deposit()
+        attempt = 1
+        reroutes = 0
+        tried: list[_Endpoint] = []
+        while True:
+            remaining = None
+            if expires is not None:
+                remaining = expires - loop.time()
+                if remaining <= 0:
+                    raise DeadlineExceeded(f"no reply within {timeout:.3g} s")
+            ep, permit = self._pick(tried)
+            tried.append(ep)
+            sent = False
+            began = loop.time()
+            try:
+                channel = await self._channel(ep, remaining)
+                if expires is not None:
+                    remaining = max(expires - loop.time(), 0.001)
+                call = channel._begin(msg, type, remaining)
+                sent = True
+                ep.state.outstanding += 1
+                try:
+                    if call.unsent is not None:
+                        await channel._send(call)
+                    reply = await channel._wait(call)
+                finally:
+                    ep.state.outstanding -= 1
+                    self._slot_freed(ep)
+            except Draining:
+                # Never sent: that connection is leaving. Another one, at no cost.
+                self._judge(ep, None, 0.0, permit)
+                reroutes += 1
+                if reroutes > 2 * len(self._endpoints) + 2:
+                    raise
+                continue
+            except asyncio.CancelledError:
+                self._judge(ep, None, 0.0, permit)
+                raise
+            except BaseException as exc:
+                elapsed = loop.time() - began
+                failed = self.is_failure(exc)
+                self._judge(ep, not failed, elapsed, permit)
+                if isinstance(exc, (RequestError, CircuitOpen)) and not isinstance(exc, Overloaded):
+                    raise  # an answer (or the caller's time is up): not retried
+                if not isinstance(exc, Exception):
+                    raise
+                if not isinstance(exc, Overloaded) and failed:
+                    self._balancer.failure(ep.state)
+                # Overloaded: the server did not run it, as if never sent.
+                safe = not sent or isinstance(exc, Overloaded) or idempotent
+                if not self._may_retry(safe, attempt):
+                    raise
+                delay = self.retry.backoff.delay(attempt) if self.retry is not None else 0.0
+                if expires is not None and loop.time() + delay >= expires:
+                    raise
+                self._event("retry", endpoint=ep.address, attempt=attempt, error=repr(exc))
+                attempt += 1
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                continue
+            else:
+                self._judge(ep, True, loop.time() - began, permit)
+                self._balancer.success(ep.state)
+                return reply
+
+    async def send(self, msg: Any, *, type: int | None = None) -> None:
+        """Send a one-way message to one endpoint (no reply; retried only if never sent)."""
+        if self._closed:
+            raise ConnectionClosedError("the client is closed")
+        tried: list[_Endpoint] = []
+        for _ in range(2 * len(self._endpoints) + 2):
+            ep, permit = self._pick(tried)
+            tried.append(ep)
+            try:
+                channel = await self._channel(ep, self.timeout)
+                channel.send(msg, type=type)
+            except Draining:
+                self._judge(ep, None, 0.0, permit)
+                continue
+            except (ConnectionError, OSError, ConnectionClosedError, asyncio.TimeoutError):
+                self._judge(ep, False, 0.0, permit)
+                self._balancer.failure(ep.state)
+                continue
+            except BaseException:
+                self._judge(ep, None, 0.0, permit)
+                raise
+            self._judge(ep, None, 0.0, permit)
+            return
+        raise NoEndpointAvailable("no endpoint took the one-way message")
+
+    # ------------------------------------------------------------- choosing
+
+    def _pick(self, tried: list[_Endpoint]) -> tuple[_Endpoint, int | None]:
+        # Not tried yet, not draining, breaker not open; relaxed in that order.
+        # Returns the endpoint and its breaker's permit (the breaker drops
+        # a result whose permit is from before its last change of state).
+        now = asyncio.get_running_loop().time()
+        endpoints = self._endpoints.values()
+        breaker_refused = False
+        for relax in (0, 1, 2):
+            exclude: list[EndpointState] = []
+            for ep in endpoints:
+                if (relax < 2 and ep in tried) or (relax < 1 and ep.avoid_until > now):
+                    exclude.append(ep.state)
+            while True:
+                state = self._balancer.pick(exclude)
+                if state is None:
+                    break
+                ep = self._by_state[id(state)]
+                breaker = ep.breaker
+                if breaker is None:
+                    return ep, None
+                if breaker.allow():
+                    return ep, breaker.generation
+                breaker_refused = True
+                exclude.append(state)
+        if breaker_refused:
+            raise CircuitOpen(
+                "every endpoint's circuit breaker is open", endpoint=None, retry_after=0.0
+            )
+        raise NoEndpointAvailable("every endpoint is ejected")
+
+    def _judge(self, ep: _Endpoint, ok: bool | None, seconds: float, permit: int | None) -> None:
+        breaker = ep.breaker
+        if breaker is None:
+            return
+        if ok is None:
+            breaker.release(permit)
+        else:
+            breaker.record(ok, seconds, permit)
+
+    def _may_retry(self, safe: bool, attempt: int) -> bool:
+        retry = self.retry
+        if retry is None or not safe or attempt >= retry.max_attempts:
+            return False
+        budget = self._budget
+        if budget is not None and not budget.try_withdraw():
+            self._event("retry_budget_exhausted")
+            return False
+        return True
+
+    def _type_of(self, msg: Any, type_: int | None) -> int:
+        if type_ is not None:
+            return type_
+        return self.router._types.get(msg.__class__, 0)
+
+    # ---------------------------------------------------------- connections
+
+    async def _channel(self, ep: _Endpoint, remaining: float | None) -> Channel:
+        loop = asyncio.get_running_loop()
+        expires = None if remaining is None else loop.time() + remaining
+        while True:
+            live = [c for c in ep.channels if not c.closed]
+            ep.channels = live
+            best = None
+            usable = 0
+            for channel in live:
+                if channel.draining:
+                    continue
+                usable += 1
+                if best is None or channel.in_flight < best.in_flight:
+                    best = channel
+            if best is not None and best.in_flight < self.max_in_flight:
+                return best
+            if usable < self.connections_per_endpoint:
+                left = None if expires is None else expires - loop.time()
+                await self._connect(ep, left)
+                continue
+            # Every connection at max_in_flight: wait for a free slot.
+            self._event("in_flight_full", endpoint=ep.address)
+            waiter: asyncio.Future[None] = loop.create_future()
+            ep.waiters.append(waiter)
+            try:
+                left = None if expires is None else max(expires - loop.time(), 0.0)
+                await asyncio.wait_for(waiter, left)
+            except asyncio.TimeoutError:
+                raise DeadlineExceeded("no free slot on a connection in time") from None
+            finally:
+                with contextlib.suppress(ValueError):
+                    ep.waiters.remove(waiter)
+
+    def _slot_freed(self, ep: _Endpoint) -> None:
+        while ep.waiters:
+            waiter = ep.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    async def _connect(self, ep: _Endpoint, remaining: float | None) -> Channel:
+        # One connection attempt per endpoint at a time; callers share it.
+        task = ep.connecting
+        if task is None:
+            task = ep.connecting = asyncio.get_running_loop().create_task(self._open(ep))
+            task.add_done_callback(lambda _: setattr(ep, "connecting", None))
+        if remaining is None:
+            return await asyncio.shield(task)
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), remaining)
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded("no connection in time") from None
+
+    async def _open(self, ep: _Endpoint) -> Channel:
+        try:
+            channel = await asyncio.wait_for(
+                open_channel(
+                    ep.host,
+                    ep.port,
+                    router=self.router,
+                    ssl=self._ssl,
+                    server_hostname=self._server_hostname if self._ssl is not None else None,
+                ),
+                self.connect_timeout,
+            )
+        except (OSError, asyncio.TimeoutError) as exc:
+            self._event("connect_failed", endpoint=ep.address, error=repr(exc))
+            if isinstance(exc, asyncio.TimeoutError):
+                raise ConnectionRefusedError(
+                    f"connecting to {ep.address} took over {self.connect_timeout:.3g} s"
+                ) from None
+            raise
+        if self._closed:
+            await channel.close()
+            raise ConnectionClosedError("the client is closed")
+        ep.channels.append(channel)
+        self._event("connected", endpoint=ep.address)
+        channel.drained.add_done_callback(lambda f: self._drained(ep, f))
+        return channel
+
+    def _drained(self, ep: _Endpoint, future: asyncio.Future[None]) -> None:
+        if future.cancelled():
+            return
+        ep.avoid_until = asyncio.get_running_loop().time() + DRAIN_AVOID
+        self._event("drained", endpoint=ep.address)
+        for waiter in list(ep.waiters):  # they can use a new connection now
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # --------------------------------------------------------------- events
+
+    def _breaker_changed(self, breaker: CircuitBreaker, old: str, new: str) -> None:
+        self._event(f"breaker_{new}", endpoint=breaker.name, previous=old)
+
+    def _event(self, name: str, **info: Any) -> None:
+        self._events[name] = self._events.get(name, 0) + 1
+        hook = self._on_event
+        if hook is not None:
+            try:
+                hook(name, **info)
+            except Exception:
+                logger.exception("the client's on_event hook failed on %s", name)
+
+    def stats(self) -> dict[str, Any]:
+        """Event counts, and per endpoint: connections, calls in flight, breaker, ejected."""
+        now = asyncio.get_event_loop().time() if not self._closed else time.monotonic()
+        endpoints = {}
+        for ep in self._endpoints.values():
+            endpoints[ep.address] = {
+                "connections": sum(1 for c in ep.channels if not c.closed),
+                "outstanding": ep.state.outstanding,
+                "breaker": None if ep.breaker is None else ep.breaker.state,
+                "ejected": ep.state not in self._balancer.available,
+                "draining": ep.avoid_until > now,
+            }
+        return {"events": dict(self._events), "endpoints": endpoints}
+
+    # ---------------------------------------------------------------- close
+
+    async def close(self) -> None:
+        """Close every connection; calls in flight fail with ConnectionClosedError."""
+        if self._closed:
+            return
+        self._closed = True
+        for ep in self._endpoints.values():
+            if ep.connecting is not None:
+                ep.connecting.cancel()
+            for waiter in ep.waiters:
+                if not waiter.done():
+                    waiter.set_exception(ConnectionClosedError("the client is closed"))
+        channels = [c for ep in self._endpoints.values() for c in ep.channels]
+        await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
+class _ClientCollector:
+    """``fastnet_client_events_total{event}`` and per-endpoint gauges, read at scrape time."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        events = CounterMetricFamily(
+            "fastnet_client_events",
+            "Client events: breakers, ejections, retries.",
+            labels=["event"],
+        )
+        for name, count in sorted(self._client._events.items()):
+            events.add_metric([name], count)
+        yield events
+        outstanding = GaugeMetricFamily(
+            "fastnet_client_outstanding_calls", "Calls in flight, by endpoint.", labels=["endpoint"]
+        )
+        open_ = GaugeMetricFamily(
+            "fastnet_client_breaker_open", "1 while the endpoint's breaker is open.",
+            labels=["endpoint"],
+        )  # fmt: skip
+        for ep in self._client._endpoints.values():
+            outstanding.add_metric([ep.address], ep.state.outstanding)
+            state = None if ep.breaker is None else ep.breaker.state
+            open_.add_metric([ep.address], 1 if state == "open" else 0)
+        yield outstanding
+        yield open_

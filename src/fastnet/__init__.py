@@ -84,10 +84,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ACCELERATED",
-    "Backoff",
-    "BreakerPolicy",
     "DEFAULT_MAX_FRAME_SIZE",
     "DEFAULT_MAX_LINE_LENGTH",
+    "Backoff",
+    "BreakerPolicy",
     "CallbackHandler",
     "Channel",
     "CircuitBreaker",

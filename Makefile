@@ -9,6 +9,8 @@
 #   make bench-router the router set (compare.py --set router): router-echo, plain and async
 #                    handlers, and a msgspec struct against plain echo, into
 #                    benchmarks/results/router.{json,md}; then router_split.py's CPU per message
+#   make bench-client fastnet.Client (one multiplexed connection, 64 connections) against a
+#                    hand-written asyncio client on router-echo (benchmarks/client_bench.py)
 #   make bench-tls   the TLS set of the comparison (compare.py --set tls): TLS echo, new TLS
 #                    connections/s and RSS per idle TLS connection against the TLS Protocol
 #                    baseline, into benchmarks/results/tls.{json,md} (COMPARE_ARGS apply)
@@ -57,7 +59,7 @@ NO_EXT_GUARD = $(if $(FASTNET_NO_EXTENSIONS),$(error FASTNET_NO_EXTENSIONS is se
 	`make $(or $(MAKECMDGOALS),all)` builds and uses the extension; unset it \
 	(`make test-pure` tests the pure-Python package)))
 
-.PHONY: all test test-pure serve bench bench-micro bench-compare bench-tls bench-router soak soak-ci build \
+.PHONY: all test test-pure serve bench bench-micro bench-compare bench-tls bench-router bench-client soak soak-ci build \
 	lint lint-deps clean distclean
 .PHONY: asan fuzz fuzz-ci test-matrix
 
@@ -118,6 +120,11 @@ bench-router: $(VENV)/.bench-installed
 	$(NO_EXT_GUARD)
 	$(PY) benchmarks/compare.py --set router $(COMPARE_ARGS)
 	$(PY) benchmarks/router_split.py
+
+# The client against a hand-written asyncio client (issue 13's targets).
+bench-client: $(VENV)/.bench-installed
+	$(NO_EXT_GUARD)
+	$(PY) benchmarks/client_bench.py
 
 # The documented soak: results and the chart (matplotlib, from the bench
 # extra) go to benchmarks/results/soak.json and soak.png.

@@ -766,3 +766,31 @@ def test_arguments_are_checked() -> None:
     pool = Pool(["[::1]:7000", ("127.0.0.1", 7001)], max_lifetime=None, max_idle=None)
     assert "[::1]:7000,127.0.0.1:7001" in repr(pool)
     assert Pool(("127.0.0.1", 7000)).stats()["size"] == 0
+
+
+def test_pool_events_and_size_are_exported(arun: Runner[Any]) -> None:
+    # Pool(metrics=registry): fastnet_pool_events_total{event} (each event at 0
+    # from the first scrape) and fastnet_pool_connections{state}.
+    prometheus_client = pytest.importorskip("prometheus_client")
+    registry = prometheus_client.CollectorRegistry()
+
+    async def scenario() -> None:
+        async with fastnet.Server(echo) as server:
+            pool = fastnet.Pool(("127.0.0.1", server.port), max_size=1, metrics=registry)
+            try:
+
+                def value(name: str, **labels: str) -> float | None:
+                    return registry.get_sample_value(name, labels)  # type: ignore[no-any-return]
+
+                assert value("fastnet_pool_events_total", event="exhausted") == 0
+                async with pool.acquire() as conn:
+                    assert value("fastnet_pool_connections", state="in_use") == 1
+                    conn.send(b"x")
+                    assert await conn.recv() == b"x"
+                assert value("fastnet_pool_events_total", event="connected") == 1
+                assert value("fastnet_pool_connections", state="idle") == 1
+                assert value("fastnet_pool_connections", state="in_use") == 0
+            finally:
+                await pool.close()
+
+    arun(scenario())

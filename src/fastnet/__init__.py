@@ -30,9 +30,11 @@ Layout (data flows top to bottom on receive; docs/design.md §0 draws what runs 
     bodies.py       body codecs for the router: Raw, Packed (struct), Msgpack (msgspec)
     channel.py      Channel: the router's client side on one connection, calls multiplexed by id
     client.py       Client: calls over several servers: balanced, breakers, retries, drain
+    pool.py         Pool: exclusive connections for plain framed protocols, bounded waits
     breaker.py      CircuitBreaker: closed/open/half-open over a sliding window (per endpoint)
     retry.py        RetryPolicy, RetryBudget (a share of calls), Backoff (jittered)
     balancer.py     Balancer: power of two choices, outlier ejection
+    _events.py      a client-side object's events: counts, hook, Prometheus
     apps.py         built-in apps for `fastnet serve`: echo, kv
     cli.py          the `fastnet` command (serve, info, bench); __main__.py runs it
     _cliargs.py     the parsers the command and the load generator share
@@ -63,6 +65,7 @@ from .framing import (
 )
 from .lifecycle import Lifecycle
 from .limits import Limits
+from .pool import ConnectError, ConnectTimeout, Pool, PoolClosedError, PoolTimeout
 from .proxy import ProxyHeader, ProxyHeaderError
 from .retry import Backoff, RetryBudget, RetryPolicy
 from .router import Router
@@ -93,6 +96,8 @@ __all__ = [
     "CircuitBreaker",
     "CircuitOpen",
     "Client",
+    "ConnectError",
+    "ConnectTimeout",
     "Connection",
     "ConnectionBrokenError",
     "ConnectionBusyError",
@@ -114,6 +119,9 @@ __all__ = [
     "Lines",
     "NoEndpointAvailable",
     "Overloaded",
+    "Pool",
+    "PoolClosedError",
+    "PoolTimeout",
     "ProxyHeader",
     "ProxyHeaderError",
     "RequestError",

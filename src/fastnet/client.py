@@ -52,6 +52,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from ._events import Events
 from .balancer import Balancer, EndpointState
 from .breaker import DEFAULT_POLICY, BreakerPolicy, CircuitBreaker, CircuitOpen
 from .channel import Channel, Draining, open_channel
@@ -216,8 +217,7 @@ class Client:
         self.is_failure = is_failure
         self._ssl = ssl
         self._server_hostname = server_hostname
-        self._on_event = on_event
-        self._events = dict.fromkeys(EVENTS, 0)
+        self._events = Events("client", EVENTS, on_event)
         self._rng = rng if rng is not None else random.Random()
         self._balancer = Balancer(
             [address for address, _, _ in parsed],
@@ -240,7 +240,7 @@ class Client:
         self._budget = None if retry is None else retry.new_budget()
         self._closed = False
         if metrics is not None:
-            metrics.register(_ClientCollector(self))
+            self._events.register(metrics, self._gauges)
 
     def __repr__(self) -> str:
         return f"<fastnet.Client {len(self._endpoints)} endpoints>"
@@ -526,13 +526,7 @@ class Client:
         self._event(f"breaker_{new}", endpoint=breaker.name, previous=old)
 
     def _event(self, name: str, **info: Any) -> None:
-        self._events[name] = self._events.get(name, 0) + 1
-        hook = self._on_event
-        if hook is not None:
-            try:
-                hook(name, **info)
-            except Exception:
-                logger.exception("the client's on_event hook failed on %s", name)
+        self._events.emit(name, **info)
 
     def stats(self) -> dict[str, Any]:
         """Event counts, and per endpoint: connections, calls in flight, breaker, ejected."""
@@ -546,7 +540,7 @@ class Client:
                 "ejected": ep.state not in self._balancer.available,
                 "draining": ep.avoid_until > now,
             }
-        return {"events": dict(self._events), "endpoints": endpoints}
+        return {"events": dict(self._events.counts), "endpoints": endpoints}
 
     # ---------------------------------------------------------------- close
 
@@ -567,37 +561,24 @@ class Client:
     async def __aenter__(self) -> Client:
         return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
+    def _gauges(self) -> Iterator[Any]:
+        # Per endpoint, for the metrics: calls in flight, breaker open.
+        from prometheus_client.core import GaugeMetricFamily
 
-
-class _ClientCollector:
-    """``fastnet_client_events_total{event}`` and per-endpoint gauges, read at scrape time."""
-
-    def __init__(self, client: Client) -> None:
-        self._client = client
-
-    def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-        events = CounterMetricFamily(
-            "fastnet_client_events",
-            "Client events: breakers, ejections, retries.",
-            labels=["event"],
-        )
-        for name, count in sorted(self._client._events.items()):
-            events.add_metric([name], count)
-        yield events
         outstanding = GaugeMetricFamily(
             "fastnet_client_outstanding_calls", "Calls in flight, by endpoint.", labels=["endpoint"]
         )
         open_ = GaugeMetricFamily(
-            "fastnet_client_breaker_open", "1 while the endpoint's breaker is open.",
+            "fastnet_client_breaker_open",
+            "1 while the endpoint's breaker is open.",
             labels=["endpoint"],
-        )  # fmt: skip
-        for ep in self._client._endpoints.values():
+        )
+        for ep in self._endpoints.values():
             outstanding.add_metric([ep.address], ep.state.outstanding)
             state = None if ep.breaker is None else ep.breaker.state
             open_.add_metric([ep.address], 1 if state == "open" else 0)
         yield outstanding
         yield open_
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()

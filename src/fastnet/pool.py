@@ -86,9 +86,10 @@ import contextlib
 import logging
 import math
 import random
-from collections.abc import Awaitable, Callable, Generator, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Generator, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ._events import Events
 from .connection import Connection, connect
 from .errors import FastnetError
 from .framing import Framing, LengthPrefixed
@@ -294,6 +295,9 @@ class Pool:
             it raises, the connection is aborted and the attempt failed.
         on_event: called as ``on_event(name, **info)`` on each state change
             (the module docstring lists them).
+        metrics: a prometheus_client registry: the events are exported as
+            ``fastnet_pool_events_total{event}``, and the pool's size as
+            ``fastnet_pool_connections{state="idle"|"in_use"}``.
 
     Raises:
         ValueError: no endpoint, a malformed one, or a size or timeout out of range.
@@ -315,6 +319,7 @@ class Pool:
         close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
         init: Callable[[Connection], Awaitable[object]] | None = None,
         on_event: Callable[..., Any] | None = None,
+        metrics: Any = None,
     ) -> None:
         if isinstance(endpoints, str) or (
             isinstance(endpoints, tuple) and len(endpoints) == 2 and isinstance(endpoints[1], int)
@@ -337,8 +342,6 @@ class Pool:
             )
         if init is not None and not callable(init):
             raise TypeError(f"init must be an async callable, not {type(init).__name__}")
-        if on_event is not None and not callable(on_event):
-            raise TypeError(f"on_event must be callable, not {type(on_event).__name__}")
         self._framing: Framing = LengthPrefixed() if framing is None else framing
         self._ssl = ssl
         self._server_hostname = server_hostname
@@ -350,7 +353,9 @@ class Pool:
         self.max_idle = None if max_idle is None else float(max_idle)
         self.close_timeout = float(close_timeout)
         self._init = init
-        self._on_event = on_event
+        self._events = Events("pool", EVENTS, on_event)
+        if metrics is not None:
+            self._events.register(metrics, self._gauges)
 
         self._loop: asyncio.AbstractEventLoop | None = None  # bound on first use
         self._cursor = 0  # the endpoint the next connection tries first
@@ -974,13 +979,17 @@ class Pool:
     # ----------------------------------------------------------------- events
 
     def _event(self, name: str, **info: Any) -> None:
-        hook = self._on_event
-        if hook is None:
-            return
-        try:
-            hook(name, **info)
-        except Exception:
-            logger.exception("pool: the on_event hook raised on %r", name)
+        self._events.emit(name, **info)
+
+    def _gauges(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        family = GaugeMetricFamily(
+            "fastnet_pool_connections", "The pool's connections, by state.", labels=["state"]
+        )
+        family.add_metric(["idle"], len(self._idle))
+        family.add_metric(["in_use"], len(self._in_use))
+        yield family
 
 
 class _Acquire:

@@ -1203,3 +1203,29 @@ def test_sigterm_drains_a_router_process(process_variant: tuple[str, str]) -> No
     assert status == 0, err
     assert "Traceback" not in err
     assert "SIGTERM received" in err
+
+
+def test_a_router_behind_the_proxy_protocol_sees_the_client_address(arun: Runner[Any]) -> None:
+    # The router works behind PROXY unchanged: the header is read before any
+    # frame, and the handler sees the client's address as conn.peer.
+    router = fastnet.Router()
+
+    @router.handler(1)
+    def peer(conn: fastnet.Connection, body: bytes) -> bytes:
+        return f"{conn.peer[0]}:{conn.peer[1]}".encode()
+
+    async def scenario() -> None:
+        async with serving(router, proxy_protocol="v1", trusted_proxies=["127.0.0.1"]) as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            try:
+                request = fastnet.framing.encode_message(1, 1, 7, 0, b"")
+                writer.write(b"PROXY TCP4 203.0.113.9 127.0.0.1 51234 7000\r\n")
+                writer.write(len(request).to_bytes(4, "big") + request)
+                length = int.from_bytes(await asyncio.wait_for(reader.readexactly(4), 5), "big")
+                reply = await asyncio.wait_for(reader.readexactly(length), 5)
+            finally:
+                writer.close()
+            assert fastnet.framing.parse_header(reply) == (2, 0, 7, 0)
+            assert reply[12:] == b"203.0.113.9:51234"
+
+    arun(scenario())

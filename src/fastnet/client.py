@@ -47,7 +47,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -530,7 +529,10 @@ class Client:
 
     def stats(self) -> dict[str, Any]:
         """Event counts, and per endpoint: connections, calls in flight, breaker, ejected."""
-        now = asyncio.get_event_loop().time() if not self._closed else time.monotonic()
+        try:
+            now = asyncio.get_running_loop().time()  # the clock avoid_until is on
+        except RuntimeError:  # outside the loop: nothing is being avoided any more
+            now = float("inf")
         endpoints = {}
         for ep in self._endpoints.values():
             endpoints[ep.address] = {

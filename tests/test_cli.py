@@ -647,3 +647,25 @@ def test_examples_run_as_the_readme_shows(server: str, frames: list[str], replie
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+@pytest.mark.parametrize("framing", ["lines", "length:2", "length:4:little"])
+def test_serve_a_router_with_a_framing_it_cannot_speak_is_a_usage_error(
+    framing: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A Router's frames are LengthPrefixed()'s: another --framing would start
+    # a server no client could talk to; refused at once, status 2.
+    assert cli.main(["serve", "kv", "--port", "0", "--framing", framing]) == 2
+    err = capsys.readouterr().err
+    assert "--framing: a Router speaks 4-byte big-endian length-prefixed frames" in err
+
+
+def test_serve_a_router_with_a_frame_limit_is_fine() -> None:
+    options = cli.server_options(
+        cli.build_parser().parse_args(["serve", "kv", "--max-frame", "1KB"])
+    )
+    router = cli.resolve_app("kv")
+    assert isinstance(router, fastnet.Router)
+    router.check_framing(options["framing"])  # length, 1 KiB: the router's layout
+    with pytest.raises(ValueError, match="too small"):
+        router.check_framing(fastnet.LengthPrefixed(max_frame=11))

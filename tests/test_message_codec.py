@@ -880,7 +880,7 @@ def test_dispatcher_answers_every_handler(codec: ModuleType, message_impl: Modul
     assert run.stats == {
         "unknown_type": 2,
         "decode_errors": 1,
-        "handler_errors": 1,
+        "request_errors": 1,
         "internal_errors": 6,
         "deadline_exceeded": 0,
         "forbidden": 1,
@@ -1026,7 +1026,7 @@ def test_suspended_handlers_hold_reading(codec: ModuleType, message_impl: Module
     assert [e[1] for e in run.events if e[0] == "returned"] == [[], None]
     assert run.stats["suspended"] == 3
     assert run.stats["held"] == 2
-    assert run.stats["handler_errors"] == 1
+    assert run.stats["request_errors"] == 1
     assert run.session == (0, 0, None, False, False)
     assert run.waiting == 0
 

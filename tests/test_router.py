@@ -302,7 +302,7 @@ def test_one_way_messages_are_handled_and_never_answered(arun: Runner[Any]) -> N
             stats = router.stats()
             assert stats["unknown_type"] == 1
             assert stats["internal_errors"] == 1
-            assert stats["handler_errors"] == 1
+            assert stats["request_errors"] == 1
             assert stats["forbidden"] == 1
             assert stats["deadline_exceeded"] == 1
             # The connection is fine: a request with an id is answered, alone.
@@ -639,7 +639,7 @@ def test_error_replies_are_typed(arun: Runner[Any]) -> None:
             assert await msgpack_channel.call(Point(3, 4)) == Norm(25)
 
             assert router.stats()["unknown_type"] == 1
-            assert router.stats()["handler_errors"] == 3
+            assert router.stats()["request_errors"] == 3
             assert packed.stats()["decode_errors"] == 1
             assert msgpack.stats()["decode_errors"] == 2
 

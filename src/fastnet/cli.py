@@ -60,6 +60,7 @@ from .health import PROMETHEUS_MISSING
 from .jsonlog import JSONFormatter
 from .limits import Limits
 from .proxy import ACCEPT_MODES, DEFAULT_PROXY_HEADER_TIMEOUT, parse_networks
+from .router import Router
 from .server import DEFAULT_BACKLOG, DEFAULT_MAX_CONNECTIONS, CallbackHandler, Handler, run
 from .tls import DEFAULT_HANDSHAKE_TIMEOUT, TLSConfigError, TLSFiles
 
@@ -181,7 +182,7 @@ def resolve_app(name: str) -> Handler:
         return obj  # type: ignore[no-any-return]
     raise UsageError(
         f"app {name!r} is not a handler: expected an async function of one argument "
-        "(the connection) or a fastnet.CallbackHandler"
+        "(the connection), a fastnet.CallbackHandler or a fastnet.Router"
     )
 
 
@@ -523,6 +524,11 @@ def _serve(args: argparse.Namespace) -> int:
             raise UsageError(f"--metrics: {PROMETHEUS_MISSING}") from None
         options["metrics_address"] = args.metrics
         options["on_metrics_ready"] = _print_metrics_address
+    if isinstance(handler, Router) and options["framing"] is not None:
+        try:
+            handler.check_framing(options["framing"])
+        except ValueError as exc:
+            raise UsageError(f"--framing: {exc}") from None
     if args.workers is not None:
         return _serve_workers(args, options)
     assert handler is not None

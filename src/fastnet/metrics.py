@@ -441,7 +441,7 @@ class FastnetCollector:
         )
         handler_events = counter(
             "handler_events",
-            "Events the handler counts (a Router: unknown_type, decode_errors, handler_errors, "
+            "Events the handler counts (a Router: unknown_type, decode_errors, request_errors, "
             "internal_errors, deadline_exceeded, forbidden, malformed, suspended, held, pings, "
             "drains_sent).",
             ["event"],

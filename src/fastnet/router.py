@@ -258,6 +258,30 @@ class Router(CallbackHandler):
                     f"{cls.__qualname__} ({type_id}): {exc}"
                 ) from exc
 
+    def check_framing(self, spec: Any) -> None:
+        """Raise ValueError unless ``spec`` carries the wire format's frames.
+
+        The router's frames are ``LengthPrefixed()``'s: a 4-byte big-endian
+        length of what follows it; only ``max_frame`` may differ (at least the
+        12-byte header).
+        """
+        if not isinstance(spec, LengthPrefixed) or (
+            spec.length_size,
+            spec.byteorder,
+            spec.offset,
+            spec.adjustment,
+            spec.strip,
+        ) != (4, "big", 0, 0, None):
+            raise ValueError(
+                f"a Router speaks 4-byte big-endian length-prefixed frames "
+                f"(fastnet.LengthPrefixed()), not {spec!r}"
+            )
+        if spec.max_frame < HEADER_SIZE:
+            raise ValueError(
+                f"a Router's frames hold at least a {HEADER_SIZE}-byte header; "
+                f"max_frame {spec.max_frame} is too small"
+            )
+
     def _bind(self, framing_: Any = None) -> Any:
         """Check, then freeze the declarations into the per-frame dispatcher.
 
@@ -265,6 +289,8 @@ class Router(CallbackHandler):
         a larger one is answered ``INTERNAL`` instead); the router's own
         when None.
         """
+        if framing_ is not None:
+            self.check_framing(framing_)
         if self._dispatcher is None:
             self.check()
             top = max(self._handlers, default=0)
@@ -317,7 +343,7 @@ class Router(CallbackHandler):
     def stats(self) -> dict[str, int]:
         """Counts of the router's rarer events, over every connection.
 
-        ``unknown_type``, ``decode_errors``, ``handler_errors`` (RequestError
+        ``unknown_type``, ``decode_errors``, ``request_errors`` (RequestError
         raised), ``internal_errors``, ``deadline_exceeded``, ``forbidden``,
         ``malformed`` (framing errors in a header), ``suspended`` (handlers
         that awaited: a task each), ``held`` (reads paused at
@@ -409,13 +435,13 @@ class Router(CallbackHandler):
         # The handler raised: a RequestError is its answer; anything else is
         # a bug, logged (rate-limited) and answered "internal error".
         if isinstance(exc, RequestError):
-            self._counts["handler_errors"] += 1
+            self._counts["request_errors"] += 1
             message = exc.message if isinstance(exc.message, str) else str(exc.message)
             return self._error(route.type_id, id_, exc.code, message)
         if isinstance(exc, (ConnectionClosedError, ConnectionBrokenError)):
             return None  # the connection is going away: nobody to answer
         self._counts["internal_errors"] += 1
-        self._log_internal(conn, f"the handler of {route.name} raised", exc)
+        self._log_internal(conn, id_, f"the handler of {route.name} raised", exc)
         text = f"{type(exc).__name__}: {exc}" if self.debug else "internal error"
         return self._error(route.type_id, id_, ErrorCode.INTERNAL, text)
 
@@ -425,6 +451,7 @@ class Router(CallbackHandler):
         self._counts["internal_errors"] += 1
         self._log_internal(
             conn,
+            id_,
             f"the handler of {route.name} returned {type(result).__qualname__}, "
             "which cannot be encoded",
             exc,
@@ -439,18 +466,20 @@ class Router(CallbackHandler):
             message = message[:MAX_ERROR_TEXT] + "..."
         return framing.encode_message(ERROR, type_id, id_, 0, framing.error_body(code, message))
 
-    def _log_internal(self, conn: Connection, what: str, exc: BaseException) -> None:
+    def _log_internal(self, conn: Connection, id_: int, what: str, exc: BaseException) -> None:
         limit = self._internal_log
         if limit is None:
             limit = self._internal_log = _RateLimit(INTERNAL_LOG_BURST, INTERNAL_LOG_INTERVAL)
         if limit.allow():
             peer = format_peer(conn.peer)
+            answer = "answered with an internal error" if id_ else "one-way: no answer"
             logger.error(
-                "%s %s: %s (peer %s; answered with an internal error)",
+                "%s %s: %s (peer %s; %s)",
                 what,
                 type(exc).__name__,
                 exc,
                 peer,
+                answer,
                 exc_info=exc,
                 extra={"peer": peer, "event": "router_internal_error"},
             )
@@ -610,7 +639,7 @@ class Router(CallbackHandler):
 _COUNTED = (
     "unknown_type",
     "decode_errors",
-    "handler_errors",
+    "request_errors",
     "internal_errors",
     "deadline_exceeded",
     "forbidden",

@@ -16,10 +16,11 @@ once, multiplexed by request id. Per call:
 2. **Send it** on the endpoint's least busy connection (connecting one if
    needed, within ``connect_timeout``); the call's timeout is sent as the
    request's deadline.
-3. **Judge the outcome**: a connection failure counts against the endpoint
-   (balancer) and its breaker; a timeout and an ``Overloaded`` reply count
-   against the breaker; an application's error reply is an answer, not a
-   failure (``is_failure`` changes that).
+3. **Judge the outcome**: a connection failure or a timeout counts against
+   the endpoint (balancer: a stalled server's calls only time out) and its
+   breaker; an ``Overloaded`` reply counts against the breaker; an
+   application's error reply is an answer, not a failure (``is_failure``
+   changes that).
 4. **Retry only where safe** (``retry.py``): a request that never reached
    the server (the connection could not be made, or was draining, or the
    breaker refused) or that the server did not run (``Overloaded``), or of a
@@ -55,6 +56,7 @@ from ._events import Events
 from .balancer import Balancer, EndpointState
 from .breaker import DEFAULT_POLICY, BreakerPolicy, CircuitBreaker, CircuitOpen
 from .channel import Channel, Draining, open_channel
+from .connection import WriteBufferFull
 from .errors import ConnectionBrokenError, ConnectionClosedError, FastnetError
 from .retry import RetryPolicy
 from .router import Router
@@ -71,6 +73,9 @@ DEFAULT_MAX_IN_FLIGHT = 64  # as the router's default per connection
 # (unless it is the only one left): its server is shutting down; a restarted
 # one is found again after this.
 DRAIN_AVOID = 1.0
+# Seconds close() lets each connection flush what it has queued (one-way
+# messages) before aborting it.
+CLOSE_FLUSH_SECONDS = 1.0
 
 EVENTS = (
     "connected",
@@ -324,12 +329,14 @@ class Client:
                 elapsed = loop.time() - began
                 failed = self.is_failure(exc)
                 self._judge(ep, not failed, elapsed, permit)
+                if failed and isinstance(exc, Exception) and not isinstance(exc, Overloaded):
+                    # Connection failures and timeouts (a stalled server's
+                    # calls only time out) count towards ejection.
+                    self._balancer.failure(ep.state)
                 if isinstance(exc, (RequestError, CircuitOpen)) and not isinstance(exc, Overloaded):
                     raise  # an answer (or the caller's time is up): not retried
                 if not isinstance(exc, Exception):
                     raise
-                if not isinstance(exc, Overloaded) and failed:
-                    self._balancer.failure(ep.state)
                 # Overloaded: the server did not run it, as if never sent.
                 safe = not sent or isinstance(exc, Overloaded) or idempotent
                 if not self._may_retry(safe, attempt):
@@ -348,21 +355,45 @@ class Client:
                 return reply
 
     async def send(self, msg: Any, *, type: int | None = None) -> None:
-        """Send a one-way message to one endpoint (no reply; retried only if never sent)."""
+        """Send a one-way message to one endpoint (no reply; retried only if never sent).
+
+        A full write buffer is waited out (backpressure, as for calls) within
+        the client's ``timeout``; ``DeadlineExceeded`` after it.
+        """
         if self._closed:
             raise ConnectionClosedError("the client is closed")
+        loop = asyncio.get_running_loop()
+        expires = None if self.timeout is None else loop.time() + self.timeout
         tried: list[_Endpoint] = []
         for _ in range(2 * len(self._endpoints) + 2):
+            remaining = None
+            if expires is not None:
+                remaining = expires - loop.time()
+                if remaining <= 0:
+                    raise DeadlineExceeded(f"not sent within {self.timeout:.3g} s")
             ep, permit = self._pick(tried)
             tried.append(ep)
             try:
-                channel = await self._channel(ep, self.timeout)
-                channel.send(msg, type=type)
+                channel = await self._channel(ep, remaining)
+                while True:
+                    try:
+                        channel.send(msg, type=type)
+                        break
+                    except WriteBufferFull:
+                        # Not sent: wait for room (backpressure, as a call
+                        # does), within the timeout.
+                        left = None if expires is None else max(expires - loop.time(), 0.0)
+                        try:
+                            await asyncio.wait_for(channel.drain(), left)
+                        except asyncio.TimeoutError:
+                            raise DeadlineExceeded("no room to send in time") from None
             except Draining:
                 self._judge(ep, None, 0.0, permit)
                 continue
             except (ConnectionError, OSError, ConnectionClosedError, asyncio.TimeoutError):
                 self._judge(ep, False, 0.0, permit)
+                if self._closed:
+                    raise
                 self._balancer.failure(ep.state)
                 continue
             except BaseException:
@@ -415,7 +446,7 @@ class Client:
 
     def _may_retry(self, safe: bool, attempt: int) -> bool:
         retry = self.retry
-        if retry is None or not safe or attempt >= retry.max_attempts:
+        if retry is None or not safe or attempt >= retry.max_attempts or self._closed:
             return False
         budget = self._budget
         if budget is not None and not budget.try_withdraw():
@@ -472,16 +503,24 @@ class Client:
 
     async def _connect(self, ep: _Endpoint, remaining: float | None) -> Channel:
         # One connection attempt per endpoint at a time; callers share it.
+        if self._closed:
+            raise ConnectionClosedError("the client is closed")
         task = ep.connecting
         if task is None:
             task = ep.connecting = asyncio.get_running_loop().create_task(self._open(ep))
             task.add_done_callback(lambda _: setattr(ep, "connecting", None))
-        if remaining is None:
-            return await asyncio.shield(task)
         try:
+            if remaining is None:
+                return await asyncio.shield(task)
             return await asyncio.wait_for(asyncio.shield(task), remaining)
         except asyncio.TimeoutError:
             raise DeadlineExceeded("no connection in time") from None
+        except asyncio.CancelledError:
+            # close() cancelled the attempt, not our caller: the call fails
+            # as the calls in flight do.
+            if self._closed and task.cancelled() and not _cancelling():
+                raise ConnectionClosedError("the client is closed") from None
+            raise
 
     async def _open(self, ep: _Endpoint) -> Channel:
         try:
@@ -547,7 +586,12 @@ class Client:
     # ---------------------------------------------------------------- close
 
     async def close(self) -> None:
-        """Close every connection; calls in flight fail with ConnectionClosedError."""
+        """Close every connection; calls in flight fail with ConnectionClosedError.
+
+        Calls waiting for a connection fail the same way, and nothing is
+        retried or connected after it. Each connection may flush what it has
+        queued for ``CLOSE_FLUSH_SECONDS``, then it is aborted.
+        """
         if self._closed:
             return
         self._closed = True
@@ -558,7 +602,20 @@ class Client:
                 if not waiter.done():
                     waiter.set_exception(ConnectionClosedError("the client is closed"))
         channels = [c for ep in self._endpoints.values() for c in ep.channels]
-        await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)
+        closing = [asyncio.ensure_future(c.close()) for c in channels]
+        if not closing:
+            return
+        # A connection flushes what it has queued before it closes; one whose
+        # server reads nothing (stalled) would hold close() forever: aborted.
+        _, pending = await asyncio.wait(closing, timeout=CLOSE_FLUSH_SECONDS)
+        if pending:
+            for channel, task in zip(channels, closing, strict=True):
+                if not task.done():
+                    channel.connection.abort()
+            await asyncio.wait(pending, timeout=CLOSE_FLUSH_SECONDS)
+        for task in closing:
+            if task.done() and not task.cancelled():
+                task.exception()  # retrieved: close() reports nothing
 
     async def __aenter__(self) -> Client:
         return self
@@ -584,3 +641,11 @@ class Client:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+
+def _cancelling() -> bool:
+    # Whether the current task was asked to cancel (Python 3.11+ counts the
+    # requests; on 3.10 it cannot be told, and False is assumed).
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return cancelling is not None and cancelling() > 0

@@ -14,18 +14,20 @@ Every wait is bounded (``wait_until``, ``asyncio.wait_for``, the client's own
 timeouts); the breaker, ejection and budget parameters are made small
 through the Client's arguments so that each test takes a few seconds.
 
-Five client bugs this file found are fixed (a stalled server never ejected,
+Six client bugs this file found are fixed (a stalled server never ejected,
 CancelledError from close() during a connect, reconnects after close(),
 close() hanging on a server that reads nothing, WriteBufferFull from
-send()). One strict xfail documents a bug not fixed here: a rolling restart
-in which each server is down for more than a second, with the default
-ejection time, fails calls.
+send(), and a rolling restart in which each server is down for more than a
+second with the default ejection: the restarted server was ejected, and
+calls failed when the other one drained; an ejected endpoint is now tried
+when nothing better is left, and a failed connection attempt counts once).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import signal
 import socket
 import sys
@@ -157,6 +159,77 @@ def test_calls_to_one_endpoint_get_their_replies(arun: Runner[Any]) -> None:
             assert backend.attempts == 102
             with pytest.raises(TypeError):
                 await client.call(b"no type")  # a raw body needs its type
+
+    arun(scenario())
+
+
+def test_a_message_that_cannot_be_sent_is_not_retried(arun: Runner[Any]) -> None:
+    # A local error (too large for the framing, a raw body without its type)
+    # is the message's, the same on every endpoint: raised at once, no retry,
+    # nothing counted against the endpoint.
+    async def scenario() -> None:
+        backend = Backend()
+        async with serving(backend.router) as (address,), Client([address], timeout=2.0) as client:
+            too_large = b"x" * (fastnet.DEFAULT_MAX_FRAME_SIZE + 1)
+            for _ in range(5):
+                with pytest.raises(fastnet.FrameTooLarge):
+                    await client.call(too_large, type=ECHO)
+            stats = client.stats()
+            assert stats["events"]["retry"] == 0
+            assert stats["endpoints"][address]["breaker"] == "closed"
+            assert await client.call(b"ok", type=ECHO) == b"ok"
+
+    arun(scenario())
+
+
+def test_a_refused_connection_counts_once_however_many_calls_waited(arun: Runner[Any]) -> None:
+    # 20 calls wait for the one connection attempt to a closed port: one
+    # failure for the balancer (no ejection: 5 in a row are needed), and the
+    # calls are retried on the live endpoint.
+    async def scenario() -> None:
+        backend = Backend()
+        with socket.socket() as closed:
+            closed.bind(("127.0.0.1", 0))
+            dead = f"127.0.0.1:{closed.getsockname()[1]}"
+        events = Events()
+        async with serving(backend.router) as (address,):
+            client = Client([dead, address], timeout=2.0, on_event=events, rng=random.Random(1))
+            async with client:
+                replies = await asyncio.gather(
+                    *(client.call(b"%d" % i, type=ECHO) for i in range(20))
+                )
+                assert replies == [b"%d" % i for i in range(20)]
+            assert events.count("connect_failed", dead) == 1
+            assert events.count("endpoint_ejected") == 0
+
+    arun(scenario())
+
+
+def test_init_runs_on_each_new_connection(arun: Runner[Any]) -> None:
+    # Client(init=...): say hello on every connection before calls use it,
+    # so a router's protocol state is right on each endpoint.
+    async def scenario() -> None:
+        router = fastnet.Router(states=("new", "ready"))
+
+        @router.handler(1, states="new")
+        def hello(conn: fastnet.Connection, body: bytes) -> None:
+            router.set_state(conn, "ready")
+
+        @router.handler(2, states="ready")
+        def work(conn: fastnet.Connection, body: bytes) -> bytes:
+            return body
+
+        async def init(channel: fastnet.Channel) -> None:
+            await channel.call(b"", type=1, timeout=2.0)
+
+        async with (
+            serving(router, router) as addresses,
+            Client(addresses, timeout=2.0, init=init) as client,
+        ):
+            replies = await asyncio.gather(*(client.call(b"w", type=2) for _ in range(50)))
+            assert replies == [b"w"] * 50
+            stats = client.stats()
+            assert all(ep["connections"] == 1 for ep in stats["endpoints"].values())
 
     arun(scenario())
 
@@ -1079,13 +1152,6 @@ def test_a_rolling_restart_costs_no_call(
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
-@pytest.mark.xfail(
-    strict=True,
-    reason="client bug: a server down for longer than DRAIN_AVOID (1 s) while it restarts "
-    "is refused a few times and ejected for base_ejection_seconds (30 s by default); when "
-    "the other server is restarted next, the only live endpoint is the ejected one, and "
-    "calls fail (connect refused, then CircuitOpen) instead of going to it",
-)
 def test_a_rolling_restart_with_slow_restarts_and_default_ejection_costs_no_call() -> None:
     """As above with the client's default ejection, each server down 1.5 s before it is back.
 

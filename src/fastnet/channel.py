@@ -48,11 +48,20 @@ from .wire import (
     header_error,
 )
 
-__all__ = ["Channel", "Draining", "open_channel"]
+__all__ = ["Channel", "Draining", "NoReply", "open_channel"]
 
 
 class Draining(ConnectionClosedError):
     """The server asked this connection to drain (it is shutting down): call another."""
+
+
+class NoReply(DeadlineExceeded):
+    """A call's timeout passed on the client with no answer from the server.
+
+    A ``DeadlineExceeded`` (and so a ``TimeoutError``) raised locally, where
+    a ``DeadlineExceeded`` error reply is the server's own answer: a client
+    balancing over several servers counts this one against the server.
+    """
 
 
 class Channel:
@@ -381,7 +390,7 @@ class _Call:
 
 def _expire(future: asyncio.Future[Any], timeout: float) -> None:
     if not future.done():
-        future.set_exception(DeadlineExceeded(f"no reply within {timeout:.3g} s"))
+        future.set_exception(NoReply(f"no reply within {timeout:.3g} s"))
 
 
 async def open_channel(

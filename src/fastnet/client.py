@@ -36,10 +36,16 @@ the only one: a rolling restart of the servers costs the client no call.
 
 Events (``client.stats()``, ``on_event(name, **info)``, and
 ``fastnet_client_events_total{event}`` with ``metrics=``): ``connected``,
-``connect_failed``, ``drained``, ``breaker_open``, ``breaker_half_open``,
-``breaker_closed``, ``endpoint_ejected``, ``endpoint_returned``,
-``retry``, ``retry_budget_exhausted``, ``in_flight_full`` (a call waited for
-a free slot: every connection of the endpoint at ``max_in_flight``).
+``connect_failed``, ``connection_lost``, ``drained``, ``breaker_open``,
+``breaker_half_open``, ``breaker_closed``, ``endpoint_ejected``,
+``endpoint_returned``, ``retry``, ``retry_budget_exhausted``,
+``in_flight_full`` (a call waited for a free slot: every connection of the
+endpoint at ``max_in_flight``), ``panic`` (every endpoint ejected or
+refusing: an ejected one was tried anyway).
+
+What counts towards an endpoint's ejection: a failed connection attempt and
+a lost connection, once each (not once per call that met them), and a sent
+call's timeout (a stalled server's calls only time out).
 """
 
 from __future__ import annotations
@@ -49,15 +55,16 @@ import contextlib
 import logging
 import random
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
 from ._events import Events
 from .balancer import Balancer, EndpointState
 from .breaker import DEFAULT_POLICY, BreakerPolicy, CircuitBreaker, CircuitOpen
-from .channel import Channel, Draining, open_channel
+from .channel import Channel, Draining, NoReply, open_channel
 from .connection import WriteBufferFull
 from .errors import ConnectionBrokenError, ConnectionClosedError, FastnetError
+from .pool import ConnectError, ConnectTimeout
 from .retry import RetryPolicy
 from .router import Router
 from .wire import DeadlineExceeded, Overloaded, RequestError
@@ -73,6 +80,12 @@ DEFAULT_MAX_IN_FLIGHT = 64  # as the router's default per connection
 # (unless it is the only one left): its server is shutting down; a restarted
 # one is found again after this.
 DRAIN_AVOID = 1.0
+# After a failed connection attempt the endpoint is avoided (picked only if
+# nothing else can take the call) for this long, doubling with each failure
+# in a row up to the maximum: a restarting server is tried a few times a
+# second, not once per call.
+CONNECT_BACKOFF = 0.05
+CONNECT_BACKOFF_MAX = 2.0
 # Seconds close() lets each connection flush what it has queued (one-way
 # messages) before aborting it.
 CLOSE_FLUSH_SECONDS = 1.0
@@ -80,6 +93,7 @@ CLOSE_FLUSH_SECONDS = 1.0
 EVENTS = (
     "connected",
     "connect_failed",
+    "connection_lost",
     "drained",
     "breaker_open",
     "breaker_half_open",
@@ -89,9 +103,22 @@ EVENTS = (
     "retry",
     "retry_budget_exhausted",
     "in_flight_full",
+    "panic",
 )
 
 _DEFAULT: Any = object()
+# What a call may be retried after (if safe): the connection, the server,
+# the time. Anything else is about the message and raised at once.
+_RETRYABLE = (
+    ConnectionError,
+    OSError,
+    ConnectionClosedError,
+    ConnectionBrokenError,
+    asyncio.TimeoutError,
+    TimeoutError,
+    RequestError,
+    CircuitOpen,
+)
 DEFAULT_RETRY = RetryPolicy()
 
 
@@ -135,6 +162,7 @@ class _Endpoint:
         "avoid_until",
         "breaker",
         "channels",
+        "connect_failures",
         "connecting",
         "host",
         "port",
@@ -150,6 +178,7 @@ class _Endpoint:
         self.breaker: CircuitBreaker | None = None
         self.channels: list[Channel] = []
         self.connecting: asyncio.Task[Channel] | None = None
+        self.connect_failures = 0  # failed connection attempts in a row
         self.avoid_until = 0.0
         self.waiters: deque[asyncio.Future[None]] = deque()
 
@@ -175,6 +204,10 @@ class Client:
         is_failure: what counts against a breaker (``default_is_failure``).
         consecutive_failures, base_ejection_seconds, max_ejection_seconds,
             max_ejection_percent: the balancer's outlier ejection.
+        init: ``async def init(channel)``, run on each new connection before
+            any call uses it, within ``connect_timeout``: say hello,
+            authenticate (move a router's protocol state). If it raises,
+            the attempt fails like a refused connection.
         on_event: ``on_event(name, **info)`` for every event (module docstring).
         metrics: a prometheus_client registry to export the events to.
     """
@@ -197,6 +230,7 @@ class Client:
         base_ejection_seconds: float = 30.0,
         max_ejection_seconds: float = 300.0,
         max_ejection_percent: float = 50.0,
+        init: Callable[[Channel], Awaitable[object]] | None = None,
         on_event: Callable[..., None] | None = None,
         metrics: Any = None,
         rng: random.Random | None = None,
@@ -213,6 +247,9 @@ class Client:
         if connections_per_endpoint < 1 or max_in_flight < 1:
             raise ValueError("connections_per_endpoint and max_in_flight must be at least 1")
         self.router = Router() if router is None else router
+        if init is not None and not callable(init):
+            raise TypeError(f"init must be an async callable, not {type(init).__name__}")
+        self._init = init
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.connections_per_endpoint = connections_per_endpoint
@@ -326,17 +363,27 @@ class Client:
                 self._judge(ep, None, 0.0, permit)
                 raise
             except BaseException as exc:
+                if not isinstance(exc, _RETRYABLE):
+                    # The message itself (it cannot be encoded, a bad type):
+                    # nothing to do with the endpoint, and the same everywhere.
+                    self._judge(ep, None, 0.0, permit)
+                    raise
                 elapsed = loop.time() - began
                 failed = self.is_failure(exc)
-                self._judge(ep, not failed, elapsed, permit)
-                if failed and isinstance(exc, Exception) and not isinstance(exc, Overloaded):
-                    # Connection failures and timeouts (a stalled server's
-                    # calls only time out) count towards ejection.
+                if isinstance(exc, ConnectError) and not sent:
+                    # A failed connection attempt counted once, in _open, for
+                    # the breaker as for ejection, not once per waiting call.
+                    self._judge(ep, None, 0.0, permit)
+                else:
+                    self._judge(ep, not failed, elapsed, permit)
+                if isinstance(exc, NoReply):
+                    # A sent call's timeout: a stalled server's calls only
+                    # time out, so they count towards its ejection. (Connect
+                    # failures and lost connections count once each, where
+                    # they happen, not once per call that met them.)
                     self._balancer.failure(ep.state)
                 if isinstance(exc, (RequestError, CircuitOpen)) and not isinstance(exc, Overloaded):
                     raise  # an answer (or the caller's time is up): not retried
-                if not isinstance(exc, Exception):
-                    raise
                 # Overloaded: the server did not run it, as if never sent.
                 safe = not sent or isinstance(exc, Overloaded) or idempotent
                 if not self._may_retry(safe, attempt):
@@ -406,34 +453,56 @@ class Client:
     # ------------------------------------------------------------- choosing
 
     def _pick(self, tried: list[_Endpoint]) -> tuple[_Endpoint, int | None]:
-        # Not tried yet, not draining, breaker not open; relaxed in that order.
-        # Returns the endpoint and its breaker's permit (the breaker drops
-        # a result whose permit is from before its last change of state).
+        # The endpoint for an attempt, and its breaker's permit (the breaker
+        # drops a result whose permit is from before its last change of
+        # state). Preferred in this order, each by power of two choices or,
+        # for ejected endpoints, the least busy:
+        #   1. not tried by this call, not avoided (draining, connect backoff)
+        #   2. not avoided
+        #   3. panic (Envoy's word): an ejected endpoint that is not avoided;
+        #      ejection is a guess from past failures, and with nothing
+        #      better left it is tried rather than failing the call
+        #   4. not tried; 5. any in service; 6. panic: any at all.
         now = asyncio.get_running_loop().time()
-        endpoints = self._endpoints.values()
-        breaker_refused = False
-        for relax in (0, 1, 2):
-            exclude: list[EndpointState] = []
-            for ep in endpoints:
-                if (relax < 2 and ep in tried) or (relax < 1 and ep.avoid_until > now):
-                    exclude.append(ep.state)
+        endpoints = list(self._endpoints.values())
+        available = set(map(id, self._balancer.available))
+
+        def avoided(ep: _Endpoint) -> bool:
+            return ep.avoid_until > now
+
+        levels: tuple[tuple[bool, Callable[[_Endpoint], bool]], ...] = (
+            (False, lambda ep: ep in tried or avoided(ep)),
+            (False, avoided),
+            (True, avoided),
+            (False, lambda ep: ep in tried),
+            (False, lambda ep: False),
+            (True, lambda ep: False),
+        )
+        for panic, skip in levels:
+            exclude = [ep.state for ep in endpoints if skip(ep)]
             while True:
-                state = self._balancer.pick(exclude)
-                if state is None:
+                if panic:
+                    ejected = [
+                        ep
+                        for ep in endpoints
+                        if id(ep.state) not in available and ep.state not in exclude
+                    ]
+                    ep = min(ejected, key=lambda e: e.state.outstanding, default=None)
+                    state = None if ep is None else ep.state
+                else:
+                    state = self._balancer.pick(exclude)
+                    ep = None if state is None else self._by_state[id(state)]
+                if ep is None or state is None:
                     break
-                ep = self._by_state[id(state)]
                 breaker = ep.breaker
-                if breaker is None:
-                    return ep, None
-                if breaker.allow():
-                    return ep, breaker.generation
-                breaker_refused = True
+                if breaker is None or breaker.allow():
+                    if panic:
+                        self._event("panic", endpoint=ep.address)
+                    return ep, None if breaker is None else breaker.generation
                 exclude.append(state)
-        if breaker_refused:
-            raise CircuitOpen(
-                "every endpoint's circuit breaker is open", endpoint=None, retry_after=0.0
-            )
-        raise NoEndpointAvailable("every endpoint is ejected")
+        raise CircuitOpen(
+            "every endpoint's circuit breaker is open", endpoint=None, retry_after=0.0
+        )
 
     def _judge(self, ep: _Endpoint, ok: bool | None, seconds: float, permit: int | None) -> None:
         breaker = ep.breaker
@@ -523,31 +592,58 @@ class Client:
             raise
 
     async def _open(self, ep: _Endpoint) -> Channel:
+        # One connection attempt. A failure counts once against the endpoint
+        # (however many calls waited for it), and the endpoint is avoided
+        # for a backoff that doubles with each failure in a row, so a server
+        # that is restarting is not hammered, nor ejected by a burst of calls.
         try:
-            channel = await asyncio.wait_for(
-                open_channel(
-                    ep.host,
-                    ep.port,
-                    router=self.router,
-                    ssl=self._ssl,
-                    server_hostname=self._server_hostname if self._ssl is not None else None,
-                ),
-                self.connect_timeout,
-            )
+            channel = await asyncio.wait_for(self._connect_channel(ep), self.connect_timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             self._event("connect_failed", endpoint=ep.address, error=repr(exc))
+            ep.connect_failures += 1
+            backoff = min(CONNECT_BACKOFF * 2 ** (ep.connect_failures - 1), CONNECT_BACKOFF_MAX)
+            ep.avoid_until = asyncio.get_running_loop().time() + backoff
+            self._balancer.failure(ep.state)
+            if ep.breaker is not None:
+                ep.breaker.record(False, 0.0)
             if isinstance(exc, asyncio.TimeoutError):
-                raise ConnectionRefusedError(
+                timeout = ConnectTimeout(
                     f"connecting to {ep.address} took over {self.connect_timeout:.3g} s"
-                ) from None
-            raise
+                )
+                raise timeout from None
+            error = ConnectError(f"cannot connect to {ep.address}: {exc}", [(ep.address, exc)])
+            raise error from exc
         if self._closed:
             await channel.close()
             raise ConnectionClosedError("the client is closed")
+        ep.connect_failures = 0
         ep.channels.append(channel)
         self._event("connected", endpoint=ep.address)
         channel.drained.add_done_callback(lambda f: self._drained(ep, f))
+        channel._reader.add_done_callback(lambda _: self._channel_ended(ep, channel))
         return channel
+
+    async def _connect_channel(self, ep: _Endpoint) -> Channel:
+        channel = await open_channel(
+            ep.host,
+            ep.port,
+            router=self.router,
+            ssl=self._ssl,
+            server_hostname=self._server_hostname if self._ssl is not None else None,
+        )
+        if self._init is not None:
+            try:
+                await self._init(channel)
+            except BaseException:
+                channel.connection.abort()
+                raise
+        return channel
+
+    def _channel_ended(self, ep: _Endpoint, channel: Channel) -> None:
+        # A connection lost (not closed by us, not drained) counts once.
+        if isinstance(channel._closed, ConnectionBrokenError) and not self._closed:
+            self._event("connection_lost", endpoint=ep.address)
+            self._balancer.failure(ep.state)
 
     def _drained(self, ep: _Endpoint, future: asyncio.Future[None]) -> None:
         if future.cancelled():

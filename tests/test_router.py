@@ -1229,3 +1229,37 @@ def test_a_router_behind_the_proxy_protocol_sees_the_client_address(arun: Runner
             assert reply[12:] == b"203.0.113.9:51234"
 
     arun(scenario())
+
+
+def test_a_reply_only_message_is_refused_as_a_request_by_the_client(arun: Runner[Any]) -> None:
+    # The client knows the declarations: sending a reply-only class as a
+    # request is the caller's mistake, refused before anything is sent.
+    router = fastnet.Router(codec=fastnet.bodies.Packed())
+
+    @router.message(1)
+    class Ask(NamedTuple):
+        n: int
+        layout = "!I"
+
+    @router.message(2, reply_only=True)
+    class Told(NamedTuple):
+        n: int
+        layout = "!I"
+
+    @router.handler(Ask)
+    def ask(conn: fastnet.Connection, msg: Ask) -> Told:
+        return Told(msg.n + 1)
+
+    async def scenario() -> None:
+        async with serving(router) as server:
+            channel = await channel_to(server, router)
+            try:
+                assert await channel.call(Ask(1), timeout=5) == Told(2)
+                with pytest.raises(TypeError, match="reply_only"):
+                    await channel.call(Told(1), timeout=5)
+                assert channel.in_flight == 0
+                assert await channel.call(Ask(2), timeout=5) == Told(3)
+            finally:
+                await channel.close()
+
+    arun(scenario())

@@ -286,6 +286,8 @@ class Channel:
                         f"{cls.__qualname__} is not a message declared on the router "
                         f"(pass type= for a raw body)"
                     )
+                if cls in self._router._reply_only:
+                    raise TypeError(f"{cls.__qualname__} is declared reply_only: not a request")
                 entry = self._encoders[cls] = (type_id, self._router.codec.encoder(cls))
             return framing.encode_message(REQUEST, entry[0], id_, deadline, entry[1](msg))
         if type_ is None:

@@ -17,8 +17,10 @@ steps drive two ``fastnet.Router`` instances with the same handlers, one bound
 to each backend's ``Dispatcher`` (``fastnet.framing``'s names switched as the
 tests' ``codec`` fixture does), each through a fake connection that records
 every call the router makes (``send``, ``send_many``, ``_framing_failed``,
-pausing, ``spawn``). After each step the two records, the routers'
-``stats()``, the sessions and the log lines must be equal.
+pausing, ``spawn``): the router, its handlers, the fake connection and the
+clock are ``router_driver.py``'s, which tests/test_message_codec.py uses
+too. After each step the two records, the routers' ``stats()``, the sessions
+and the log lines must be equal.
 
 The only exceptions allowed are the documented ones (``HeaderError`` from
 ``parse_header`` and ``parse_error_body``); anything else escapes and atheris
@@ -38,12 +40,11 @@ Run (see the Makefile's ``fuzz`` target for the sanitizer environment):
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import logging
 import struct
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+from typing import Any
 
 import msgspec
 
@@ -55,18 +56,26 @@ except ImportError:  # check() alone (the corpus replay test)
 if atheris is not None:
     with atheris.instrument_imports(include=["fastnet"]):
         import fastnet
-        from fastnet import _message, _message_py, bodies, framing
+        from fastnet import _message, _message_py, framing
         from fastnet import router as router_module
-        from fastnet.errors import ConnectionClosedError
-        from fastnet.lifecycle import CLOSING, OPEN
-        from fastnet.wire import HeaderError, RequestError, header_error, short_message
+        from fastnet.wire import HeaderError, header_error, short_message
 else:
     import fastnet
-    from fastnet import _message, _message_py, bodies, framing
+    from fastnet import _message, _message_py, framing
     from fastnet import router as router_module
-    from fastnet.errors import ConnectionClosedError
-    from fastnet.lifecycle import CLOSING, OPEN
-    from fastnet.wire import HeaderError, RequestError, header_error, short_message
+    from fastnet.wire import HeaderError, header_error, short_message
+
+from router_driver import (
+    GREET,
+    MESSAGE_NAMES,
+    POINT,
+    SUSPENDING,
+    TYPES,
+    FakeConn,
+    Greeting,
+    TickingClock,
+    make_router,
+)
 
 # Bounds that keep one input to a few milliseconds.
 MAX_STEPS = 16
@@ -74,17 +83,6 @@ MAX_BATCH = 8
 MAX_RAW = 63
 
 HEADER = struct.Struct(">BBHII")
-# fastnet.framing's names for the router's backend (tests/conftest.py's MESSAGE_NAMES).
-MESSAGE_NAMES = (
-    "ALL_STATES",
-    "Dispatcher",
-    "Route",
-    "encode_message",
-    "error_body",
-    "pack_header",
-    "parse_error_body",
-    "parse_header",
-)
 LIMITS = (1, 2, 3, 64)
 
 
@@ -113,186 +111,7 @@ class Reader:
         return out
 
 
-# --- the router -----------------------------------------------------------------
-
-
-class Point(NamedTuple):
-    x: int
-    y: int
-    layout = "!ii"
-
-
-class Greeting(msgspec.Struct):
-    name: str
-
-
-class Welcome(msgspec.Struct):
-    text: str
-
-
-class PerClass:
-    """Packed for classes with a layout, Msgpack for the others: both codecs on one router."""
-
-    def __init__(self) -> None:
-        self.packed = bodies.Packed()
-        self.msgpack = bodies.Msgpack()
-
-    def decoder(self, cls: type) -> Callable[[bytes], Any]:
-        return (self.packed if hasattr(cls, "layout") else self.msgpack).decoder(cls)
-
-    def encoder(self, cls: type) -> Callable[[Any], Any]:
-        return (self.packed if hasattr(cls, "layout") else self.msgpack).encoder(cls)
-
-
-class _Yield:
-    def __await__(self) -> Iterator[None]:
-        yield None
-
-
-VAR: contextvars.ContextVar[bytes] = contextvars.ContextVar("VAR")
-
-# Message types: 1-19, 300 and 65535 have handlers; 0, 7 (a reply-only class),
-# 20 and 1000 do not.
-POINT, GREET, WELCOME = 5, 6, 7
-SUSPENDING = (14, 15, 16)
-TYPES = (*range(0, 21), 300, 1000, 65535)
-
-
-def make_router(max_in_flight: int, debug: bool) -> fastnet.Router:
-    router = fastnet.Router(
-        codec=PerClass(),
-        states=("new", "authed"),
-        max_in_flight=max_in_flight,
-        drain_grace=0,
-        debug=debug,
-    )
-    router.message(POINT)(Point)
-    router.message(GREET)(Greeting)
-    router.message(WELCOME, reply_only=True)(Welcome)
-
-    def add(type_id: int | type, fn: Callable[..., Any], states: Any = None) -> None:
-        router.handler(type_id, states=states)(fn)
-
-    async def quick(conn: Any, msg: bytes) -> bytes:
-        return b"quick:" + msg
-
-    async def async_crash(conn: Any, msg: bytes) -> bytes:
-        raise ValueError("async boom")
-
-    async def slow(conn: Any, msg: bytes) -> bytes:
-        await _Yield()
-        return b"slow:" + msg
-
-    async def slow_fail(conn: Any, msg: bytes) -> bytes:
-        await _Yield()
-        raise RequestError("too late", code=301)
-
-    async def ctx_set(conn: Any, msg: bytes) -> bytes:
-        VAR.set(msg)
-        if msg:
-            await _Yield()
-        return VAR.get()
-
-    def refuse(conn: Any, msg: bytes) -> bytes:
-        raise RequestError(msg.decode("utf-8", "replace"), code=256 + len(msg))
-
-    def crash(conn: Any, msg: bytes) -> bytes:
-        raise ValueError(f"boom {msg!r}")
-
-    def login(conn: Any, msg: bytes) -> bytes:
-        router.set_state(conn, "authed")
-        return b"welcome"
-
-    def logout(conn: Any, msg: bytes) -> None:
-        router.set_state(conn, "new")
-
-    def gone(conn: Any, msg: bytes) -> bytes:
-        raise ConnectionClosedError("closed")
-
-    add(1, lambda conn, msg: msg)
-    add(2, refuse)
-    add(3, crash)
-    add(4, quick)
-    add(Point, lambda conn, msg: Point(msg.y, msg.x))
-    add(Greeting, lambda conn, msg: Welcome(f"hello {msg.name}"))
-    add(8, lambda conn, msg: None)
-    add(9, lambda conn, msg: bytearray(msg))
-    add(10, lambda conn, msg: memoryview(b"<" + msg + b">")[1:-1])
-    add(11, lambda conn, msg: object())  # cannot be encoded
-    add(12, lambda conn, msg: memoryview(msg + msg)[::2])  # not contiguous (unless empty)
-    add(13, lambda conn, msg: Point(len(msg) << 28, 0))  # the Packed encoder refuses most
-    add(14, slow)
-    add(15, slow_fail)
-    add(16, ctx_set)
-    add(17, login, "new")
-    add(18, lambda conn, msg: b"var:" + VAR.get(b"unset"), "authed")
-    add(19, logout, ["authed"])
-    add(300, async_crash)
-    add(65535, gone)
-    return router
-
-
-class TickingClock:
-    """``time`` for the router: each reading is 2 ms after the one before."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def monotonic(self) -> float:
-        self.now += 0.002
-        return self.now
-
-
-class FakeConn:
-    """What the router uses of a ``Connection``, every call recorded in ``events``."""
-
-    def __init__(self) -> None:
-        self._session: Any = None
-        self._lifecycle = OPEN
-        self.peer = ("192.0.2.1", 40000)
-        self.events: list[tuple[Any, ...]] = []
-        self.tasks: list[tuple[Any, contextvars.Context]] = []
-
-    def send(self, frame: bytes) -> None:
-        self.events.append(("send", bytes(frame)))
-
-    def send_many(self, frames: list[bytes]) -> None:
-        self.events.append(("send_many", [bytes(f) for f in frames]))
-
-    def _send_replies(self, frames: list[bytes]) -> None:
-        self.events.append(("send_replies", [bytes(f) for f in frames]))
-
-    def _framing_failed(self, exc: BaseException) -> None:
-        self.events.append(("framing_failed", type(exc), str(exc), exc.args))
-
-    def _pause_reading(self, reason: int) -> None:
-        self.events.append(("pause", reason))
-
-    def _unpause_reading(self, reason: int) -> None:
-        self.events.append(("unpause", reason))
-
-    def _begin_shutdown(self) -> None:
-        self.events.append(("begin_shutdown",))
-
-    def spawn(self, coro: Any, *, name: str | None = None) -> Any:
-        self.events.append(("spawn",))
-        self.tasks.append((coro, contextvars.copy_context()))
-        return coro
-
-    def resume(self, which: int) -> None:
-        if not self.tasks:
-            return
-        coro, context = self.tasks.pop(which % len(self.tasks))
-        self.events.append(("resume",))
-        with contextlib.suppress(StopIteration):
-            while True:
-                context.run(coro.send, None)
-
-    def close(self) -> None:
-        self._lifecycle = CLOSING  # a task closed now does not run held frames
-        for coro, _ in self.tasks:
-            coro.close()
-        self.tasks.clear()
+# --- the router: fuzz/router_driver.py's, shared with tests/test_message_codec.py ----
 
 
 # Routers by (backend, max_in_flight, debug): made and bound once, their

@@ -263,3 +263,35 @@ if __name__ == "__main__":
     if flags not in (["--require-sanitizers"], ["--require-sanitizers", "--require-coverage"]):
         sys.exit("usage: python fuzz/differential.py --require-sanitizers [--require-coverage]")
     require_sanitizers(coverage="--require-coverage" in flags)
+
+
+class Reader:
+    """Consumes the fuzzer's bytes as a script; reads past the end give zeros.
+
+    For the harnesses that read their input directly (fuzz_outq.py,
+    fuzz_message.py) rather than through atheris's FuzzedDataProvider.
+    """
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def more(self) -> bool:
+        return self.pos < len(self.data)
+
+    def byte(self) -> int:
+        if self.pos >= len(self.data):
+            return 0
+        self.pos += 1
+        return self.data[self.pos - 1]
+
+    def u16(self) -> int:
+        return self.byte() << 8 | self.byte()
+
+    def u32(self) -> int:
+        return int.from_bytes(self.take(4).ljust(4, b"\x00"), "big")
+
+    def take(self, n: int) -> bytes:
+        out = self.data[self.pos : self.pos + n]
+        self.pos += len(out)
+        return out

@@ -65,6 +65,7 @@ else:
     from fastnet import router as router_module
     from fastnet.wire import HeaderError, header_error, short_message
 
+from differential import Reader
 from router_driver import (
     GREET,
     MESSAGE_NAMES,
@@ -84,31 +85,6 @@ MAX_RAW = 63
 
 HEADER = struct.Struct(">BBHII")
 LIMITS = (1, 2, 3, 64)
-
-
-class Reader:
-    """Consumes the fuzzer's bytes; reads past the end give zeros."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.pos = 0
-
-    def more(self) -> bool:
-        return self.pos < len(self.data)
-
-    def byte(self) -> int:
-        if self.pos >= len(self.data):
-            return 0
-        self.pos += 1
-        return self.data[self.pos - 1]
-
-    def u32(self) -> int:
-        return int.from_bytes(self.take(4).ljust(4, b"\x00"), "big")
-
-    def take(self, n: int) -> bytes:
-        out = self.data[self.pos : self.pos + n]
-        self.pos += len(out)
-        return out
 
 
 # --- the router: fuzz/router_driver.py's, shared with tests/test_message_codec.py ----

@@ -26,6 +26,8 @@ from array import array
 from collections.abc import Iterator
 from typing import Any
 
+from differential import Reader
+
 from fastnet import _frame, _frame_py, _outq, _outq_py
 from fastnet.errors import FrameError
 from fastnet.framing import LengthPrefixed, Lines
@@ -37,31 +39,6 @@ MAX_EXTEND = 8
 
 THRESHOLDS = (0, 1, 8, 64, 300)
 DELIMITERS = (b"\n", b"\r\n", b"\x00", b"END", b"aa", b"aab")
-
-
-class Reader:
-    """Consumes the fuzzer's bytes; reads past the end give zeros."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.pos = 0
-
-    def more(self) -> bool:
-        return self.pos < len(self.data)
-
-    def byte(self) -> int:
-        if self.pos >= len(self.data):
-            return 0
-        self.pos += 1
-        return self.data[self.pos - 1]
-
-    def u16(self) -> int:
-        return self.byte() << 8 | self.byte()
-
-    def take(self, n: int) -> bytes:
-        out = self.data[self.pos : self.pos + n]
-        self.pos += len(out)
-        return out
 
 
 class Stop(Exception):

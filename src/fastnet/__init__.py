@@ -44,7 +44,7 @@ from __future__ import annotations
 
 from . import bodies, tls, wire
 from .breaker import BreakerPolicy, CircuitBreaker, CircuitOpen
-from .channel import Channel, Draining, open_channel
+from .channel import Channel, Draining, NoReply, open_channel
 from .client import Client, NoEndpointAvailable
 from .connection import Connection, WriteBufferFull, connect
 from .errors import (
@@ -118,6 +118,7 @@ __all__ = [
     "Limits",
     "Lines",
     "NoEndpointAvailable",
+    "NoReply",
     "Overloaded",
     "Pool",
     "PoolClosedError",

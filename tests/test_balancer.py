@@ -36,6 +36,11 @@ class FakeClock:
 class ScriptedRandom(random.Random):
     """``randrange`` answers from a script, so each pick's pair is known."""
 
+    def __new__(cls, script: list[int]) -> ScriptedRandom:
+        # CPython 3.10's Random.__new__ seeds from its arguments (a list
+        # cannot be hashed); 3.11 stopped doing that.
+        return super().__new__(cls)
+
     def __init__(self, script: list[int]) -> None:
         super().__init__(0)
         self.script = list(script)

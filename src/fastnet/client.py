@@ -462,7 +462,12 @@ class Client:
         #   3. panic (Envoy's word): an ejected endpoint that is not avoided;
         #      ejection is a guess from past failures, and with nothing
         #      better left it is tried rather than failing the call
-        #   4. not tried; 5. any in service; 6. panic: any at all.
+        #   4. not tried (an avoided endpoint may have come back)
+        #   5. panic: an ejected endpoint not tried (before trying again one
+        #      that already failed this call: a restarted server, ejected
+        #      and still in its connect backoff, rather than the one that
+        #      is shutting down)
+        #   6. any in service; 7. panic: any at all.
         now = asyncio.get_running_loop().time()
         endpoints = list(self._endpoints.values())
         available = set(map(id, self._balancer.available))
@@ -475,6 +480,7 @@ class Client:
             (False, avoided),
             (True, avoided),
             (False, lambda ep: ep in tried),
+            (True, lambda ep: ep in tried),
             (False, lambda ep: False),
             (True, lambda ep: False),
         )

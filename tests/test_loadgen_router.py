@@ -679,7 +679,10 @@ def test_python_generator_counts_a_drain_and_answers_a_ping() -> None:
         server.close()
     assert report["errors"] == 0, report["error_messages"]
     assert report["drains"] == 3
-    assert report["frames"] > 0
+    # Every connection was answered up to its drain (the report's frames
+    # count only the measured window, which a fast drain can precede: the
+    # fresh-clone CI saw 0 once).
+    assert min(server.requests) > DRAIN_AT
     assert server.pongs == [PING_ID] * 3
     # No new request after the drain: at most those already in flight.
     assert max(server.requests) <= DRAIN_AT + 1 + 4

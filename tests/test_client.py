@@ -872,6 +872,7 @@ def test_a_stalled_server_is_ejected_and_returns() -> None:
     FAILURES = 3
     TIMEOUT = 0.5
     EJECTION = 1.5
+    STOP_GRACE = 0.2
 
     async def scenario(a: ServerProcess, b: ServerProcess) -> None:
         events = Events()
@@ -898,9 +899,11 @@ def test_a_stalled_server_is_ejected_and_returns() -> None:
                 what=f"the ejection of {a.address}; events {events.names()}",
             )
             ejected = events.first("endpoint_ejected", a.address)
-            # Calls go on, served by b only.
+            # Calls go on, served by b only. Replies a wrote before the stop
+            # took hold may still be read just after it (the 3.11 matrix run
+            # of the fresh-clone CI saw 4): STOP_GRACE allows for them.
             await asyncio.sleep(2 * TIMEOUT)
-            assert load.served_by(pid_of(a), since=stopped) == 0
+            assert load.served_by(pid_of(a), since=stopped + STOP_GRACE) == 0
             assert load.served_by(pid_of(b), since=ejected) > 50
             failed = list(load.failed)
             assert 1 <= len(failed) <= LOOPS + FAILURES, failed

@@ -14,6 +14,9 @@ Environment:
                            gets 0, and the compiler drops the checks.
     FASTNET_ANNOTATE       write Cython's annotated HTML next to the .pyx.
     FASTNET_LINETRACE      compile with line tracing, for coverage and profilers.
+    FASTNET_PROFILE        any non-empty value: a release build (-O3, no checks) that
+                           keeps its symbols and frame pointers, so perf and callgrind
+                           name the extension's functions (the per-read profile).
     FASTNET_SANITIZE       any non-empty value: compile and link with AddressSanitizer
                            and UndefinedBehaviorSanitizer (gcc or clang), with symbols
                            and frame pointers, for ``make asan`` and the fuzzers.
@@ -23,7 +26,7 @@ Environment:
 
 Release builds carry no debug information: the ``-g`` that Python's own CFLAGS
 add would make the wheel's extension about ten times its code size. Builds
-with FASTNET_SANITIZE or FASTNET_DEBUG keep their symbols.
+with FASTNET_SANITIZE, FASTNET_DEBUG or FASTNET_PROFILE keep their symbols.
 """
 
 from __future__ import annotations
@@ -69,7 +72,11 @@ def extension_flags() -> tuple[list[str], list[str]]:
     # -g0 comes after Python's own CFLAGS (which carry -g) and overrides them.
     compile_args = ["-O3"]
     link_args: list[str] = []
-    if not os.environ.get("FASTNET_DEBUG"):
+    if os.environ.get("FASTNET_PROFILE"):
+        # A release build that keeps its symbols and frame pointers, for perf
+        # and callgrind to name the extension's functions.
+        compile_args += ["-g", "-fno-omit-frame-pointer"]
+    elif not os.environ.get("FASTNET_DEBUG"):
         compile_args.append("-g0")
         if sys.platform.startswith("linux"):
             # Strips the symbol table as well; PyInit_ stays in the dynamic symbols.

@@ -302,3 +302,54 @@ def test_backends_share_the_tunables(frame_impl: ModuleType) -> None:
     at = frame_impl.LengthPrefixedDecoder(spec)
     assert at.feed(spec.encode(b"a" * DIRECT_THRESHOLD)[:100]) == []
     assert at.missing == 4 + DIRECT_THRESHOLD - 100
+
+
+def test_a_stale_view_never_aliases_another_decoders_read(frame_impl: ModuleType) -> None:
+    """A view kept past its read cannot reach the bytes another decoder is still assembling.
+
+    The extension passes an emptied read block on to the next decoder that
+    reads (see ``_read_block``); it must not while an old view of it lives.
+    """
+    spec = LengthPrefixed()
+    first = frame_impl.LengthPrefixedDecoder(spec)
+    stale = first.get_buffer(-1)
+    stale[:6] = spec.encode(b"hi")
+    assert first.buffer_updated(6) == [b"hi"]  # the arena is empty again: its block is free
+    second = frame_impl.LengthPrefixedDecoder(spec)
+    body = bytes(range(256)) * 80  # 20 KiB: assembled in the arena, below the direct receive
+    wire = spec.encode(body)
+    view = second.get_buffer(-1)
+    view[:10_000] = wire[:10_000]
+    view.release()
+    assert second.buffer_updated(10_000) == []
+    stale[: len(stale)] = b"\xee" * len(stale)  # scribble over the old window
+    assert push(second, wire[10_000:]) == [body]
+    stale.release()
+
+
+def test_reads_that_leave_nothing_pending_reuse_one_block() -> None:
+    """The extension's decoders take turns with one read block instead of allocating per read."""
+    _frame = pytest.importorskip("fastnet._frame")
+    import ctypes
+
+    spec = LengthPrefixed()
+    decoders = [_frame.LengthPrefixedDecoder(spec) for _ in range(3)]
+    addresses = set()
+    for _ in range(4):
+        for decoder in decoders:
+            view = decoder.get_buffer(-1)
+            addresses.add(ctypes.addressof(ctypes.c_char.from_buffer(view)))
+            view[:8] = spec.encode(b"abcd")
+            view.release()
+            assert decoder.buffer_updated(8) == [b"abcd"]
+    assert len(addresses) == 1
+    # A read that leaves much of a frame pending keeps its block (a small tail
+    # would move to a small block); the next decoder gets another.
+    view = decoders[0].get_buffer(-1)
+    kept = ctypes.addressof(ctypes.c_char.from_buffer(view))
+    view[:10_000] = spec.encode(b"p" * 20_000)[:10_000]
+    view.release()
+    assert decoders[0].buffer_updated(10_000) == []
+    view = decoders[1].get_buffer(-1)
+    assert ctypes.addressof(ctypes.c_char.from_buffer(view)) != kept
+    view.release()

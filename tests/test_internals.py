@@ -190,6 +190,43 @@ def test_protocol_methods_are_looked_up_on_the_instance(loop_name: str) -> None:
     assert got == [b"hello"]
 
 
+@unix_only
+def test_plain_transports_take_a_window_that_is_only_a_buffer(loop_name: str) -> None:
+    # Entry 5d: the read buffer is used only through the buffer protocol and len().
+    if loop_name == "uvloop" and not HAVE_UVLOOP:
+        pytest.skip("uvloop is not installed")
+    _frame = pytest.importorskip("fastnet._frame", reason="the window object is the extension's")
+    spec = fastnet.LengthPrefixed()
+    decoder = _frame.LengthPrefixedDecoder(spec)
+    got: list[bytes] = []
+    kinds: set[str] = set()
+
+    class Windowed(asyncio.BufferedProtocol):
+        def get_buffer(self, sizehint: int) -> Any:
+            window = decoder.get_buffer(sizehint).obj  # the _Block under the view: no slicing
+            kinds.add(type(window).__name__)
+            return window
+
+        def buffer_updated(self, nbytes: int) -> None:
+            got.extend(decoder.buffer_updated(nbytes))
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        a, b = socket.socketpair()
+        transport, _ = await loop.connect_accepted_socket(Windowed, a)
+        b.sendall(spec.encode_many([b"hello", b"x" * 100_000, b"bye"]))
+        for _ in range(400):
+            if len(got) == 3:
+                break
+            await asyncio.sleep(0.005)
+        transport.close()
+        b.close()
+
+    run_coroutine(scenario(), loop=loop_name)
+    assert kinds == {"_Block"}
+    assert got == [b"hello", b"x" * 100_000, b"bye"]
+
+
 # ------------------------------------------------ the strategy after start_tls
 
 
@@ -226,9 +263,11 @@ def test_start_tls_chooses_the_strategy_again(
     async def starttls(conn: fastnet.Connection) -> None:
         assert await conn.recv() == b"STARTTLS"
         kinds["server_before"] = conn.strategy
+        kinds["window_before"] = type(conn.get_buffer(-1)).__name__
         conn.send(b"GO")
         await conn.start_tls(server_ctx)
         kinds["server_after"] = conn.strategy
+        kinds["window_after"] = type(conn.get_buffer(-1)).__name__
         async for frame in conn:
             conn.send(frame)
 
@@ -247,5 +286,10 @@ def test_start_tls_chooses_the_strategy_again(
             await conn.wait_closed()
         assert kinds["server_before"] in ("selector", "uvloop")
         assert kinds["server_after"] == "tls"
+        # The extension's connection hands a plain socket transport its window
+        # object, and a TLS transport (which slices it) a memoryview (entry 5d).
+        raw = fastnet.framing.ConnectionCore.__module__ == "fastnet._core"
+        assert kinds["window_before"] == ("_Block" if raw else "memoryview")
+        assert kinds["window_after"] == "memoryview"
 
     arun(scenario())

@@ -26,6 +26,8 @@ cdef class _Decoder:
     cdef object failed           # the FrameError that failed this decoder, or None
     cdef object error            # error found by _decode, raised once the buffer is settled
     cdef bint busy               # inside a public call: a re-entrant call (GC callback, __del__) raises
+    cdef bint raw_windows        # get_buffer returns the _Block itself, not a memoryview of it: set by
+                                 # the compiled connection on transports that only take its buffer
 
     cdef Py_ssize_t _decode(self, const char* data, Py_ssize_t n, list out) except -1
     cdef int _ingest(self, const char* data, Py_ssize_t n, list out) except -1
@@ -39,6 +41,7 @@ cdef class _Decoder:
     cdef int _raise_failed(self) except -1
     cdef int _enter(self) except -1
     cdef list _pull(self, const char* data, Py_ssize_t n)
+    cdef list _updated(self, Py_ssize_t nbytes, object given=*, bint python=*)
 
 
 cdef class LengthPrefixedDecoder(_Decoder):

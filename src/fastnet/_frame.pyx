@@ -57,6 +57,7 @@ from cpython.bytes cimport (
     PyBytes_GET_SIZE,
 )
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.ref cimport Py_REFCNT
 from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memchr, memcmp, memcpy, memmove
 
@@ -116,16 +117,66 @@ cdef extern from *:
 # Whether this build checks its invariants (tests and the sanitizer build read it).
 _DEBUG = bool(FASTNET_DEBUG)
 
+# One released read block (an empty READ_SIZE arena) kept for the next
+# decoder that opens a full read window. A server's connections read one at a
+# time, and most reads leave their arena empty: they then pass one hot block
+# from one to the next instead of a malloc and a free of 64 KiB, and a new
+# _Block, on every read. The block is reused only if nothing else refers to
+# it by then: a memoryview of an old window still alive (the transport's
+# has gone once its read returned) keeps the block to itself, and the next
+# decoder gets a new one, so a stale view never aliases another read.
+# Builds without the GIL keep no spare: decoders on two threads could take
+# the same block.
+cdef extern from *:
+    """
+    #ifdef Py_GIL_DISABLED
+    #define FASTNET_SHARE_READ_BLOCK 0
+    #else
+    #define FASTNET_SHARE_READ_BLOCK 1
+    #endif
+    """
+    const bint FASTNET_SHARE_READ_BLOCK
+
+cdef _Block _spare_block = None
+
+
+cdef inline int _drop_block(_Block block) except -1:
+    # An arena the decoder lets go of: kept as the spare when it is a read block.
+    global _spare_block
+    if FASTNET_SHARE_READ_BLOCK and _spare_block is None and block.size == READ_SIZE:
+        _spare_block = block
+    return 0
+
+
+cdef inline _Block _read_block():
+    # A READ_SIZE block for a new arena: the spare, or a new one.
+    global _spare_block
+    cdef _Block block = _spare_block
+    if block is None:
+        return _new_block(READ_SIZE)
+    _spare_block = None
+    if Py_REFCNT(block) != 1:  # a view of an old window is still alive
+        return _new_block(READ_SIZE)
+    return block
+
+
 REENTRANT = "decoder called re-entrantly, from a callback inside one of its own calls"
 
 
 @cython.final
 @cython.no_gc  # refers only to a bytes object or None: it cannot be part of a cycle
 cdef class _Block:
-    """Writable window of decoder memory, exported to a memoryview."""
+    """Writable window of decoder memory: exported to a memoryview, or handed to a transport.
+
+    Its buffer is ``data[start:start + length]`` as they are when it is
+    exported; ``len()`` is that window's length.
+    """
 
     def __getbuffer__(self, Py_buffer* view, int flags):
         PyBuffer_FillInfo(view, self, self.data + self.start, self.length, 0, flags)
+
+    def __len__(self):
+        return self.length
 
     def __dealloc__(self):
         if self.owner is None and self.data != NULL:
@@ -292,6 +343,8 @@ cdef class _Decoder:
         raise error
 
     cdef int _release(self) except -1:
+        if self.arena is not None:
+            _drop_block(self.arena)
         self.arena = None
         self.rpos = 0
         self.wpos = 0
@@ -302,7 +355,7 @@ cdef class _Decoder:
         cdef Py_ssize_t used, size
         cdef _Block block
         if self.arena is None:
-            self.arena = _new_block(max(want, MIN_ARENA))
+            self.arena = _read_block() if want == READ_SIZE else _new_block(max(want, MIN_ARENA))
             return 0
         if self.arena.size - self.wpos >= want:
             return 0
@@ -314,6 +367,7 @@ cdef class _Decoder:
             size = max(used + want, min(2 * self.arena.size, self.arena_limit))
             block = _new_block(size)
             memcpy(block.data, self.arena.data + self.rpos, used)
+            _drop_block(self.arena)
             self.arena = block
         self.rpos = 0
         self.wpos = used
@@ -339,6 +393,7 @@ cdef class _Decoder:
         elif self.arena.size > MIN_ARENA and used <= self.arena.size // SHRINK_RATIO:
             block = _new_block(max(2 * used, MIN_ARENA))
             memcpy(block.data, self.arena.data + self.rpos, used)
+            _drop_block(self.arena)
             self.arena = block
             self.rpos = 0
             self.wpos = used
@@ -457,6 +512,8 @@ cdef class _Decoder:
                 block.start = self.wpos
                 block.length = want
             self.window = block.length
+            if self.raw_windows:
+                return block
             return PyMemoryView_FromObject(block)
         finally:
             self.busy = False
@@ -472,28 +529,36 @@ cdef class _Decoder:
             RuntimeError: no ``get_buffer`` call precedes this one.
             ValueError: ``nbytes`` is negative or larger than that buffer.
         """
+        return self._updated(0, nbytes, True)
+
+    cdef list _updated(self, Py_ssize_t nbytes, object given=None, bint python=False):
+        # buffer_updated with a C count: what the compiled connection calls per
+        # read. From Python (``python``), ``given`` is the argument as passed,
+        # any object, compared and converted inside the guard, as Python would.
         cdef list out = []
-        cdef Py_ssize_t n
         self._enter()
         try:
             if self.window < 0:
                 raise RuntimeError("buffer_updated() called without get_buffer()")
-            if not 0 <= nbytes <= self.window:
+            if python:
+                if not 0 <= given <= self.window:
+                    raise ValueError(f"nbytes {given} outside the buffer of {self.window} bytes")
+                nbytes = given
+            elif not 0 <= nbytes <= self.window:
                 raise ValueError(f"nbytes {nbytes} outside the buffer of {self.window} bytes")
-            n = nbytes
             self.window = -1
             self.peek = False
             if self.failed is not None:
                 self._raise_failed()
             if self.direct is not None:
-                self.direct_filled += n
+                self.direct_filled += nbytes
                 if self.direct_filled == self.direct_block.size:
                     self.peek = True
                     out.append(self.direct)
                     self.direct = None
                     self.direct_block = None
                 return out
-            self.wpos += n
+            self.wpos += nbytes
             self._decode_arena(out)
             if self.error is not None:
                 self._raise_error()

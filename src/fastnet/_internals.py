@@ -95,3 +95,10 @@ else:
 #    c. Both loops call ``protocol.get_buffer``/``buffer_updated`` looked up
 #       on the instance, so a slot holding a bound method replaces the method
 #       (uvloop reads them once, when the transport is made).
+#    d. Their plain socket transports use what ``get_buffer`` returns only
+#       through the buffer protocol (uvloop: PyObject_GetBuffer; CPython's
+#       selector transport: ``len()`` and ``sock.recv_into``), so the
+#       extension's decoder hands them its window object (``_frame._Block``)
+#       instead of a new memoryview per read (transports.py, ``raw_windows``).
+#       asyncio's TLS layer slices the buffer: TLS and unknown transports get
+#       a memoryview.

@@ -10,8 +10,12 @@ fast path outlives the transport it was chosen for. The kinds:
   (os.readv on the socket, ``read_fd``).
 - ``uvloop``: uvloop's TCP and Unix transports. Their ``writelines`` makes
   one vectored write; uvloop reads in a loop itself, so no reading on.
+- Both take the read buffer only through the buffer protocol (and ``len()``):
+  the extension's decoder hands them its window object itself, with no
+  memoryview made per read (``raw_windows``).
 - ``tls``: any TLS transport (asyncio's or uvloop's). Writes are joined, so a
   length field and its payload travel in one TLS record instead of two.
+  asyncio's TLS layer slices the read buffer: it gets a memoryview.
 - ``plain``: anything else (Windows' proactor, a transport fastnet does not
   know). Joined writes and the transport's own reads: always correct.
 
@@ -54,6 +58,10 @@ class TransportStrategy(NamedTuple):
     """Writes a list of buffers as one vectored write; None: join them, one ``write``."""
     read_fd: int
     """The socket fastnet reads on itself (``os.readv``) through large frames; -1: never."""
+    raw_windows: bool = False
+    """The transport uses ``get_buffer``'s result only through the buffer protocol and
+    ``len()``, so the extension's decoder may hand it its window object instead of a new
+    memoryview per read (``_internals`` 5d)."""
 
 
 TLS_STRATEGY = TransportStrategy("tls", None, -1)
@@ -78,13 +86,13 @@ def choose_strategy(transport: asyncio.BaseTransport) -> TransportStrategy:
     if transport.get_extra_info("sslcontext") is not None:
         return TLS_STRATEGY
     if is_uvloop_stream_transport(transport):
-        return TransportStrategy("uvloop", transport.writelines, -1)  # type: ignore[attr-defined]
+        return TransportStrategy("uvloop", transport.writelines, -1, True)  # type: ignore[attr-defined]
     if is_selector_socket_transport(transport) and hasattr(os, "writev"):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             fd = int(sock.fileno())
             writer = functools.partial(write_vectored, cast(asyncio.WriteTransport, transport), fd)
-            return TransportStrategy("selector", writer, fd)
+            return TransportStrategy("selector", writer, fd, True)
     return TransportStrategy("plain", None, -1)
 
 

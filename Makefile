@@ -9,6 +9,9 @@
 #   make bench-router the router set (compare.py --set router): router-echo, plain and async
 #                    handlers, and a msgspec struct against plain echo, into
 #                    benchmarks/results/router.{json,md}; then router_split.py's CPU per message
+#   make bench-instructions the user-space instructions per frame of each echo server under
+#                    valgrind (fastnet, Tokio, the Protocols), noise-free where timings are not
+#                    (benchmarks/server_instructions.py; needs valgrind)
 #   make bench-client fastnet.Client (one multiplexed connection, 64 connections) against a
 #                    hand-written asyncio client on router-echo (benchmarks/client_bench.py)
 #   make bench-tls   the TLS set of the comparison (compare.py --set tls): TLS echo, new TLS
@@ -59,7 +62,7 @@ NO_EXT_GUARD = $(if $(FASTNET_NO_EXTENSIONS),$(error FASTNET_NO_EXTENSIONS is se
 	`make $(or $(MAKECMDGOALS),all)` builds and uses the extension; unset it \
 	(`make test-pure` tests the pure-Python package)))
 
-.PHONY: all test test-pure serve bench bench-micro bench-compare bench-tls bench-router bench-client soak soak-ci build \
+.PHONY: all test test-pure serve bench bench-micro bench-compare bench-tls bench-router bench-client bench-instructions soak soak-ci build \
 	lint lint-deps clean distclean
 .PHONY: asan fuzz fuzz-ci test-matrix
 
@@ -125,6 +128,11 @@ bench-router: $(VENV)/.bench-installed
 bench-client: $(VENV)/.bench-installed
 	$(NO_EXT_GUARD)
 	$(PY) benchmarks/client_bench.py
+
+bench-instructions: $(VENV)/.bench-installed
+	$(NO_EXT_GUARD)
+	$(PY) benchmarks/server_instructions.py --workloads small,rpc,large,many \
+		--out benchmarks/results/server_instructions $(BENCH_ARGS)
 
 # The documented soak: results and the chart (matplotlib, from the bench
 # extra) go to benchmarks/results/soak.json and soak.png.

@@ -326,7 +326,11 @@ def server_env(kind: ServerKind) -> dict[str, str]:
 
 
 class ServerProcess:
-    """A server subprocess, started and waited for until it listens."""
+    """A server subprocess, started and waited for until it listens.
+
+    ``wrap`` goes before the server's command line (``valgrind ...`` for
+    server_instructions.py).
+    """
 
     def __init__(
         self,
@@ -335,12 +339,14 @@ class ServerProcess:
         pin: bool,
         max_connections: int | None = None,
         extra: tuple[str, ...] = (),
+        wrap: tuple[str, ...] = (),
     ) -> None:
         self.kind = kind
         # Closed in stop(); it outlives this method, so no `with` block.
         self.stderr = tempfile.TemporaryFile()  # noqa: SIM115
+        command = [*wrap, *server_command(kind, loop, max_connections, extra)]
         self.proc = subprocess.Popen(
-            pinned(SERVER_CPU, server_command(kind, loop, max_connections, extra), pin),
+            pinned(SERVER_CPU, command, pin),
             stdout=subprocess.PIPE,
             stderr=self.stderr,
             env=server_env(kind),

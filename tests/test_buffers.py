@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import os
+import random
 import subprocess
 import sys
 import tracemalloc
@@ -353,3 +354,58 @@ def test_reads_that_leave_nothing_pending_reuse_one_block() -> None:
     view = decoders[1].get_buffer(-1)
     assert ctypes.addressof(ctypes.c_char.from_buffer(view)) != kept
     view.release()
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_interleaved_decoders_with_stale_views_lose_nothing(
+    frame_impl: ModuleType, seed: int
+) -> None:
+    """Many decoders reading in turn, as a server's connections do, with views kept and scribbled.
+
+    Each decoder gets its own random stream of frames (small, mid-sized, and
+    past the direct-receive threshold) in random chunks; reads of different
+    decoders interleave at random; some windows are kept past their read and
+    scribbled over after every read once their own decoder has read its whole stream (before
+    that a stale view may still be the decoder's own arena, and a direct
+    window is the delivered frame itself: the contract leaves both to the
+    caller). Every decoder still delivers exactly its frames: a kept view
+    never reaches another decoder's bytes.
+    """
+    rng = random.Random(seed)
+    spec = LengthPrefixed(max_frame=4 * DIRECT_THRESHOLD)
+    streams, expected = [], []
+    for _ in range(8):
+        frames = [
+            bytes([rng.randrange(256)])
+            * rng.choice((0, 60, 3000, 20_000, 20_000, DIRECT_THRESHOLD + 7))
+            for _ in range(rng.choice((2, 4, 40)))  # some end early, leaving their views
+        ]
+        expected.append(frames)
+        streams.append(spec.encode_many(frames))
+    decoders = [frame_impl.LengthPrefixedDecoder(spec) for _ in streams]
+    positions = [0] * len(streams)
+    got: list[list[bytes]] = [[] for _ in streams]
+    stale: list[Any] = []
+    for _ in range(100_000):
+        pending = [i for i, pos in enumerate(positions) if pos < len(streams[i])]
+        if not pending:
+            break
+        i = rng.choice(pending)
+        direct = decoders[i].missing > 0  # the window is the frame's own bytes object
+        view = decoders[i].get_buffer(rng.choice((-1, -1, -1, 5000)))
+        if type(view) is not memoryview:
+            view = memoryview(view)
+        n = min(len(view), len(streams[i]) - positions[i], rng.choice((7, 700, 70_000, 70_000)))
+        view[:n] = streams[i][positions[i] : positions[i] + n]
+        positions[i] += n
+        if not direct and rng.random() < 0.2:
+            stale.append((i, view))  # kept past its read, against the contract
+        else:
+            view.release()
+        got[i] += decoders[i].buffer_updated(n)
+        for owner, old in stale:
+            if positions[owner] == len(streams[owner]):
+                old[: len(old)] = bytes([rng.randrange(256)]) * len(old)
+    assert got == expected
+    for _, old in stale:
+        old.release()

@@ -103,15 +103,25 @@ def test_current_task_is_the_fast_lookup() -> None:
         assert _internals.current_task == asyncio.tasks._current_tasks.get  # type: ignore[attr-defined]
 
 
+def _wakeup_classes() -> list[Any]:
+    """The twin's _Wakeup, and the extension's compiled one where it is built."""
+    try:
+        from fastnet._core import Wakeup
+    except ImportError:
+        return [_Wakeup]
+    return [_Wakeup, Wakeup]
+
+
+@pytest.mark.parametrize("wakeup_class", _wakeup_classes(), ids=lambda c: c.__module__)
 @pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
-def test_a_task_suspends_on_the_duck_typed_wakeup(loop_name: str) -> None:
+def test_a_task_suspends_on_the_duck_typed_wakeup(loop_name: str, wakeup_class: Any) -> None:
     # Entry 5a: the Task protocol _Wakeup relies on, on both loops' Tasks.
     if loop_name == "uvloop" and not HAVE_UVLOOP:
         pytest.skip("uvloop is not installed")
 
     async def scenario() -> list[str]:
         loop = asyncio.get_running_loop()
-        wakeup = _Wakeup(loop)
+        wakeup = wakeup_class(loop)
         events: list[str] = []
 
         async def waiter() -> None:

@@ -18,6 +18,9 @@ both).
 
 import asyncio
 import os
+from asyncio import CancelledError
+
+cimport cython
 
 from cpython.list cimport PyList_GET_SIZE
 from cpython.object cimport PyObject
@@ -44,11 +47,11 @@ from ._tunables import (
     READ_LOW_BYTES,
     READ_LOW_FRAMES,
 )
-from ._wakeup import _AwaitWakeup, _Wakeup
+from ._wakeup import _AwaitWakeup
 from .errors import ConnectionBusyError, FrameError
 from .lifecycle import CLOSED, CLOSING, OPEN
 
-__all__ = ["ConnectionCore", "FrameRate", "ReadStats"]
+__all__ = ["ConnectionCore", "FrameRate", "ReadStats", "Wakeup"]
 
 # The tunables, as C constants for this module (read once, at import).
 cdef long long c_READ_HIGH_FRAMES = READ_HIGH_FRAMES
@@ -203,6 +206,75 @@ cdef class FrameRate:
             handle.cancel()
 
 
+@cython.final
+cdef class Wakeup:
+    """``_wakeup._Wakeup`` compiled: the handler task's reusable wake-up, for this core.
+
+    The same duck-typed Future protocol and the same behaviour (read the
+    twin's docstring); here the Task's ``add_done_callback`` and ``result``
+    calls run no Python frame, and the core reads the fields in C. asyncio's
+    Task reads ``_asyncio_future_blocking`` and ``_loop`` by name, and sets
+    the flag back to False.
+    """
+
+    cdef public object _loop
+    cdef public bint _asyncio_future_blocking
+    cdef public object _callback
+    cdef public object _context
+    cdef public object _cancel_message
+    cdef bint _cancel_pending  # result() raises CancelledError once
+
+    def __init__(self, loop):
+        self._loop = loop
+        self._asyncio_future_blocking = False
+        self._callback = None
+        self._context = None
+        self._cancel_message = None
+        self._cancel_pending = False
+
+    def add_done_callback(self, fn, *, context=None):
+        self._callback = fn
+        self._context = context
+
+    def remove_done_callback(self, fn):
+        if self._callback is fn:
+            self._callback = None
+            return 1
+        return 0
+
+    def wake_soon(self):
+        """Resume the waiting task, if any, from the loop's next iteration."""
+        callback = self._callback
+        if callback is not None:
+            self._callback = None
+            self._loop.call_soon(callback, self, context=self._context)
+
+    def cancel(self, msg=None):
+        if self._callback is None:
+            return False
+        self._cancel_message = msg
+        self._cancel_pending = True
+        self.wake_soon()
+        return True
+
+    def result(self):
+        if self._cancel_pending:
+            self._cancel_pending = False
+            msg = self._cancel_message
+            self._cancel_message = None
+            raise CancelledError() if msg is None else CancelledError(msg)
+        return None
+
+    def done(self):
+        return self._callback is None
+
+    def cancelled(self):
+        return self._cancel_pending
+
+    def exception(self):
+        return None
+
+
 cdef Py_ssize_t _payload_size(object frame) except -1:
     # Bytes of payload in frame; 0 for what is not a buffer (the out queue then refuses it).
     cdef type kind = type(frame)
@@ -244,7 +316,7 @@ cdef class ConnectionCore:
     cdef public FrameRate _frame_rate
     cdef public ReadStats _read_stats
     cdef public object _inbox
-    cdef public object _wakeup
+    cdef public Wakeup _wakeup
     cdef public long long bytes_in
     cdef public long long frames_in
     cdef public long long frames_out
@@ -312,7 +384,7 @@ cdef class ConnectionCore:
 
         self._inbox = _EMPTY
         self._pos = 0
-        self._wakeup = _Wakeup(loop)
+        self._wakeup = Wakeup(loop)
         self._await_wakeup = _AwaitWakeup((self._wakeup,))
         self._delivering = False
         self._read_paused = 0
@@ -457,7 +529,7 @@ cdef class ConnectionCore:
         return 0
 
     cdef int _resume_receiver(self) except -1:
-        wakeup = self._wakeup
+        cdef Wakeup wakeup = self._wakeup
         callback = wakeup._callback
         if callback is None:
             return 0
@@ -541,7 +613,7 @@ cdef class ConnectionCore:
         self._pos = 0
         if self._out.queued_frames:
             self._flush_c()
-        wakeup = self._wakeup
+        cdef Wakeup wakeup = self._wakeup
         end = self._end
         if end is not None:
             if quiet_end and self._end_quiet:

@@ -84,8 +84,12 @@ def count(kind: compare.ServerKind, workload: compare.Workload, args: argparse.N
             report, _ = generator.communicate(timeout=args.duration + 60)
         finally:
             problem = server.stop()  # valgrind writes its file as the server exits
-        frames = int(json.loads(report)["frames"])
+        result = json.loads(report)
+        frames = int(result["frames"])
         counted = totals(out)
+    if result.get("errors"):
+        # The generator checks every echo: a count of a server that answered wrongly is void.
+        raise RuntimeError(f"{kind.name} {workload.name}: {result['errors']} echo errors")
     if problem:
         print(f"warning: {kind.name} {problem}", file=sys.stderr)
     row = {

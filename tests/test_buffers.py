@@ -7,8 +7,10 @@ the shared contract.
 
 from __future__ import annotations
 
+import copy
 import gc
 import os
+import pickle
 import random
 import subprocess
 import sys
@@ -409,3 +411,22 @@ def test_interleaved_decoders_with_stale_views_lose_nothing(
     assert got == expected
     for _, old in stale:
         old.release()
+
+
+def test_a_window_object_copies_safely_or_not_at_all(frame_impl: ModuleType) -> None:
+    """The object under a window (what a plain socket transport may be handed) is safe to copy.
+
+    The extension's exports decoder memory by pointer, so it refuses copying
+    and pickling (a copy would share or free that memory); the twin's is a
+    bytearray, whose copies are independent.
+    """
+    view = frame_impl.LengthPrefixedDecoder(LengthPrefixed()).get_buffer(-1)
+    window = view.obj
+    for duplicate in (copy.copy, lambda w: pickle.loads(pickle.dumps(w))):
+        try:
+            other = duplicate(window)
+        except TypeError:
+            continue
+        memoryview(other)[:4] = b"copy"
+        assert bytes(view[:4]) != b"copy"
+    view.release()

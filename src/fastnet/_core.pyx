@@ -316,7 +316,7 @@ cdef class ConnectionCore:
     cdef public FrameRate _frame_rate
     cdef public ReadStats _read_stats
     cdef public object _inbox
-    cdef public Wakeup _wakeup
+    cdef readonly Wakeup _wakeup  # read by protocol.py; never None once made
     cdef public long long bytes_in
     cdef public long long frames_in
     cdef public long long frames_out

@@ -165,6 +165,7 @@ REENTRANT = "decoder called re-entrantly, from a callback inside one of its own 
 
 @cython.final
 @cython.no_gc  # refers only to a bytes object or None: it cannot be part of a cycle
+@cython.auto_pickle(False)  # Cython's would copy ``data`` as a C string and free another's memory
 cdef class _Block:
     """Writable window of decoder memory: exported to a memoryview, or handed to a transport.
 
@@ -482,7 +483,10 @@ cdef class _Decoder:
             sizehint: the size the caller would like, or -1 for any size.
 
         Returns:
-            A writable memoryview of at least one byte: ``sizehint`` bytes
+            A writable memoryview of at least one byte (or, where the compiled
+            connection set ``raw_windows`` for a transport that takes only
+            the buffer, the window object itself: a buffer with ``len()``,
+            not sliceable): ``sizehint`` bytes
             (64 KiB for -1, at most 1 MiB); exactly the missing bytes of a
             large unfinished frame; or, right after such a frame completed,
             no more than the next frame's header. Write into its start, then call

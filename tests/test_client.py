@@ -188,19 +188,22 @@ def test_a_refused_connection_counts_once_however_many_calls_waited(arun: Runner
     # calls are retried on the live endpoint.
     async def scenario() -> None:
         backend = Backend()
+        # Bound, not listening, for the whole test: connects are refused, and
+        # the server below cannot be given the same port (it was, once, when
+        # this socket was closed first: "an endpoint is listed twice").
         with socket.socket() as closed:
             closed.bind(("127.0.0.1", 0))
             dead = f"127.0.0.1:{closed.getsockname()[1]}"
-        events = Events()
-        async with serving(backend.router) as (address,):
-            client = Client([dead, address], timeout=2.0, on_event=events, rng=random.Random(1))
-            async with client:
-                replies = await asyncio.gather(
-                    *(client.call(b"%d" % i, type=ECHO) for i in range(20))
-                )
-                assert replies == [b"%d" % i for i in range(20)]
-            assert events.count("connect_failed", dead) == 1
-            assert events.count("endpoint_ejected") == 0
+            events = Events()
+            async with serving(backend.router) as (address,):
+                client = Client([dead, address], timeout=2.0, on_event=events, rng=random.Random(1))
+                async with client:
+                    replies = await asyncio.gather(
+                        *(client.call(b"%d" % i, type=ECHO) for i in range(20))
+                    )
+                    assert replies == [b"%d" % i for i in range(20)]
+                assert events.count("connect_failed", dead) == 1
+                assert events.count("endpoint_ejected") == 0
 
     arun(scenario())
 

@@ -825,7 +825,7 @@ def test_asyncio_vectored_write_refuses_to_interleave_with_sendfile(codec: Any) 
 def test_asyncio_reads_on_while_reads_fill_their_window(
     codec: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Large frames arrive as header-sized and payload-sized reads, each of
+    # Large frames arrive as reads of a payload and the next header, each of
     # which fills its window: fastnet reads on (os.readv) instead of going
     # back to the selector each time. Every frame must still arrive whole and
     # in order, and the end of the stream must still be seen after them.
@@ -847,7 +847,10 @@ def test_asyncio_reads_on_while_reads_fill_their_window(
                     got += chunk
             assert bytes(got) == wire
             assert server.stats()["frames_in"] == len(payloads)
-        assert len(readv.results) >= len(payloads), readv.results  # it read on, frame after frame
+        # It read on, frame after frame: one read per frame (the payload's rest
+        # and the next header), most of the stream without the selector.
+        assert len(readv.results) >= len(payloads) // 2, readv.results
+        assert sum(readv.results) >= len(wire) // 2, readv.results
 
     run_coroutine(asyncio.wait_for(scenario(), 30), loop="asyncio")
 

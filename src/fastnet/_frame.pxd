@@ -17,11 +17,12 @@ cdef class _Decoder:
     cdef Py_ssize_t wpos         # first free byte
     cdef Py_ssize_t arena_limit  # doubling stops here: the largest frame's wire size, at least READ_SIZE
     cdef bytes direct            # frame object the kernel receives into (large frames), or None
-    cdef _Block direct_block     # exports the unfilled part of direct
+    cdef _Block direct_block     # exports the unfilled part of direct, and header_peek bytes past it
+    cdef Py_ssize_t direct_size  # the frame's delivered size (direct's size once complete)
     cdef Py_ssize_t direct_base  # wire bytes of that frame consumed before its delivered part (strip)
     cdef Py_ssize_t direct_filled  # bytes of direct written so far
     cdef Py_ssize_t header_peek  # bytes that start a frame's direct receive (0: no direct receive)
-    cdef bint peek               # a large frame just completed: the next window is header_peek bytes
+    cdef bint peek               # a large frame just completed: the next window ends the next header
     cdef Py_ssize_t window       # length of the window get_buffer handed out; -1 when none is open
     cdef object failed           # the FrameError that failed this decoder, or None
     cdef object error            # error found by _decode, raised once the buffer is settled
@@ -37,6 +38,7 @@ cdef class _Decoder:
     cdef int _release(self) except -1
     cdef int _start_direct(self, const char* data, Py_ssize_t have, Py_ssize_t size,
                            Py_ssize_t base) except -1
+    cdef bytes _end_direct(self)
     cdef int _raise_error(self) except -1
     cdef int _raise_failed(self) except -1
     cdef int _enter(self) except -1

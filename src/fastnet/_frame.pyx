@@ -20,12 +20,16 @@ Strategy:
   decoder allocates the frame's final ``bytes`` object, copies in the part
   already received, and ``get_buffer`` hands out the rest of that object: the
   kernel writes each remaining payload byte exactly once, where it stays.
-  Right after such a frame completes, the next window is only a header long
-  (``header_peek``): large frames tend to follow large frames, and a full
-  window would receive most of the next payload into the arena, to be copied
-  out again. With the header alone, that payload is received directly too.
-  The cost, one short read per large frame, is the read that would otherwise
-  have fetched the few bytes a 64 KiB window leaves missing.
+  The object is allocated ``header_peek`` bytes longer than the frame, and
+  the window covers those too: one read ends the frame and fetches the next
+  frame's header, so back-to-back large frames cost one read each, every
+  payload byte received in place. Once the frame is complete, the bytes
+  past it go to the arena and the object's size is set to the frame's (the
+  few spare bytes stay allocated until the frame is freed). Should a read
+  end the frame before the next header is complete, the next window is only
+  what completes that header: large frames tend to follow large frames, and
+  a full window would receive most of the next payload into the arena, to be
+  copied out again.
 - ``feed(data)`` decodes in place from the caller's buffer when nothing is
   buffered and copies only the unfinished tail.
 - Decoders never return ``None``: calls return the list of frames completed,
@@ -72,6 +76,7 @@ from .errors import (
 )
 
 cdef extern from "Python.h":
+    void Py_SET_SIZE(object o, Py_ssize_t size)
     object PyMemoryView_FromObject(object obj)
     object PySequence_Fast(object o, const char* m)
     Py_ssize_t PySequence_Fast_GET_SIZE(object o)
@@ -241,6 +246,13 @@ cdef inline Py_ssize_t _find(const char* data, Py_ssize_t start, Py_ssize_t n,
     return -1
 
 
+cdef inline void _cut(bytes frame) noexcept:
+    # A bytes object ends with a NUL past its last byte (C code may rely on
+    # it). Writing it into a frame ended by _end_direct is the last step, once
+    # the bytes a read left there have been taken.
+    PyBytes_AS_STRING(frame)[PyBytes_GET_SIZE(frame)] = 0
+
+
 cdef int _debug_check(_Decoder d) except -1:
     """The bookkeeping every public call leaves behind (FASTNET_DEBUG builds only)."""
     cdef LineDecoder lines
@@ -254,10 +266,11 @@ cdef int _debug_check(_Decoder d) except -1:
     if d.direct is not None:
         if (d.direct_block is None or d.direct_block.owner is not d.direct
                 or d.direct_block.data != PyBytes_AS_STRING(d.direct)
-                or d.direct_block.size != PyBytes_GET_SIZE(d.direct)):
+                or d.direct_block.size != PyBytes_GET_SIZE(d.direct)
+                or d.direct_block.size != d.direct_size + d.header_peek):
             raise AssertionError("the direct block does not export the direct frame")
-        if not 0 <= d.direct_filled < d.direct_block.size:
-            raise AssertionError(f"direct frame filled {d.direct_filled} of {d.direct_block.size}")
+        if not 0 <= d.direct_filled < d.direct_size:
+            raise AssertionError(f"direct frame filled {d.direct_filled} of {d.direct_size}")
         if d.wpos != d.rpos:
             raise AssertionError("bytes buffered in the arena during a direct receive")
     elif d.direct_block is not None:
@@ -265,7 +278,7 @@ cdef int _debug_check(_Decoder d) except -1:
     if d.window >= 0:
         if d.direct is not None:
             if d.window != d.direct_block.size - d.direct_filled:
-                raise AssertionError(f"window {d.window} is not the missing payload")
+                raise AssertionError(f"window {d.window} is not the missing payload and a header")
         elif d.arena is None or d.wpos + d.window > d.arena.size:
             raise AssertionError(f"window {d.window} past the arena at wpos={d.wpos}")
     elif d.window != -1:
@@ -299,12 +312,13 @@ cdef class _Decoder:
     def missing(self):
         """Bytes still missing from a large frame being received into its own object, or 0.
 
-        While it is not 0, ``get_buffer`` opens a window of exactly that many
-        bytes (direct receive); 0 when no such frame is under way.
+        While it is not 0, ``get_buffer`` opens a window of that many bytes
+        and the next frame's header (direct receive); 0 when no such frame is
+        under way.
         """
         if self.direct is None:
             return 0
-        return self.direct_block.size - self.direct_filled
+        return self.direct_size - self.direct_filled
 
     cdef Py_ssize_t _decode(self, const char* data, Py_ssize_t n, list out) except -1:
         raise NotImplementedError
@@ -402,31 +416,50 @@ cdef class _Decoder:
 
     cdef int _start_direct(self, const char* data, Py_ssize_t have, Py_ssize_t size,
                            Py_ssize_t base) except -1:
-        """Allocate a frame of ``size`` bytes, its first ``have`` bytes from data."""
-        cdef bytes frame = PyBytes_FromStringAndSize(NULL, size)
+        """Allocate a frame of ``size`` bytes, its first ``have`` bytes from data.
+
+        The object has room for the next header after the frame: the window
+        over the frame's rest reaches into it (see the module docstring).
+        """
+        cdef bytes frame = PyBytes_FromStringAndSize(NULL, size + self.header_peek)
         cdef _Block block = _Block.__new__(_Block)
         memcpy(PyBytes_AS_STRING(frame), data, have)
         block.owner = frame
         block.data = PyBytes_AS_STRING(frame)
-        block.size = size
+        block.size = size + self.header_peek
         self.direct = frame
         self.direct_block = block
+        self.direct_size = size
         self.direct_base = base
         self.direct_filled = have
         return 0
 
+    cdef bytes _end_direct(self):
+        """The completed direct frame, cut to its size; the direct receive is over.
+
+        Bytes the last window wrote past the frame (the next header) stay in
+        the object's spare room until the caller has taken them: the
+        terminating NUL that goes there is the caller's to write (``_cut``).
+        """
+        cdef bytes frame = self.direct
+        Py_SET_SIZE(frame, self.direct_size)
+        self.direct = None
+        self.direct_block = None
+        return frame
+
     cdef int _ingest(self, const char* data, Py_ssize_t n, list out) except -1:
         cdef Py_ssize_t used
+        cdef bytes frame
         if self.direct is not None:
-            used = min(n, self.direct_block.size - self.direct_filled)
+            used = min(n, self.direct_size - self.direct_filled)
             if used:
                 memcpy(self.direct_block.data + self.direct_filled, data, used)
             self.direct_filled += used
-            if self.direct_filled < self.direct_block.size:
+            if self.direct_filled < self.direct_size:
                 return 0
-            out.append(self.direct)
-            self.direct = None
-            self.direct_block = None
+            frame = self._end_direct()
+            _cut(frame)
+            out.append(frame)
             data += used
             n -= used
         if self.wpos == self.rpos:
@@ -488,8 +521,9 @@ cdef class _Decoder:
             the buffer, the window object itself: a buffer with ``len()``,
             not sliceable): ``sizehint`` bytes
             (64 KiB for -1, at most 1 MiB); exactly the missing bytes of a
-            large unfinished frame; or, right after such a frame completed,
-            no more than the next frame's header. Write into its start, then call
+            large unfinished frame and the next frame's header; or, right
+            after such a frame completed, no more than what completes the
+            next frame's header. Write into its start, then call
             ``buffer_updated`` with the number of bytes written. The view is
             not to be used after that call: it may be part of a delivered frame.
 
@@ -509,8 +543,8 @@ cdef class _Decoder:
                 block.start = self.direct_filled
                 block.length = block.size - block.start
             else:
-                if self.peek and self.header_peek < want:
-                    want = self.header_peek
+                if self.peek and self.wpos - self.rpos < self.header_peek:
+                    want = min(want, self.header_peek - (self.wpos - self.rpos))
                 self._reserve(want)
                 block = self.arena
                 block.start = self.wpos
@@ -540,6 +574,8 @@ cdef class _Decoder:
         # read. From Python (``python``), ``given`` is the argument as passed,
         # any object, compared and converted inside the guard, as Python would.
         cdef list out = []
+        cdef Py_ssize_t missing
+        cdef bytes frame
         self._enter()
         try:
             if self.window < 0:
@@ -555,12 +591,23 @@ cdef class _Decoder:
             if self.failed is not None:
                 self._raise_failed()
             if self.direct is not None:
-                self.direct_filled += nbytes
-                if self.direct_filled == self.direct_block.size:
-                    self.peek = True
-                    out.append(self.direct)
-                    self.direct = None
-                    self.direct_block = None
+                missing = self.direct_size - self.direct_filled
+                if nbytes < missing:
+                    self.direct_filled += nbytes
+                    return out
+                # The frame is complete; the read may have gone on into the
+                # next header, in the spare room past the frame.
+                self.peek = True
+                frame = self._end_direct()
+                out.append(frame)
+                try:
+                    if nbytes > missing:
+                        self._ingest(PyBytes_AS_STRING(frame) + PyBytes_GET_SIZE(frame),
+                                     nbytes - missing, out)
+                finally:
+                    _cut(frame)
+                if self.error is not None:
+                    self._raise_error()
                 return out
             self.wpos += nbytes
             self._decode_arena(out)

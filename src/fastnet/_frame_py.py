@@ -77,8 +77,10 @@ class _Decoder:
 
     def __init__(self) -> None:
         self._buf = bytearray()
-        # After a large frame completes through its own window, the next
-        # window is only _peek_size bytes: the next header (see _frame.pyx).
+        # A large frame's window reaches _peek_size bytes past it, over the
+        # next header. Should a read end that frame short of a whole header,
+        # the next window is only what completes the header (_peek; see
+        # _frame.pyx).
         self._peek = False
         self._peek_size = 0
         # Receive buffer behind the open window; kept between reads only
@@ -104,8 +106,9 @@ class _Decoder:
     def missing(self) -> int:
         """Bytes still missing from a large frame being received into its own object, or 0.
 
-        While it is not 0, ``get_buffer`` opens a window of exactly that many
-        bytes (direct receive); 0 when no such frame is under way.
+        While it is not 0, ``get_buffer`` opens a window of that many bytes
+        and the next frame's header (direct receive); 0 when no such frame is
+        under way.
         """
         return self._direct_missing()
 
@@ -153,10 +156,10 @@ class _Decoder:
         missing = self._direct_missing()
         if not missing:
             self._scratch = None
-        elif self._scratch is None or len(self._scratch) < missing:
+        elif self._scratch is None or len(self._scratch) < missing + self._peek_size:
             try:
                 # Pages are committed as the kernel writes them, not up front.
-                self._scratch = mmap.mmap(-1, missing)
+                self._scratch = mmap.mmap(-1, missing + self._peek_size)
             except (OSError, MemoryError, OverflowError):
                 self._scratch = None
                 self._direct_failed = True
@@ -197,8 +200,9 @@ class _Decoder:
         Returns:
             A writable memoryview of at least one byte: ``sizehint`` bytes
             (64 KiB for -1, at most 1 MiB); exactly the missing bytes of a
-            large unfinished frame; or, right after such a frame completed,
-            no more than the next frame's header. Write into its start, then call
+            large unfinished frame and the next frame's header; or, right
+            after such a frame completed, no more than what completes the
+            next frame's header. Write into its start, then call
             ``buffer_updated`` with the number of bytes written. The view is
             not to be used after that call: it may be part of a delivered frame.
 
@@ -213,9 +217,9 @@ class _Decoder:
             self._check()
             missing = self._direct_missing()
             if missing:
-                want = missing
-            elif self._peek and self._peek_size < want:
-                want = self._peek_size
+                want = missing + self._peek_size
+            elif self._peek and len(self._buf) < self._peek_size:
+                want = min(want, self._peek_size - len(self._buf))
             scratch = self._scratch
             if scratch is None or len(scratch) < want:
                 # (A large frame's buffer exists already: see _settle_scratch.)
@@ -249,7 +253,7 @@ class _Decoder:
             missing = self._direct_missing()
             with memoryview(scratch) as view, view[:nbytes] as received:
                 frames = self._pull(received)
-            self._peek = 0 < missing == nbytes
+            self._peek = 0 < missing <= nbytes
             return frames
         finally:
             self._busy = False

@@ -1,4 +1,4 @@
-"""The kv example server: GET, SET and DEL over length-prefixed frames.
+"""The key-value example server (the kv-text app): GET, SET and DEL over length-prefixed frames.
 
 Run it from a checkout (after ``pip install -e .``)::
 
@@ -8,9 +8,11 @@ then::
 
     python examples/client.py --port 6380 "SET greeting hello" "GET greeting" "DEL greeting"
 
-The store and its wire format are in ``fastnet/apps.py`` (``fastnet serve kv``
-runs the same app). This file shows how to serve a handler with your own
-options: here a smaller frame limit and a connection cap.
+The store and its wire format are in ``fastnet/apps.py`` (``fastnet serve kv-text``
+runs the same app; ``fastnet serve kv`` is the same store on the router, a
+binary wire format that ``examples/client.py`` does not speak). This file shows
+how to serve a handler with your own options: here a smaller frame limit and a
+connection cap.
 
 Wire format, one request per frame, one reply per frame, in order:
 

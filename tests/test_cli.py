@@ -475,7 +475,7 @@ def test_serve_a_module_framing_and_a_delimiter_end_to_end(tmp_path: Path) -> No
         server.signal(signal.SIGTERM)
         status, _, err = server.wait(10)
     assert status == 0, err
-    # NUL-terminated lines, kv app: replies end with NUL too.
+    # NUL-terminated lines, kv-text app: replies end with NUL too.
     with server_process(["kv-text", "--port", "0", "--framing", "lines:\\0"]) as server:
         with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
             sock.sendall(b"SET k a\nb\0GET k\0")

@@ -123,13 +123,16 @@ _ZERO = b":0"
 
 
 class KVStore:
-    """The ``kv`` app's store: a dict shared by every connection of one server.
+    """The ``kv`` and ``kv-text`` apps' store: a dict shared by every connection of one server.
 
-    ``handler()`` returns its callback handler: ``fastnet.run(KVStore().handler())``.
+    ``handler()`` returns its ``kv-text`` callback handler (text requests, as
+    ``examples/kv_server.py`` and ``examples/client.py`` use):
+    ``fastnet.run(KVStore().handler())``. ``router()`` returns its ``kv``
+    router (``fastnet.wire`` messages).
 
     Args:
         max_keys: the most keys stored at once; SET of a new key beyond it
-            answers ``-ERR store full``.
+            answers ``-ERR store full`` (``kv-text``) or error 507 (``kv``).
     """
 
     def __init__(self, max_keys: int = MAX_KEYS) -> None:

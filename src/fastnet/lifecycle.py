@@ -17,7 +17,11 @@ __all__ = ["CLOSED", "CLOSING", "OPEN", "PEER_CLOSED", "Lifecycle", "check_trans
 
 
 class Lifecycle(enum.IntEnum):
-    """Where a connection is in its life; ``Connection.lifecycle`` tells."""
+    """Where a connection is in its life; ``Connection.lifecycle`` tells.
+
+    An ``IntEnum``, ordered as listed; ``str()``, f-strings and ``format()``
+    give the name (``CLOSED``), a numeric format spec the number.
+    """
 
     OPEN = 0
     """Both directions open."""
@@ -27,6 +31,21 @@ class Lifecycle(enum.IntEnum):
     """This side is closing: close(), abort(), the end of the handler, a failed write."""
     CLOSED = 3
     """The transport called connection_lost: the socket is closed."""
+
+    def __str__(self) -> str:
+        return self.name
+
+    def __format__(self, format_spec: str) -> str:
+        # The name, as str() gives, on every Python: IntEnum's own __format__
+        # differs across versions (3.10 fails on "d", 3.11+ gives the number
+        # for ">8"). A numeric presentation type ("d", "03d") gives the number.
+        if format_spec and format_spec[-1] in _NUMERIC_TYPES:
+            return int.__format__(self, format_spec)
+        return format(self.name, format_spec)
+
+
+# The presentation types of int's format spec.
+_NUMERIC_TYPES = "bcdoxXneEfFgG%"
 
 
 OPEN = 0

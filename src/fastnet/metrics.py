@@ -136,7 +136,22 @@ def handshake_error_cause(exc: BaseException) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class CloseInfo:
-    """What ``Hooks.on_close`` receives about a connection that has closed."""
+    """What ``Hooks.on_close`` receives about a connection that has closed.
+
+    ``reason`` is one of:
+
+    - ``closed``: the handler ended: it returned, or saw the end of its input
+      (the peer closed, ``close()``, the server's shutdown).
+    - ``reset``: the socket failed (a reset, mostly; counted in ``resets``).
+    - ``handler_error``: the handler, or a task it spawned, raised.
+    - ``frame_error``: the peer sent bytes that are not a frame.
+    - ``idle_timeout``: closed by ``idle_timeout``.
+    - ``frame_timeout``: a frame did not arrive whole within ``frame_timeout``.
+    - ``drain_timeout``: still open when the shutdown's ``drain_timeout``
+      ended; aborted.
+    - ``error``: supervising the connection failed (a bug in fastnet, logged
+      with its traceback); aborted.
+    """
 
     peer: Any
     duration: float
@@ -146,8 +161,7 @@ class CloseInfo:
     frames_in: int
     frames_out: int
     reason: str
-    """``closed`` (the handler ended), ``handler_error``, ``frame_error``,
-    ``idle_timeout``, ``frame_timeout``, ``drain_timeout`` or ``error``."""
+    """Why it closed: one of the reasons listed above."""
 
 
 @dataclasses.dataclass

@@ -599,6 +599,42 @@ def test_last_replies_survive_unread_input_at_close(
     arun(scenario())
 
 
+@pytest.mark.parametrize("kind", sorted(ECHOES))
+def test_replies_before_a_framing_error_survive_the_close(arun: Runner[Any], kind: str) -> None:
+    """A framing error closes gracefully: every reply owed goes out, then the FIN, no reset.
+
+    The bad frame's body (and whatever follows it) is still unread in the
+    socket; closing over it makes the kernel reset the connection and drop
+    the replies still queued. A new-user study and an abuse probe both lost
+    most of their replies that way; the close now lingers, reading past the
+    failed decoder, as it does for any close.
+    """
+    requests = [b"%05d" % i + b"." * 1000 for i in range(2000)]  # 2 MB of echoes
+    bad = (70000).to_bytes(4, "big") + b"x" * 20000  # over max_frame, with its body
+    wire = b"".join(frame_bytes(r) for r in requests) + bad
+
+    async def scenario() -> None:
+        framing = fastnet.LengthPrefixed(max_frame=65536)
+        async with serving(ECHOES[kind], framing=framing) as server:
+            loop = asyncio.get_running_loop()
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            with sock:
+                await loop.sock_connect(sock, ("127.0.0.1", server.port))
+                sending = asyncio.ensure_future(loop.sock_sendall(sock, wire))
+                await asyncio.sleep(0.3)  # a client that reads a little later
+                got = bytearray()
+                while chunk := await asyncio.wait_for(loop.sock_recv(sock, 1 << 16), 10):
+                    got += chunk  # a reset raises here
+                await asyncio.wait_for(sending, 10)
+            assert bytes(got) == b"".join(frame_bytes(r) for r in requests)
+            await wait_until(lambda: server.stats()["active"] == 0)
+            assert server.stats()["frame_errors"] == 1
+
+    arun(scenario())
+
+
 def _module_imports(path: Any, *, type_checking: bool) -> set[str]:
     """The fastnet modules ``path`` imports outside functions (TYPE_CHECKING ones if asked)."""
     import ast

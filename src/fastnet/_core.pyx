@@ -552,6 +552,18 @@ cdef class ConnectionCore:
             self._loop.call_soon(callback, wakeup, context=wakeup._context)
         return 0
 
+    def _set_reader(self, get_buffer, buffer_updated):
+        """Receive through ``get_buffer``/``buffer_updated`` from now on, not the decoder.
+
+        The decoder stays (its counters are still read); reading on through
+        large frames stops. protocol.py's lingering close drops what still
+        arrives this way, a failed decoder or not.
+        """
+        self.get_buffer = get_buffer
+        self._decoded = buffer_updated
+        self._c_decoder = None
+        self._read_fd = -1
+
     def _queue_frames(self, list frames):
         """Queue frames outside a read (end of stream, frames before an error) and wake."""
         self.frames_in += len(frames)

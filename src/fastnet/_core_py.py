@@ -453,6 +453,19 @@ class ConnectionCore:
         else:  # a protocol callback made from inside a task: no nesting
             self._loop.call_soon(callback, wakeup, context=wakeup._context)
 
+    def _set_reader(
+        self, get_buffer: Callable[[int], Any], buffer_updated: Callable[[int], list[bytes]]
+    ) -> None:
+        """Receive through ``get_buffer``/``buffer_updated`` from now on, not the decoder.
+
+        The decoder stays (its counters are still read); reading on through
+        large frames stops. protocol.py's lingering close drops what still
+        arrives this way, a failed decoder or not.
+        """
+        self.get_buffer = get_buffer
+        self._decoded = buffer_updated
+        self._read_fd = -1
+
     def _queue_frames(self, frames: list[bytes]) -> None:
         """Queue frames outside a read (end of stream, frames before an error) and wake."""
         self.frames_in += len(frames)

@@ -94,7 +94,10 @@ else:
 #       transports.write_vectored calls it before its own writev.
 #    c. Both loops call ``protocol.get_buffer``/``buffer_updated`` looked up
 #       on the instance, so a slot holding a bound method replaces the method
-#       (uvloop reads them once, when the transport is made).
+#       (uvloop reads them once, when the transport is made, and again on
+#       ``set_protocol``: the lingering close sets the protocol again after
+#       pointing them at its sink, protocol._read_on_discarding; tested by
+#       tests/test_server.py's framing-error close on uvloop).
 #    d. Their plain socket transports use what ``get_buffer`` returns only
 #       through the buffer protocol (uvloop: PyObject_GetBuffer; CPython's
 #       selector transport: ``len()`` and ``sock.recv_into``), so the

@@ -40,6 +40,7 @@ from ._tunables import (
     PAUSE_STOP,
     READ_HIGH_BYTES,
     READ_HIGH_FRAMES,
+    READ_SIZE,
 )
 from .errors import ConnectionBrokenError, ConnectionClosedError, FrameError, WriteBufferFull
 from .lifecycle import CLOSED, CLOSING, OPEN, PEER_CLOSED, Lifecycle, check_transition
@@ -264,10 +265,12 @@ class FrameProtocol(asyncio.BufferedProtocol, _Base):
         peer_eof = self._lifecycle == PEER_CLOSED
         self._mark_closing()
         transport = self._transport
-        # Nothing to wait for when the peer already closed; nothing worth it
-        # after a framing error (the decoder takes no more input) or a
-        # handler error.
-        failed = self._decoder_failed or self._handler_error is not None
+        # Nothing to wait for when the peer already closed, nor after a
+        # handler error (its replies were dropped). A framing error is no
+        # reason: the replies to the frames before the bad bytes are owed,
+        # and the bad frame's rest is still in the socket (the lingering
+        # close reads past the decoder, see _read_on_discarding).
+        failed = self._handler_error is not None
         if peer_eof or failed or not transport.can_write_eof():
             if self._strategy.kind == "tls":
                 # close() sends close_notify, and the TLS layer must read the
@@ -287,9 +290,17 @@ class FrameProtocol(asyncio.BufferedProtocol, _Base):
             transport.close()
 
     def _read_on_discarding(self) -> None:
-        # Closing: what still arrives is read and dropped, whatever our
-        # buffer holds.
+        # Closing: what still arrives is read and dropped unread, whatever
+        # our buffer holds, without the decoder: one that failed takes no
+        # more input, and bytes that do not frame must not turn the lingering
+        # close into an abort (a reset drops the replies still unsent).
         self._on_frames = _discard
+        self._set_reader(_sink_buffer, _sink_updated)
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            # uvloop took get_buffer and buffer_updated when the protocol was
+            # set (entry 5c of _internals.py): set it again for the new ones.
+            transport.set_protocol(self)
         self._read_pauses_on_write = False
         self._read_paused = 0
 
@@ -407,6 +418,19 @@ class FrameProtocol(asyncio.BufferedProtocol, _Base):
 
         self._input_ended(factory)
         self._abort()
+
+
+# Where a closing connection's input goes: one buffer for all of them, since
+# nothing ever reads what is written into it.
+_SINK = memoryview(bytearray(READ_SIZE))
+
+
+def _sink_buffer(sizehint: int) -> memoryview:
+    return _SINK
+
+
+def _sink_updated(nbytes: int) -> list[bytes]:
+    return []
 
 
 def _discard(conn: Any, frames: list[bytes]) -> None:

@@ -15,6 +15,8 @@ Each test runs on both codec backends and both event loops (``arun``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 from typing import Any
 
 from test_server_support import Runner, serving, wait_until
@@ -122,6 +124,89 @@ def test_duplex_server_handler_with_streams_client(arun: Runner[Any]) -> None:
             assert got == FRAMES
             await wait_until(lambda: "server_received" in done, timeout=DEADLINE)
             assert done["server_received"] == FRAMES
+            writer.close()
+            await writer.wait_closed()
+
+    arun(scenario())
+
+
+def test_a_callback_handlers_replies_obey_the_write_limit_when_reading_goes_on(
+    arun: Runner[Any],
+) -> None:
+    # With read_pauses_on_write off, reading no longer bounds what a callback
+    # handler's returned replies pile up for a peer that never reads: they
+    # obey max_write_buffer as send does. A new-user study saw 26.9 MiB
+    # queued against a 1 MiB limit; now the handler fails with
+    # WriteBufferFull and the connection closes, holding about the limit.
+    seen: dict[str, Any] = {}
+    limit = 1 << 20
+
+    @fastnet.callback_handler
+    def reflect(conn: fastnet.Connection, frames: list[bytes]) -> list[bytes]:
+        conn.read_pauses_on_write = False
+        seen["peak"] = max(seen.get("peak", 0), conn.write_buffer_size)
+        return frames
+
+    async def scenario() -> None:
+        async with serving(reflect, max_write_buffer=limit) as server:
+            loop = asyncio.get_running_loop()
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            with sock:
+                await loop.sock_connect(sock, ("127.0.0.1", server.port))
+                chunk = ((100).to_bytes(4, "big") + b"x" * 100) * 1000
+
+                async def flood() -> None:
+                    with contextlib.suppress(ConnectionError):
+                        for _ in range(100):  # 10 MiB of echoes owed, never read
+                            await loop.sock_sendall(sock, chunk)
+
+                sending = asyncio.ensure_future(flood())
+                try:
+                    await wait_until(
+                        lambda: server.stats()["handler_errors"] == 1, timeout=DEADLINE
+                    )
+                finally:
+                    sending.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await sending
+            assert seen["peak"] <= limit
+            await wait_until(lambda: server.stats()["active"] == 0)
+
+    arun(scenario())
+
+
+def test_frames_larger_than_the_write_limit_echo_without_drain(arun: Runner[Any]) -> None:
+    # A handler that answers what it reads (echo_task: send_many(await
+    # recv_batch()), no drain) with frames larger than max_write_buffer: its
+    # reading resumes below the low-water mark, not at 0, so a few bytes may
+    # still be unsent when the next large frame is answered. An abuse probe
+    # saw WriteBufferFull there (8 MiB frames, the 4 MiB default limit, 5 of
+    # 6 runs on asyncio); a frame now goes whatever its size while the unsent
+    # bytes are at most the high-water mark.
+    size, count = 1 << 20, 24
+    frames = [bytes([i]) * size for i in range(count)]
+
+    async def scenario() -> None:
+        async with serving(echo_task, max_write_buffer=256 * 1024) as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+
+            async def send() -> None:
+                for frame in frames:  # pipelined: the next frame is there at once
+                    writer.write(len(frame).to_bytes(4, "big") + frame)
+                await writer.drain()
+
+            async def receive() -> list[bytes]:
+                got = []
+                for _ in frames:
+                    length = int.from_bytes(await reader.readexactly(4), "big")
+                    got.append(await reader.readexactly(length))
+                return got
+
+            _, got = await asyncio.wait_for(asyncio.gather(send(), receive()), DEADLINE)
+            assert got == frames
+            assert server.stats()["handler_errors"] == 0
             writer.close()
             await writer.wait_closed()
 

@@ -515,6 +515,13 @@ cdef class ConnectionCore:
         try:
             replies = on_frames(self, frames)
             if replies is not None:
+                if not self._read_pauses_on_write:
+                    # Reading goes on whatever the write buffer holds, so
+                    # nothing else bounds the replies: they obey
+                    # max_write_buffer as send_many's frames do (see the twin).
+                    if type(replies) is not _list:
+                        replies = list(replies)
+                    self._admit(self._wire_size(<list>replies), True)
                 if type(replies) is _list and PyList_GET_SIZE(replies) == 1:
                     self._out._append((<list>replies)[0])
                 else:
@@ -719,8 +726,9 @@ cdef class ConnectionCore:
             FrameError, TypeError: the frame cannot be encoded.
             WriteBufferFull: the frame would take the unsent bytes (queued
                 and in the transport's buffer) past ``max_write_buffer``.
-                (A frame larger than the limit itself is accepted when
-                nothing else is unsent.)
+                (A frame goes whatever its size while the unsent bytes are
+                at most the write high-water mark, so one larger than the
+                limit itself can be sent.)
             ConnectionClosedError, ConnectionBrokenError: the connection is
                 closed or broke.
         """
@@ -755,16 +763,20 @@ cdef class ConnectionCore:
         Raises:
             as ``send``.
         """
-        cdef Py_ssize_t size = 0
         if type(frames) is not _list:
             frames = list(frames)
-        for frame in <list>frames:
-            size += _payload_size(frame) + self._overhead
-        self._admit(size, True)
+        self._admit(self._wire_size(<list>frames), True)
         cdef OutQueue out = self._out
         cdef bint was_empty = out.queued_frames == 0
         out.extend(frames)
         self._queued(was_empty)
+
+    cdef Py_ssize_t _wire_size(self, list frames) except -1:
+        # What ``frames`` add to the write buffer, as _admit counts it.
+        cdef Py_ssize_t size = 0
+        for frame in frames:
+            size += _payload_size(frame) + self._overhead
+        return size
 
     def try_send(self, frame):
         """Queue one frame if the write buffer can take it; never raise ``WriteBufferFull``.
@@ -829,10 +841,10 @@ cdef class ConnectionCore:
         return 0
 
     cdef bint _has_room(self, Py_ssize_t size) except -1:
-        # The limit bounds what piles up: a frame (or batch) larger than the
-        # limit itself still goes when nothing else is waiting.
+        # The limit bounds what piles up; a frame goes whatever its size
+        # while the unsent bytes are at most the high-water mark (see the twin).
         cdef Py_ssize_t unsent = self._unsent()
-        return unsent == 0 or unsent + size <= self._max_write_buffer
+        return unsent <= self._high_water or unsent + size <= self._max_write_buffer
 
     cdef int _schedule_flush(self) except -1:
         self._flush_scheduled = True

@@ -418,6 +418,13 @@ class ConnectionCore:
         try:
             replies = on_frames(self, frames)
             if replies is not None:
+                if not self._read_pauses_on_write:
+                    # Reading goes on whatever the write buffer holds, so
+                    # nothing else bounds the replies: they obey
+                    # max_write_buffer as send_many's frames do.
+                    if type(replies) is not list:
+                        replies = list(replies)
+                    self._admit(self._wire_size(replies), True)
                 self._out.extend(replies)  # validated here: a bad reply is the handler's error
         except Exception as exc:
             self._delivering = False
@@ -622,8 +629,9 @@ class ConnectionCore:
             FrameError, TypeError: the frame cannot be encoded.
             WriteBufferFull: the frame would take the unsent bytes (queued
                 and in the transport's buffer) past ``max_write_buffer``.
-                (A frame larger than the limit itself is accepted when
-                nothing else is unsent.)
+                (A frame goes whatever its size while the unsent bytes are
+                at most the write high-water mark, so one larger than the
+                limit itself can be sent.)
             ConnectionClosedError, ConnectionBrokenError: the connection is
                 closed or broke.
         """
@@ -660,14 +668,18 @@ class ConnectionCore:
         """
         if type(frames) is not list:
             frames = list(frames)
-        size = 0
-        for frame in frames:
-            size += _payload_size(frame) + self._overhead
-        self._admit(size, True)
+        self._admit(self._wire_size(frames), True)
         out = self._out
         was_empty = not out
         out.extend(frames)
         self._queued(was_empty)
+
+    def _wire_size(self, frames: list[Any]) -> int:
+        # What ``frames`` add to the write buffer, as _admit counts it.
+        size = 0
+        for frame in frames:
+            size += _payload_size(frame) + self._overhead
+        return size
 
     def try_send(self, frame: Buffer) -> bool:
         """Queue one frame if the write buffer can take it; never raise ``WriteBufferFull``.
@@ -731,10 +743,14 @@ class ConnectionCore:
         return int(self._out.nbytes) + buffered
 
     def _has_room(self, size: int) -> bool:
-        # The limit bounds what piles up: a frame (or batch) larger than the
-        # limit itself still goes when nothing else is waiting.
+        # The limit bounds what piles up. A frame (or batch) goes whatever its
+        # size while the unsent bytes are at most the high-water mark, under
+        # no write pressure: one larger than the limit could not go at all
+        # otherwise, and a handler that answers what it reads (reading
+        # resumes below the low-water mark, not at 0) would fail on a legal
+        # frame whenever a few bytes were still unsent.
         unsent = self._unsent()
-        return unsent == 0 or unsent + size <= self._max_write_buffer
+        return unsent <= self._high_water or unsent + size <= self._max_write_buffer
 
     def _schedule_flush(self) -> None:
         # First frame of a batch sent outside buffer_updated's resumption of

@@ -156,7 +156,7 @@ def read_once(decoder: Any, data: bytes) -> list[bytes]:
 
 
 def assert_sound(frame: bytes) -> None:
-    """A delivered frame is an ordinary bytes object: its size, and the NUL C code expects past it."""
+    """A delivered frame is an ordinary bytes object: its size, and the NUL C code expects."""
     assert type(frame) is bytes
     assert sys.getsizeof(frame) == sys.getsizeof(b"") + len(frame)
     if sys.implementation.name == "cpython":  # ob_sval ends one byte before getsizeof

@@ -20,7 +20,9 @@ as one line on stderr; 1 when the server cannot start (an address, the
 server's or the metrics endpoint's, cannot be bound or resolved, a TLS file is bad),
 reported as one line naming the address or the file. Anything else is a
 bug, in fastnet or in the app: it propagates with its traceback (status 1)
-rather than being shortened to a line that hides where it came from.
+rather than being shortened to a line that hides where it came from. A
+second SIGINT or SIGTERM during the shutdown ends the process at once, killed
+by that signal (with ``--workers``, the supervisor exits with 128 + its number).
 
 The spellings the options accept (sizes, framings, loops, ports) are defined
 once in ``fastnet._cliargs``, shared with ``fastnet bench``.
@@ -83,7 +85,9 @@ EXIT_STATUS = (
     "Exit status: 0 after a graceful shutdown; 1 when the server cannot start (the address "
     "cannot be bound or resolved, a TLS file is bad), with one line on stderr; 2 for a usage "
     "error (a bad option value, an unknown or unloadable APP, a bad --framing), with one line "
-    "on stderr."
+    "on stderr. A second SIGINT or SIGTERM during the shutdown ends the process at once, "
+    "killed by that signal (a shell shows 130 or 143); with --workers the supervisor exits "
+    "with 130 or 143."
 )
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from fastnet import FrameTooLarge, LengthPrefixed, Lines
+from fastnet._tunables import DIRECT_ROOM
 from fastnet.framing import DIRECT_THRESHOLD, MAX_READ, READ_SIZE
 
 LARGE = 1 << 20
@@ -133,6 +134,20 @@ def test_header_window_covers_offset_and_strip(frame_impl: ModuleType) -> None:
     sizes, frames = windows_for(frame_impl.LengthPrefixedDecoder(spec), b"".join(wire))
     assert frames == payloads
     assert sizes == [65536, 14489, 40010]  # frame 0 fits the first read whole
+
+
+def test_a_header_past_the_room_limit_gets_a_read_of_its_own(frame_impl: ModuleType) -> None:
+    # A header longer than DIRECT_ROOM would add its size to every large
+    # frame's object: its frames keep windows of their own bytes alone, each
+    # followed by a header-sized read, on both backends.
+    spec = LengthPrefixed(offset=DIRECT_ROOM)  # a header of DIRECT_ROOM + 4 bytes
+    header = DIRECT_ROOM + 4
+    payloads = [bytes([i]) * 40000 for i in range(3)]
+    wire = b"".join(bytes(DIRECT_ROOM) + len(p).to_bytes(4, "big") + p for p in payloads)
+    sizes, frames = windows_for(frame_impl.LengthPrefixedDecoder(spec), wire)
+    assert frames == payloads
+    first_rest = 2 * (header + 40000) - READ_SIZE  # frame 1's bytes the first read left
+    assert sizes == [READ_SIZE, first_rest, header, 40000]
 
 
 def test_small_frames_after_a_large_one_cost_no_extra_read(frame_impl: ModuleType) -> None:

@@ -22,6 +22,7 @@ cdef class _Decoder:
     cdef Py_ssize_t direct_base  # wire bytes of that frame consumed before its delivered part (strip)
     cdef Py_ssize_t direct_filled  # bytes of direct written so far
     cdef Py_ssize_t header_peek  # bytes that start a frame's direct receive (0: no direct receive)
+    cdef Py_ssize_t direct_room  # bytes past a direct frame its window covers: header_peek, or 0
     cdef bint peek               # a large frame just completed: the next window ends the next header
     cdef Py_ssize_t window       # length of the window get_buffer handed out; -1 when none is open
     cdef object failed           # the FrameError that failed this decoder, or None

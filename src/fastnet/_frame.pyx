@@ -20,7 +20,8 @@ Strategy:
   decoder allocates the frame's final ``bytes`` object, copies in the part
   already received, and ``get_buffer`` hands out the rest of that object: the
   kernel writes each remaining payload byte exactly once, where it stays.
-  The object is allocated ``header_peek`` bytes longer than the frame, and
+  The object is allocated ``header_peek`` bytes longer than the frame (for
+  a header of at most ``DIRECT_ROOM`` bytes; every common layout's), and
   the window covers those too: one read ends the frame and fetches the next
   frame's header, so back-to-back large frames cost one read each, every
   payload byte received in place. Once the frame is complete, the bytes
@@ -91,6 +92,7 @@ from . import _tunables
 cdef Py_ssize_t READ_SIZE = _tunables.READ_SIZE
 cdef Py_ssize_t MAX_READ = _tunables.MAX_READ
 cdef Py_ssize_t DIRECT_THRESHOLD = _tunables.DIRECT_THRESHOLD
+cdef Py_ssize_t DIRECT_ROOM = _tunables.DIRECT_ROOM
 
 # Tunables of the extension's own memory management (the twin has no arena).
 cdef enum:
@@ -267,7 +269,7 @@ cdef int _debug_check(_Decoder d) except -1:
         if (d.direct_block is None or d.direct_block.owner is not d.direct
                 or d.direct_block.data != PyBytes_AS_STRING(d.direct)
                 or d.direct_block.size != PyBytes_GET_SIZE(d.direct)
-                or d.direct_block.size != d.direct_size + d.header_peek):
+                or d.direct_block.size != d.direct_size + d.direct_room):
             raise AssertionError("the direct block does not export the direct frame")
         if not 0 <= d.direct_filled < d.direct_size:
             raise AssertionError(f"direct frame filled {d.direct_filled} of {d.direct_size}")
@@ -421,12 +423,12 @@ cdef class _Decoder:
         The object has room for the next header after the frame: the window
         over the frame's rest reaches into it (see the module docstring).
         """
-        cdef bytes frame = PyBytes_FromStringAndSize(NULL, size + self.header_peek)
+        cdef bytes frame = PyBytes_FromStringAndSize(NULL, size + self.direct_room)
         cdef _Block block = _Block.__new__(_Block)
         memcpy(PyBytes_AS_STRING(frame), data, have)
         block.owner = frame
         block.data = PyBytes_AS_STRING(frame)
-        block.size = size + self.header_peek
+        block.size = size + self.direct_room
         self.direct = frame
         self.direct_block = block
         self.direct_size = size
@@ -636,6 +638,7 @@ cdef class LengthPrefixedDecoder(_Decoder):
         self.max_frame = spec.max_frame
         self.header = spec.offset + spec.length_size
         self.header_peek = max(self.header, self.strip)
+        self.direct_room = self.header_peek if self.header_peek <= DIRECT_ROOM else 0
         self.arena_limit = max(READ_SIZE, self.header + spec.max_frame)
 
     cdef Py_ssize_t _decode(self, const char* data, Py_ssize_t n, list out) except -1:

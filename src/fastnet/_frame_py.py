@@ -24,7 +24,7 @@ import mmap
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from ._tunables import DIRECT_THRESHOLD, MAX_READ, READ_SIZE
+from ._tunables import DIRECT_ROOM, DIRECT_THRESHOLD, MAX_READ, READ_SIZE
 from .errors import (
     FrameError,
     FrameTooLarge,
@@ -71,18 +71,20 @@ class _Decoder:
         "_failed",
         "_peek",
         "_peek_size",
+        "_room",
         "_scratch",
         "_window",
     )
 
     def __init__(self) -> None:
         self._buf = bytearray()
-        # A large frame's window reaches _peek_size bytes past it, over the
-        # next header. Should a read end that frame short of a whole header,
-        # the next window is only what completes the header (_peek; see
-        # _frame.pyx).
+        # A large frame's window reaches _room bytes past it, over the next
+        # header (_peek_size bytes, if at most DIRECT_ROOM). Should a read end
+        # that frame short of a whole header, the next window is only what
+        # completes the header (_peek; see _frame.pyx).
         self._peek = False
         self._peek_size = 0
+        self._room = 0  # _peek_size, or 0 past DIRECT_ROOM
         # Receive buffer behind the open window; kept between reads only
         # while a large frame is unfinished, so a slow sender costs no
         # reallocation per read. Dropped whenever a call closes the window
@@ -156,10 +158,10 @@ class _Decoder:
         missing = self._direct_missing()
         if not missing:
             self._scratch = None
-        elif self._scratch is None or len(self._scratch) < missing + self._peek_size:
+        elif self._scratch is None or len(self._scratch) < missing + self._room:
             try:
                 # Pages are committed as the kernel writes them, not up front.
-                self._scratch = mmap.mmap(-1, missing + self._peek_size)
+                self._scratch = mmap.mmap(-1, missing + self._room)
             except (OSError, MemoryError, OverflowError):
                 self._scratch = None
                 self._direct_failed = True
@@ -217,7 +219,7 @@ class _Decoder:
             self._check()
             missing = self._direct_missing()
             if missing:
-                want = missing + self._peek_size
+                want = missing + self._room
             elif self._peek and len(self._buf) < self._peek_size:
                 want = min(want, self._peek_size - len(self._buf))
             scratch = self._scratch
@@ -278,6 +280,7 @@ class LengthPrefixedDecoder(_Decoder):
         self._max = spec.max_frame
         self._header = spec.offset + spec.length_size
         self._peek_size = max(self._header, self._strip)
+        self._room = self._peek_size if self._peek_size <= DIRECT_ROOM else 0
 
     def _decode(self, out: list[bytes]) -> FrameError | None:
         buf = self._buf

@@ -13,6 +13,7 @@ from __future__ import annotations
 __all__ = [
     "BATCH_BOUNDS",
     "DEFAULT_MAX_WRITE_BUFFER",
+    "DIRECT_ROOM",
     "DIRECT_THRESHOLD",
     "HANDLER_SECONDS_BOUNDS",
     "LARGE_FRAME",
@@ -43,11 +44,19 @@ READ_SIZE = 65536
 MAX_READ = 1 << 20
 
 # Delivered frame size from which a length-prefixed frame is received straight
-# into its own object: get_buffer() then opens a window of exactly the frame's
-# missing bytes. Below it, one copy out of the receive buffer is cheaper than
-# the extra recv() that ends exactly at the frame boundary; 32 KiB is a
-# measured-by-eye guess, not a tuned optimum.
+# into its own object: get_buffer() then opens a window of the frame's missing
+# bytes (and the next header: DIRECT_ROOM). Below it, one copy out of the
+# receive buffer is cheaper than the extra recv() that ends exactly at the
+# frame boundary; 32 KiB is a measured-by-eye guess, not a tuned optimum.
 DIRECT_THRESHOLD = 32768
+
+# Largest next header (the bytes up to the length field's end, or up to the
+# strip if that goes further) a large frame's object is allocated room for,
+# so that one read ends the frame and fetches that header. Every common
+# layout's header is a few bytes; a larger one (offset and strip reach 2**48)
+# would add that much to every large frame, so its frames keep windows of
+# their own bytes alone, each followed by a header-sized read.
+DIRECT_ROOM = 64
 
 # ---------------------------------------------------------------------------
 # The connection core (fastnet._core and fastnet._core_py) reads these too.

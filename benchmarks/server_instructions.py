@@ -182,8 +182,11 @@ def main() -> int:
             print(f"{row['workload']:6} {row['server']:20} {row['loop']:15} "
                   f"{row['frames']:>9,} frames  {row['per_frame'] or 0:>9,.0f} instructions/frame"
                   f"{misses}", flush=True)  # fmt: skip
+    # No machine's paths in the record: the interpreter is PYTHON, another path PATH.
+    argv = sys.argv[1:]
     command = "python benchmarks/server_instructions.py " + " ".join(
-        a if not a.startswith("/") else "PYTHON" for a in sys.argv[1:]
+        a if not a.startswith("/") else "PYTHON" if argv[i - 1] == "--fastnet-before" else "PATH"
+        for i, a in enumerate(argv)
     )
     text = markdown(rows, command.strip())
     print()

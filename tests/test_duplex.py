@@ -19,6 +19,7 @@ import contextlib
 import socket
 from typing import Any
 
+import pytest
 from test_server_support import Runner, serving, wait_until
 
 import fastnet
@@ -209,5 +210,42 @@ def test_frames_larger_than_the_write_limit_echo_without_drain(arun: Runner[Any]
             assert server.stats()["handler_errors"] == 0
             writer.close()
             await writer.wait_closed()
+
+    arun(scenario())
+
+
+def test_a_write_limit_below_the_high_water_mark_still_holds(arun: Runner[Any]) -> None:
+    # max_write_buffer far below the transport's high-water mark (64 KiB):
+    # frames smaller than the limit are refused exactly at it. A first
+    # version of the large-frame rule let any frame go under the mark, and a
+    # review saw WriteBufferFull only at 66 KB against an 8 KiB limit.
+    limit = 8192
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        with listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen()
+            listener.setblocking(False)
+            port = listener.getsockname()[1]
+            accepting = asyncio.ensure_future(loop.sock_accept(listener))
+            conn = await fastnet.connect("127.0.0.1", port, max_write_buffer=limit)
+            peer, _ = await accepting  # it never reads
+            with peer:
+                sent = 0
+                with pytest.raises(fastnet.WriteBufferFull):
+                    for _ in range(10_000):
+                        before = conn.write_buffer_size
+                        conn.send(b"x" * 1024)
+                        sent += 1
+                        if sent % 8 == 0:
+                            await asyncio.sleep(0.005)  # the kernel takes what it will
+                # Refused exactly: the frame that did not fit was not queued.
+                assert conn.write_buffer_size == before
+                assert before + 1024 + 4 > limit
+                assert conn.write_buffer_size <= limit
+                conn.abort()
 
     arun(scenario())

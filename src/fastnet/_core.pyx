@@ -726,9 +726,8 @@ cdef class ConnectionCore:
             FrameError, TypeError: the frame cannot be encoded.
             WriteBufferFull: the frame would take the unsent bytes (queued
                 and in the transport's buffer) past ``max_write_buffer``.
-                (A frame goes whatever its size while the unsent bytes are
-                at most the write high-water mark, so one larger than the
-                limit itself can be sent.)
+                (A frame larger than the limit itself goes while the unsent
+                bytes are at most the write high-water mark.)
             ConnectionClosedError, ConnectionBrokenError: the connection is
                 closed or broke.
         """
@@ -841,10 +840,14 @@ cdef class ConnectionCore:
         return 0
 
     cdef bint _has_room(self, Py_ssize_t size) except -1:
-        # The limit bounds what piles up; a frame goes whatever its size
-        # while the unsent bytes are at most the high-water mark (see the twin).
+        # The limit bounds what piles up, exactly; a frame larger than the
+        # limit itself goes while the unsent bytes are at most the high-water
+        # mark (and the limit; see the twin).
         cdef Py_ssize_t unsent = self._unsent()
-        return unsent <= self._high_water or unsent + size <= self._max_write_buffer
+        cdef Py_ssize_t limit = self._max_write_buffer
+        if unsent + size <= limit:
+            return True
+        return size > limit and unsent <= min(self._high_water, limit)
 
     cdef int _schedule_flush(self) except -1:
         self._flush_scheduled = True

@@ -629,9 +629,8 @@ class ConnectionCore:
             FrameError, TypeError: the frame cannot be encoded.
             WriteBufferFull: the frame would take the unsent bytes (queued
                 and in the transport's buffer) past ``max_write_buffer``.
-                (A frame goes whatever its size while the unsent bytes are
-                at most the write high-water mark, so one larger than the
-                limit itself can be sent.)
+                (A frame larger than the limit itself goes while the unsent
+                bytes are at most the write high-water mark.)
             ConnectionClosedError, ConnectionBrokenError: the connection is
                 closed or broke.
         """
@@ -743,14 +742,18 @@ class ConnectionCore:
         return int(self._out.nbytes) + buffered
 
     def _has_room(self, size: int) -> bool:
-        # The limit bounds what piles up. A frame (or batch) goes whatever its
-        # size while the unsent bytes are at most the high-water mark, under
-        # no write pressure: one larger than the limit could not go at all
-        # otherwise, and a handler that answers what it reads (reading
-        # resumes below the low-water mark, not at 0) would fail on a legal
-        # frame whenever a few bytes were still unsent.
+        # The limit bounds what piles up, exactly. A frame (or batch) larger
+        # than the limit itself goes while the unsent bytes are at most the
+        # high-water mark (and the limit): it could not go at all otherwise,
+        # and a handler that answers what it reads (reading resumes below the
+        # low-water mark, not at 0) would fail on it whenever a few bytes
+        # were still unsent. What piles up stays within the limit, or a
+        # high-water mark and one such frame.
         unsent = self._unsent()
-        return unsent <= self._high_water or unsent + size <= self._max_write_buffer
+        limit = self._max_write_buffer
+        if unsent + size <= limit:
+            return True
+        return size > limit and unsent <= min(self._high_water, limit)
 
     def _schedule_flush(self) -> None:
         # First frame of a batch sent outside buffer_updated's resumption of

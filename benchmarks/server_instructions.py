@@ -87,6 +87,11 @@ def count(kind: compare.ServerKind, workload: compare.Workload, args: argparse.N
         result = json.loads(report)
         frames = int(result["frames"])
         counted = totals(out)
+        if args.keep:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            kept = args.keep / f"callgrind.{workload.name}.{kind.name}.{loop}"
+            shutil.copyfile(out, kept)
+            print(f"kept {kept} (callgrind_annotate --inclusive=yes {kept})", file=sys.stderr)
     if result.get("errors"):
         # The generator checks every echo: a count of a server that answered wrongly is void.
         raise RuntimeError(f"{kind.name} {workload.name}: {result['errors']} echo errors")
@@ -151,6 +156,12 @@ def main() -> int:
         help="also simulate the caches: data misses per frame (slower)",
     )
     parser.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        metavar="DIR",
+        help="keep each callgrind profile in DIR, for callgrind_annotate",
+    )
     args = parser.parse_args()
     for tool in ("valgrind", "callgrind_control"):
         if shutil.which(tool) is None:

@@ -124,21 +124,29 @@ def test_a_task_suspends_on_the_duck_typed_wakeup(loop_name: str, wakeup_class: 
         wakeup = wakeup_class(loop)
         events: list[str] = []
 
+        # The twin awaits (wakeup,); the compiled Wakeup is awaitable itself.
+        awaitable = wakeup if hasattr(wakeup_class, "__await__") else _AwaitWakeup((wakeup,))
+
         async def waiter() -> None:
             wakeup._asyncio_future_blocking = True
-            await _AwaitWakeup((wakeup,))
+            await awaitable
             events.append("resumed")
 
-        task = loop.create_task(waiter())
-        await asyncio.sleep(0)
-        assert wakeup._callback is not None, "the Task did not register on the wake-up"
-        callback, wakeup._callback = wakeup._callback, None
-        # Called directly from a loop callback (no task running), as
-        # buffer_updated does: the Task resumes the coroutine right there.
-        loop.call_soon(lambda: (callback(wakeup), events.append("called")))
-        await asyncio.wait_for(task, 5)
-        assert events == ["resumed", "called"]  # resumed inside the call
-        events.clear()
+        # The read path calls the Task's callback with a finished Future
+        # (wakeup._resolved), the cancel path with the wake-up itself: the
+        # Task reads the result of either, and resumes.
+        assert type(wakeup._resolved) is asyncio.Future and wakeup._resolved.result() is None
+        for woken_with in (wakeup._resolved, wakeup):
+            task = loop.create_task(waiter())
+            await asyncio.sleep(0)
+            assert wakeup._callback is not None, "the Task did not register on the wake-up"
+            callback, wakeup._callback = wakeup._callback, None
+            # Called directly from a loop callback (no task running), as
+            # buffer_updated does: the Task resumes the coroutine right there.
+            loop.call_soon(lambda c=callback, w=woken_with: (c(w), events.append("called")))
+            await asyncio.wait_for(task, 5)
+            assert events == ["resumed", "called"]  # resumed inside the call
+            events.clear()
         # cancellation goes through cancel(): the Task raises CancelledError
         task2 = loop.create_task(waiter())
         await asyncio.sleep(0)

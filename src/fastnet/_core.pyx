@@ -22,6 +22,7 @@ from asyncio import CancelledError
 
 cimport cython
 
+from cpython.contextvars cimport PyContext_Enter, PyContext_Exit
 from cpython.list cimport PyList_GET_SIZE
 from cpython.object cimport PyObject
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
@@ -47,7 +48,7 @@ from ._tunables import (
     READ_LOW_BYTES,
     READ_LOW_FRAMES,
 )
-from ._wakeup import _AwaitWakeup
+from ._wakeup import resolved_future
 from .errors import ConnectionBusyError, FrameError
 from .lifecycle import CLOSED, CLOSING, OPEN
 
@@ -207,6 +208,24 @@ cdef class FrameRate:
 
 
 @cython.final
+@cython.freelist(8)
+cdef class _YieldOnce:
+    """The iterator of one ``await`` on a ``Wakeup``: yields it, then stops."""
+
+    cdef object _value
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        value = self._value
+        if value is None:
+            raise StopIteration
+        self._value = None
+        return value
+
+
+@cython.final
 cdef class Wakeup:
     """``_wakeup._Wakeup`` compiled: the handler task's reusable wake-up, for this core.
 
@@ -223,6 +242,7 @@ cdef class Wakeup:
     cdef public object _context
     cdef public object _cancel_message
     cdef bint _cancel_pending  # result() raises CancelledError once
+    cdef readonly object _resolved  # see the twin's docstring
 
     def __init__(self, loop):
         self._loop = loop
@@ -231,6 +251,14 @@ cdef class Wakeup:
         self._context = None
         self._cancel_message = None
         self._cancel_pending = False
+        self._resolved = resolved_future(loop)
+
+    def __await__(self):
+        # Awaiting the wake-up yields it to the Task once: the twin's
+        # _AwaitWakeup, without the Python-level __await__ lookup per wait.
+        cdef _YieldOnce once = _YieldOnce.__new__(_YieldOnce)
+        once._value = self
+        return once
 
     def add_done_callback(self, fn, *, context=None):
         self._callback = fn
@@ -385,7 +413,7 @@ cdef class ConnectionCore:
         self._inbox = _EMPTY
         self._pos = 0
         self._wakeup = Wakeup(loop)
-        self._await_wakeup = _AwaitWakeup((self._wakeup,))
+        self._await_wakeup = self._wakeup  # awaitable, in C
         self._delivering = False
         self._read_paused = 0
         self._consumed_mark = 0
@@ -547,10 +575,17 @@ cdef class ConnectionCore:
             context = wakeup._context
             self._delivering = True
             try:
+                # The Task reads the result of the future it is called with:
+                # a finished asyncio.Future's, in C (see the twin).
                 if context is None:
-                    callback(wakeup)
+                    callback(wakeup._resolved)
                 else:
-                    context.run(callback, wakeup)
+                    # context.run(callback, ...) without the method call
+                    PyContext_Enter(context)
+                    try:
+                        callback(wakeup._resolved)
+                    finally:
+                        PyContext_Exit(context)
             finally:
                 self._delivering = False
             if self._out.queued_frames:
@@ -586,14 +621,55 @@ cdef class ConnectionCore:
             inbox.extend(frames)
         self._wakeup.wake_soon()
 
-    def _take_batch(self):
-        """``recv_batch`` without the wait: every queued frame, or None after arming the wake-up.
+    # The receive coroutines of fastnet.Connection, compiled: awaiting one
+    # runs no Python frame, and the wake-up is awaited in C (see the twin).
+
+    async def recv_batch(self):
+        """Return every frame received and not yet consumed: at least one.
+
+        Waits when none is queued (flushing queued sends first). The list
+        belongs to the caller.
 
         Raises:
-            ConnectionBrokenError, ConnectionClosedError: no frame is queued
-                and none will come.
-            ConnectionBusyError: another task is receiving.
+            ConnectionBrokenError: the peer has gone and every frame was consumed.
+            ConnectionClosedError: this side closed the connection, or the
+                server is shutting down or timed the connection out.
+            ConnectionBusyError: another task is receiving on this connection.
         """
+        while True:
+            batch = self._take_batch()
+            if batch is not None:
+                return batch
+            await self._wakeup
+
+    async def recv(self):
+        """Return the next frame, waiting for one if none is queued.
+
+        Raises:
+            as ``recv_batch``.
+        """
+        while True:
+            frame = self._take_one(False)
+            if frame is not None:
+                return frame
+            await self._wakeup
+
+    async def __anext__(self):
+        """``async for``: the next frame; the loop ends quietly when the input ends.
+
+        Raises:
+            as ``recv_batch``, except after the input ended without this
+            side's ``close()``, when the loop ends.
+        """
+        while True:
+            frame = self._take_one(True)
+            if frame is not None:
+                return frame
+            await self._wakeup
+
+    cdef object _take_batch(self):
+        # recv_batch without the wait: every queued frame, or None after
+        # arming the wake-up (the twin documents it).
         inbox = self._inbox
         cdef Py_ssize_t pos = self._pos
         if pos < len(inbox):
@@ -607,13 +683,8 @@ cdef class ConnectionCore:
         self._prepare_wait(False)
         return None
 
-    def _take_one(self, bint quiet_end):
-        """``recv`` (``async for`` with ``quiet_end``) without the wait: a frame, or None.
-
-        Raises:
-            StopAsyncIteration: ``quiet_end`` and the input ended quietly.
-            as ``_take_batch`` otherwise.
-        """
+    cdef object _take_one(self, bint quiet_end):
+        # recv (async for with quiet_end) without the wait: a frame, or None.
         inbox = self._inbox
         cdef Py_ssize_t pos = self._pos
         if pos < len(inbox):

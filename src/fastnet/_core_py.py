@@ -450,9 +450,9 @@ class ConnectionCore:
             self._delivering = True
             try:
                 if context is None:
-                    callback(wakeup)
+                    callback(wakeup._resolved)
                 else:
-                    context.run(callback, wakeup)
+                    context.run(callback, wakeup._resolved)
             finally:
                 self._delivering = False
             if self._out:
@@ -487,6 +487,53 @@ class ConnectionCore:
         else:
             inbox.extend(frames)  # type: ignore[attr-defined]
         self._wakeup.wake_soon()
+
+    # The receive coroutines of fastnet.Connection (its documentation is
+    # here): each written out in full, for every coroutine level in the
+    # handler's await chain costs a frame switch on every read.
+
+    async def recv_batch(self) -> list[bytes]:
+        """Return every frame received and not yet consumed: at least one.
+
+        Waits when none is queued (flushing queued sends first). The list
+        belongs to the caller.
+
+        Raises:
+            ConnectionBrokenError: the peer has gone and every frame was consumed.
+            ConnectionClosedError: this side closed the connection, or the
+                server is shutting down or timed the connection out.
+            ConnectionBusyError: another task is receiving on this connection.
+        """
+        while True:
+            batch = self._take_batch()
+            if batch is not None:
+                return batch
+            await self._await_wakeup
+
+    async def recv(self) -> bytes:
+        """Return the next frame, waiting for one if none is queued.
+
+        Raises:
+            as ``recv_batch``.
+        """
+        while True:
+            frame = self._take_one(False)
+            if frame is not None:
+                return frame
+            await self._await_wakeup
+
+    async def __anext__(self) -> bytes:
+        """``async for``: the next frame; the loop ends quietly when the input ends.
+
+        Raises:
+            as ``recv_batch``, except after the input ended without this
+            side's ``close()``, when the loop ends.
+        """
+        while True:
+            frame = self._take_one(True)
+            if frame is not None:
+                return frame
+            await self._await_wakeup
 
     def _take_batch(self) -> list[bytes] | None:
         """``recv_batch`` without the wait: every queued frame, or None after arming the wake-up.

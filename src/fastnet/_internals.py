@@ -88,7 +88,12 @@ else:
 #    a. A Task suspends on any object with ``_asyncio_future_blocking`` and
 #       ``add_done_callback(fn, *, context)``, and resumes when ``fn(obj)``
 #       is called, calling ``obj.result()``; without ``get_loop`` it reads
-#       ``obj._loop``. protocol._Wakeup is such an object.
+#       ``obj._loop``. _wakeup._Wakeup is such an object. ``fn`` reads only
+#       the result of the future it is called with, not which future it is:
+#       the read path calls it with a finished ``asyncio.Future``, whose
+#       result CPython's C Task reads in C (``_Wakeup._resolved``).
+#       Fallback: none needed; a Task that called ``result()`` on it would
+#       get None all the same.
 #    b. The selector transport's ``write(b"")`` runs its checks (RuntimeError
 #       after write_eof(), during loop.sendfile()) and writes nothing:
 #       transports.write_vectored calls it before its own writev.

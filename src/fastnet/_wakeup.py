@@ -8,14 +8,21 @@ protocol this relies on is entry 5a of ``_internals``.
 
 from __future__ import annotations
 
-from asyncio import AbstractEventLoop, CancelledError
+from asyncio import AbstractEventLoop, CancelledError, Future
 from collections.abc import Callable, Generator
 from contextvars import Context
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["_AwaitWakeup", "_Wakeup"]
+__all__ = ["_AwaitWakeup", "_Wakeup", "resolved_future"]
 
 _NoneType = type(None)
+
+
+def resolved_future(loop: AbstractEventLoop) -> Future[None]:
+    """A finished ``asyncio.Future`` (result None) of ``loop``: what a woken Task reads."""
+    future: Future[None] = Future(loop=loop)
+    future.set_result(None)
+    return future
 
 
 class _Wakeup:
@@ -31,10 +38,17 @@ class _Wakeup:
     invoked from inside a task, which asyncio's and uvloop's transports
     never do).
 
-    To stay cheap, ``result`` is the C builtin ``NoneType`` (calling it
-    returns None) except after ``cancel``, when it raises ``CancelledError``
-    once. Cancelling the waiting task calls ``cancel``, which schedules the
-    callback the ordinary way.
+    The Task's callback reads the result of whatever future it is called
+    with, and nothing else of it. The read path calls it with ``_resolved``,
+    a finished ``asyncio.Future`` of the same loop, never awaited: CPython's
+    C Task reads an exact Future's result in C, where any other object costs
+    a ``result()`` method call looked up by a new, uninterned name, a third
+    of the Task's work per wake-up (``_internals`` entry 5a).
+
+    ``result`` is the C builtin ``NoneType`` (calling it returns None) except
+    after ``cancel``, when it raises ``CancelledError`` once. Cancelling the
+    waiting task calls ``cancel``, which schedules the callback with the
+    wake-up itself, the ordinary way.
     """
 
     __slots__ = (
@@ -43,6 +57,7 @@ class _Wakeup:
         "_cancel_message",
         "_context",
         "_loop",
+        "_resolved",
         "result",
     )
 
@@ -53,6 +68,7 @@ class _Wakeup:
         self._context: Context | None = None
         self._cancel_message: object = None
         self.result: Callable[[], None] = _NoneType
+        self._resolved = resolved_future(loop)
 
     def add_done_callback(
         self, fn: Callable[[Any], object], *, context: Context | None = None

@@ -5,9 +5,10 @@ flow control) live in ``FrameProtocol`` (protocol.py), which ``Connection``
 extends; read that module's docstring for the design. This module is the
 API: receive, send, drain, close.
 
-The receive methods are written out in full rather than sharing a helper
-coroutine: every extra coroutine level in the handler's await chain costs a
-frame switch on every read, in both directions.
+The receive coroutines (``recv_batch``, ``recv``, ``async for``) belong to
+the connection core, with the rest of the per-read path: the extension
+compiles them, so a handler's ``await conn.recv_batch()`` runs no Python
+frame of fastnet's.
 """
 
 from __future__ import annotations
@@ -159,45 +160,14 @@ class Connection(FrameProtocol):
 
     # ---------------------------------------------------------------- receive
 
-    async def recv_batch(self) -> list[bytes]:
-        """Return every frame received and not yet consumed: at least one.
+    if TYPE_CHECKING:  # implemented by the connection core (_core_py.py documents them)
 
-        Waits when none is queued (flushing queued sends first). The list
-        belongs to the caller.
-
-        Raises:
-            ConnectionBrokenError: the peer has gone and every frame was consumed.
-            ConnectionClosedError: this side closed the connection, or the
-                server is shutting down or timed the connection out.
-            ConnectionBusyError: another task is receiving on this connection.
-        """
-        while True:
-            batch = self._take_batch()
-            if batch is not None:
-                return batch
-            await self._await_wakeup
-
-    async def recv(self) -> bytes:
-        """Return the next frame, waiting for one if none is queued.
-
-        Raises:
-            as ``recv_batch``.
-        """
-        while True:
-            frame = self._take_one(False)
-            if frame is not None:
-                return frame
-            await self._await_wakeup
+        async def recv_batch(self) -> list[bytes]: ...
+        async def recv(self) -> bytes: ...
+        async def __anext__(self) -> bytes: ...
 
     def __aiter__(self) -> Connection:
         return self
-
-    async def __anext__(self) -> bytes:
-        while True:
-            frame = self._take_one(True)
-            if frame is not None:
-                return frame
-            await self._await_wakeup
 
     # ------------------------------------------------------------------- send
 

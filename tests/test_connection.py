@@ -948,3 +948,39 @@ def test_a_read_of_very_many_frames_yields_to_the_loop(arun: Runner[Any]) -> Non
         assert paused == (n > READ_FAIR_FRAMES), (n, paused)
         if paused:
             assert not reading
+
+
+def test_the_connection_class_still_shows_the_receive_api() -> None:
+    # recv_batch/recv/__anext__ are the connection core's (as send is);
+    # Connection itself still shows them: help(), documentation tools,
+    # mock.create_autospec(fastnet.Connection) and
+    # issubclass(Connection, AsyncIterator) all read the class.
+    import collections.abc
+    from unittest import mock
+
+    for name in ("send", "recv_batch", "recv", "__anext__"):
+        assert hasattr(fastnet.Connection, name), name
+    assert issubclass(fastnet.Connection, collections.abc.AsyncIterator)
+    spec = mock.create_autospec(fastnet.Connection, instance=True)
+    assert spec.recv is not None and spec.recv_batch is not None
+
+
+def test_a_subclass_cannot_silently_replace_what_the_core_implements() -> None:
+    # The core comes first in every connection's class, so an override of
+    # one of its methods would never run: the class statement fails instead.
+    for name in ("recv", "send", "__init__", "buffer_updated"):
+        with pytest.raises(TypeError, match=name):
+            type("Mine", (fastnet.Connection,), {name: lambda self, *a: None})
+
+    class Tagged(fastnet.Connection):
+        __slots__ = ()
+
+        def describe(self) -> str:
+            return f"tagged {self.peer}"
+
+    async def make() -> Tagged:
+        return Tagged(fastnet.LengthPrefixed())
+
+    conn = asyncio.run(make())
+    assert type(conn).__mro__[1] is fastnet.framing.ConnectionCore
+    assert isinstance(conn, Tagged) and conn.describe() == "tagged None"

@@ -275,14 +275,16 @@ cdef class Wakeup:
         callback = self._callback
         if callback is not None:
             self._callback = None
-            self._loop.call_soon(callback, self, context=self._context)
+            self._loop.call_soon(callback, self._resolved, context=self._context)
 
     def cancel(self, msg=None):
-        if self._callback is None:
+        callback = self._callback
+        if callback is None:
             return False
         self._cancel_message = msg
         self._cancel_pending = True
-        self.wake_soon()
+        self._callback = None
+        self._loop.call_soon(callback, self, context=self._context)  # result() raises
         return True
 
     def result(self):
@@ -591,7 +593,7 @@ cdef class ConnectionCore:
             if self._out.queued_frames:
                 self._flush_c()
         else:
-            self._loop.call_soon(callback, wakeup, context=wakeup._context)
+            self._loop.call_soon(callback, wakeup._resolved, context=wakeup._context)
         return 0
 
     def _set_reader(self, get_buffer, buffer_updated):

@@ -458,7 +458,7 @@ class ConnectionCore:
             if self._out:
                 self._flush()
         else:  # a protocol callback made from inside a task: no nesting
-            self._loop.call_soon(callback, wakeup, context=wakeup._context)
+            self._loop.call_soon(callback, wakeup._resolved, context=wakeup._context)
 
     def _set_reader(
         self, get_buffer: Callable[[int], Any], buffer_updated: Callable[[int], list[bytes]]

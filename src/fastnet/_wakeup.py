@@ -39,7 +39,7 @@ class _Wakeup:
     never do).
 
     The Task's callback reads the result of whatever future it is called
-    with, and nothing else of it. The read path calls it with ``_resolved``,
+    with, and nothing else of it. A wake-up calls it with ``_resolved``,
     a finished ``asyncio.Future`` of the same loop, never awaited: CPython's
     C Task reads an exact Future's result in C, where any other object costs
     a ``result()`` method call looked up by a new, uninterned name, a third
@@ -87,14 +87,16 @@ class _Wakeup:
         callback = self._callback
         if callback is not None:
             self._callback = None
-            self._loop.call_soon(callback, self, context=self._context)
+            self._loop.call_soon(callback, self._resolved, context=self._context)
 
     def cancel(self, msg: object = None) -> bool:
-        if self._callback is None:
+        callback = self._callback
+        if callback is None:
             return False
         self._cancel_message = msg
         self.result = self._raise_cancelled
-        self.wake_soon()
+        self._callback = None
+        self._loop.call_soon(callback, self, context=self._context)  # result() raises
         return True
 
     def _raise_cancelled(self) -> None:

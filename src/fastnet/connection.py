@@ -111,6 +111,23 @@ class Connection(FrameProtocol):
     else:
         __slots__ = ()
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Every connection's class puts the connection core first (see
+        # __new__), so a subclass's own version of anything the core
+        # implements (recv, send, __init__, ...) would be skipped without a
+        # word: refuse the class instead.
+        super().__init_subclass__(**kwargs)
+        core = framing.ConnectionCore
+        if issubclass(cls, core):  # the class _implementation makes
+            return
+        clash = sorted(set(vars(cls)) & set(vars(core)) - _CLASS_ATTRIBUTES)
+        if clash:
+            raise TypeError(
+                f"{cls.__qualname__} defines {', '.join(clash)}, which fastnet's connection "
+                "core implements: a Connection subclass cannot replace them (wrap the "
+                "connection, or add methods of other names)"
+            )
+
     def __new__(cls, *args: Any, **kwargs: Any) -> Connection:
         # Every connection's class puts the connection core of the backend
         # in use (fastnet._core or _core_py, chosen by fastnet.framing)
@@ -499,11 +516,27 @@ async def connect(
 
 # The methods the core implements, visible on Connection itself for help()
 # and documentation tools (each connection's class finds the core's first).
-for _name in ("send", "send_many", "try_send", "write_buffer_size", "writable"):
+for _name in (
+    "recv_batch",
+    "recv",
+    "__anext__",
+    "send",
+    "send_many",
+    "try_send",
+    "write_buffer_size",
+    "writable",
+):
     setattr(Connection, _name, getattr(framing.ConnectionCore, _name))
 del _name
 
 _implementations: dict[tuple[type, type], type] = {}
+
+# What every class has of its own, the core included: not an override.
+_CLASS_ATTRIBUTES = frozenset(
+    ("__dict__", "__doc__", "__module__", "__qualname__", "__slots__", "__weakref__",
+     "__annotations__", "__firstlineno__", "__static_attributes__", "__orig_bases__",
+     "__parameters__")
+)  # fmt: skip
 
 
 def _implementation(core: type, cls: type) -> type:

@@ -69,12 +69,17 @@ async def call(conn: fastnet.Connection, payload: bytes) -> bytes:
     return await asyncio.wait_for(conn.recv(), REPLY_TIMEOUT)
 
 
-def closed_port() -> int:
-    """A loopback port nothing listens on (connects are refused)."""
+@contextlib.contextmanager
+def refused_port() -> Iterator[int]:
+    """A loopback port nothing listens on (connects are refused).
+
+    The port stays bound, not listening, for the block: a port merely
+    picked and released could be taken meanwhile (by another process's
+    listener, or as the local port of a connection), and then accept.
+    """
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
+        yield sock.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -605,23 +610,23 @@ def test_the_wait_for_a_slot_does_not_count_against_connect_timeout(arun: Runner
 def test_a_dead_endpoint_is_skipped_for_a_live_one(arun: Runner[Any]) -> None:
     async def scenario() -> None:
         async with serving(echo) as server:
-            refused = closed_port()
-            events = Events()
-            pool = Pool(
-                [address(refused), ("127.0.0.1", server.port or 0)],
-                connect_timeout=0.3,
-                on_event=events,
-            )
-            for i in range(4):  # new connections start at each endpoint in turn
-                conn = await pool.acquire()
-                assert conn.peer[1] == server.port
-                assert await call(conn, b"%d" % i) == b"%d" % i
-                pool.release(conn, discard=True)
-            failed = events.of("connect_failed")
-            assert len(failed) == 2
-            assert {info["endpoint"] for info in failed} == {address(refused)}
-            assert all(isinstance(info["error"], ConnectionRefusedError) for info in failed)
-            await pool.close()
+            with refused_port() as refused:
+                events = Events()
+                pool = Pool(
+                    [address(refused), ("127.0.0.1", server.port or 0)],
+                    connect_timeout=0.3,
+                    on_event=events,
+                )
+                for i in range(4):  # new connections start at each endpoint in turn
+                    conn = await pool.acquire()
+                    assert conn.peer[1] == server.port
+                    assert await call(conn, b"%d" % i) == b"%d" % i
+                    pool.release(conn, discard=True)
+                failed = events.of("connect_failed")
+                assert len(failed) == 2
+                assert {info["endpoint"] for info in failed} == {address(refused)}
+                assert all(isinstance(info["error"], ConnectionRefusedError) for info in failed)
+                await pool.close()
 
             # A blackholed endpoint costs connect_timeout, then the live one serves.
             with blackhole() as dead:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import struct
+import sys
 from typing import Any
 
 import pytest
@@ -984,3 +985,37 @@ def test_a_subclass_cannot_silently_replace_what_the_core_implements() -> None:
     conn = asyncio.run(make())
     assert type(conn).__mro__[1] is fastnet.framing.ConnectionCore
     assert isinstance(conn, Tagged) and conn.describe() == "tagged None"
+
+
+def test_two_receivers_cancelled_in_one_loop_turn_are_both_cancelled(arun: Runner[Any]) -> None:
+    # A waits and is cancelled; before A's wake-up runs, B begins waiting
+    # (A no longer does) and is cancelled too. Each must end cancelled, with
+    # its own message: a pending cancel shared by the wake-up let A take
+    # B's, and left B waiting (a probe's finding).
+    async def scenario() -> None:
+        async with (
+            serving(echo) as server,
+            await fastnet.connect("127.0.0.1", server.port) as conn,
+        ):
+            a = asyncio.ensure_future(conn.recv())
+            await asyncio.sleep(0.01)  # A waits on the wake-up
+            b = asyncio.ensure_future(conn.recv())  # B's first step is queued first
+
+            async def cancel_b() -> None:
+                assert b.cancel("from B")
+
+            canceller = asyncio.ensure_future(cancel_b())  # after B waits, before A runs
+            assert a.cancel("from A")
+            _, pending = await asyncio.wait({a, b}, timeout=2.0)
+            for task in pending:
+                task.cancel()
+            await canceller
+            assert not pending, "a cancelled receiver kept waiting"
+            for task, msg in ((a, "from A"), (b, "from B")):
+                with pytest.raises(asyncio.CancelledError) as raised:
+                    task.result()
+                if sys.version_info >= (3, 11):  # 3.10 drops the message on the way
+                    assert raised.value.args == (msg,)
+            assert await roundtrip(conn, [b"still", b"works"]) == [b"still", b"works"]
+
+    arun(scenario())

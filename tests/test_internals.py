@@ -132,9 +132,10 @@ def test_a_task_suspends_on_the_duck_typed_wakeup(loop_name: str, wakeup_class: 
             await awaitable
             events.append("resumed")
 
-        # The read path calls the Task's callback with a finished Future
-        # (wakeup._resolved), the cancel path with the wake-up itself: the
-        # Task reads the result of either, and resumes.
+        # A wake-up calls the Task's callback with a finished Future
+        # (wakeup._resolved); the Task reads its result and resumes. It
+        # would read the wake-up's own result() as well (the duck-typed
+        # protocol), were it called with the wake-up.
         assert type(wakeup._resolved) is asyncio.Future and wakeup._resolved.result() is None
         for woken_with in (wakeup._resolved, wakeup):
             task = loop.create_task(waiter())
@@ -147,13 +148,15 @@ def test_a_task_suspends_on_the_duck_typed_wakeup(loop_name: str, wakeup_class: 
             await asyncio.wait_for(task, 5)
             assert events == ["resumed", "called"]  # resumed inside the call
             events.clear()
-        # cancellation goes through cancel(): the Task raises CancelledError
+        # Cancelling goes through cancel(), which calls the callback with a
+        # Future cancelled with the message: the Task raises CancelledError.
         task2 = loop.create_task(waiter())
         await asyncio.sleep(0)
-        task2.cancel()
+        task2.cancel("stop")
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(task2, 5)
-        assert wakeup.result() is None  # the CancelledError was raised once only
+        assert task2.cancelled() and events == []
+        assert wakeup.result() is None and not wakeup.cancelled()
         return events
 
     assert run_coroutine(scenario(), loop=loop_name) == []

@@ -18,7 +18,6 @@ both).
 
 import asyncio
 import os
-from asyncio import CancelledError
 
 cimport cython
 
@@ -48,7 +47,7 @@ from ._tunables import (
     READ_LOW_BYTES,
     READ_LOW_FRAMES,
 )
-from ._wakeup import resolved_future
+from ._wakeup import cancelled_future, resolved_future
 from .errors import ConnectionBusyError, FrameError
 from .lifecycle import CLOSED, CLOSING, OPEN
 
@@ -240,8 +239,6 @@ cdef class Wakeup:
     cdef public bint _asyncio_future_blocking
     cdef public object _callback
     cdef public object _context
-    cdef public object _cancel_message
-    cdef bint _cancel_pending  # result() raises CancelledError once
     cdef readonly object _resolved  # see the twin's docstring
 
     def __init__(self, loop):
@@ -249,8 +246,6 @@ cdef class Wakeup:
         self._asyncio_future_blocking = False
         self._callback = None
         self._context = None
-        self._cancel_message = None
-        self._cancel_pending = False
         self._resolved = resolved_future(loop)
 
     def __await__(self):
@@ -281,25 +276,18 @@ cdef class Wakeup:
         callback = self._callback
         if callback is None:
             return False
-        self._cancel_message = msg
-        self._cancel_pending = True
         self._callback = None
-        self._loop.call_soon(callback, self, context=self._context)  # result() raises
+        self._loop.call_soon(callback, cancelled_future(self._loop, msg), context=self._context)
         return True
 
     def result(self):
-        if self._cancel_pending:
-            self._cancel_pending = False
-            msg = self._cancel_message
-            self._cancel_message = None
-            raise CancelledError() if msg is None else CancelledError(msg)
         return None
 
     def done(self):
         return self._callback is None
 
     def cancelled(self):
-        return self._cancel_pending
+        return False
 
     def exception(self):
         return None

@@ -90,8 +90,9 @@ else:
 #       is called, calling ``obj.result()``; without ``get_loop`` it reads
 #       ``obj._loop``. _wakeup._Wakeup is such an object. ``fn`` reads only
 #       the result of the future it is called with, not which future it is:
-#       the read path calls it with a finished ``asyncio.Future``, whose
-#       result CPython's C Task reads in C (``_Wakeup._resolved``).
+#       a wake-up calls it with a finished ``asyncio.Future``, whose
+#       result CPython's C Task reads in C (``_Wakeup._resolved``), and a
+#       cancel with a Future cancelled with the message.
 #       Fallback: none needed; a Task that called ``result()`` on it would
 #       get None all the same.
 #    b. The selector transport's ``write(b"")`` runs its checks (RuntimeError

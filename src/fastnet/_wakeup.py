@@ -8,14 +8,12 @@ protocol this relies on is entry 5a of ``_internals``.
 
 from __future__ import annotations
 
-from asyncio import AbstractEventLoop, CancelledError, Future
+from asyncio import AbstractEventLoop, Future
 from collections.abc import Callable, Generator
 from contextvars import Context
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["_AwaitWakeup", "_Wakeup", "resolved_future"]
-
-_NoneType = type(None)
+__all__ = ["_AwaitWakeup", "_Wakeup", "cancelled_future", "resolved_future"]
 
 
 def resolved_future(loop: AbstractEventLoop) -> Future[None]:
@@ -25,49 +23,46 @@ def resolved_future(loop: AbstractEventLoop) -> Future[None]:
     return future
 
 
+def cancelled_future(loop: AbstractEventLoop, msg: object) -> Future[None]:
+    """A Future of ``loop`` cancelled with ``msg``: what a cancelled waiting Task reads."""
+    future: Future[None] = Future(loop=loop)
+    future.cancel(msg)
+    return future
+
+
 class _Wakeup:
     """A reusable, future-like object the handler task awaits for input.
 
     An asyncio Task suspends on any object with ``_asyncio_future_blocking``
     and ``add_done_callback`` (the duck-typed Future protocol that
     ``asyncio.isfuture`` recognises) and resumes when the callback it
-    registered runs: it then calls ``result()`` and sends ``None`` into the
-    coroutine. ``FrameProtocol.buffer_updated`` runs that callback at once,
-    in the task's context, instead of through ``call_soon``; it falls back
-    to ``call_soon`` if a task is already running (a protocol callback
-    invoked from inside a task, which asyncio's and uvloop's transports
-    never do).
+    registered is called with a future: it reads that future's result and
+    sends it into the coroutine, or throws its exception in.
+    ``FrameProtocol.buffer_updated`` runs that callback at once, in the
+    task's context, instead of through ``call_soon``; it falls back to
+    ``call_soon`` if a task is already running (a protocol callback invoked
+    from inside a task, which asyncio's and uvloop's transports never do).
 
     The Task's callback reads the result of whatever future it is called
-    with, and nothing else of it. A wake-up calls it with ``_resolved``,
-    a finished ``asyncio.Future`` of the same loop, never awaited: CPython's
-    C Task reads an exact Future's result in C, where any other object costs
-    a ``result()`` method call looked up by a new, uninterned name, a third
-    of the Task's work per wake-up (``_internals`` entry 5a).
+    with, and nothing else of it. A wake-up calls it with ``_resolved``, a
+    finished ``asyncio.Future`` of the same loop, never awaited: CPython's C
+    Task reads an exact Future's result in C, where any other object costs a
+    ``result()`` method call looked up by a new, uninterned name, a third of
+    the Task's work per wake-up (``_internals`` entry 5a).
 
-    ``result`` is the C builtin ``NoneType`` (calling it returns None) except
-    after ``cancel``, when it raises ``CancelledError`` once. Cancelling the
-    waiting task calls ``cancel``, which schedules the callback with the
-    wake-up itself, the ordinary way.
+    Cancelling the waiting task calls ``cancel``, which schedules the
+    callback with a Future of its own, cancelled with the message: each
+    cancelled wait reads its own ``CancelledError``, even when another task
+    began waiting (and was cancelled in turn) before the first one ran.
     """
 
-    __slots__ = (
-        "_asyncio_future_blocking",
-        "_callback",
-        "_cancel_message",
-        "_context",
-        "_loop",
-        "_resolved",
-        "result",
-    )
+    __slots__ = ("_asyncio_future_blocking", "_callback", "_context", "_loop", "_resolved")
 
     def __init__(self, loop: AbstractEventLoop) -> None:
         self._loop = loop  # read by asyncio.futures._get_loop and the C Task
         self._asyncio_future_blocking = False
         self._callback: Callable[[Any], object] | None = None
         self._context: Context | None = None
-        self._cancel_message: object = None
-        self.result: Callable[[], None] = _NoneType
         self._resolved = resolved_future(loop)
 
     def add_done_callback(
@@ -93,22 +88,18 @@ class _Wakeup:
         callback = self._callback
         if callback is None:
             return False
-        self._cancel_message = msg
-        self.result = self._raise_cancelled
         self._callback = None
-        self._loop.call_soon(callback, self, context=self._context)  # result() raises
+        self._loop.call_soon(callback, cancelled_future(self._loop, msg), context=self._context)
         return True
 
-    def _raise_cancelled(self) -> None:
-        self.result = _NoneType
-        msg, self._cancel_message = self._cancel_message, None
-        raise CancelledError() if msg is None else CancelledError(msg)
+    def result(self) -> None:
+        return None
 
     def done(self) -> bool:
         return self._callback is None
 
     def cancelled(self) -> bool:
-        return self.result is not _NoneType
+        return False
 
     def exception(self) -> BaseException | None:
         return None

@@ -1019,3 +1019,26 @@ def test_two_receivers_cancelled_in_one_loop_turn_are_both_cancelled(arun: Runne
             assert await roundtrip(conn, [b"still", b"works"]) == [b"still", b"works"]
 
     arun(scenario())
+
+
+@pytest.mark.c_extension
+def test_the_cores_public_docstrings_match() -> None:
+    # help(fastnet.Connection.recv) shows the core in use: both cores say
+    # the same (the compiled one has its signature line first).
+    import importlib
+    import inspect
+
+    c = importlib.import_module("fastnet._core").ConnectionCore
+    py = importlib.import_module("fastnet._core_py").ConnectionCore
+
+    def doc(obj: Any, name: str) -> str:
+        text = inspect.cleandoc(obj.__doc__ or "")
+        first, _, rest = text.partition("\n")
+        signed = first.startswith((f"{name}(", f"ConnectionCore.{name}("))
+        return inspect.cleandoc(rest) if signed else text
+
+    names = ("recv_batch", "recv", "__anext__", "send", "send_many", "try_send")
+    names += ("write_buffer_size", "writable")
+    for name in names:
+        assert doc(getattr(py, name), name), name
+        assert doc(getattr(c, name), name) == doc(getattr(py, name), name), name

@@ -29,9 +29,11 @@ from fastnet import (
     WriteBufferFull,
 )
 from fastnet._tunables import (
+    DIRECT_THRESHOLD,
     LARGE_FRAME,
     PAUSE_FAIR,
     PAUSE_INBOX,
+    PLAIN_AFTER_READS,
     READ_FAIR_FRAMES,
     READ_HIGH_FRAMES,
 )
@@ -332,6 +334,9 @@ class _RecordingTransport(asyncio.Transport):
     def get_write_buffer_size(self) -> int:
         return 0
 
+    def set_protocol(self, protocol: Any) -> None:  # as uvloop's, which it may pose as
+        self.protocol = protocol
+
     def close(self) -> None:
         pass
 
@@ -372,14 +377,20 @@ def test_large_payloads_are_not_copied_where_writes_are_vectored(
     arun(scenario())
 
 
+# uvloop's read buffer (Loop._recv_buffer): the most one plain read takes.
+UVLOOP_READ = 256 * 1024
+
+
 def test_reading_pauses_while_the_handler_falls_behind(arun: Runner[Any]) -> None:
+    # More than one read of any size, at 5 wire bytes per frame.
+    FRAMES = 2 * UVLOOP_READ // 5
     state: dict[str, Any] = {"go": None}
 
     async def lazy(conn: fastnet.Connection) -> None:
         state["conn"] = conn
         await state["go"].wait()  # takes nothing for now
         count = 0
-        while count < 20000:
+        while count < FRAMES:
             await conn.recv()
             count += 1
         conn.send(b"%d" % count)
@@ -391,17 +402,19 @@ def test_reading_pauses_while_the_handler_falls_behind(arun: Runner[Any]) -> Non
             serving(lazy) as server,
             await fastnet.connect("127.0.0.1", server.port) as client,
         ):
-            client.send_many([b"x"] * 20000)
+            client.send_many([b"x"] * FRAMES)
             await client.drain()
             await wait_until(lambda: "conn" in state and state["conn"]._read_paused & PAUSE_INBOX)
             conn = state["conn"]
             queued = len(conn._inbox) - conn._pos
-            # Paused after passing the mark, at most one 64 KiB read later.
-            assert READ_HIGH_FRAMES < queued <= READ_HIGH_FRAMES + 65536 // 5
+            # Paused after passing the mark, at most one read later: 64 KiB
+            # through get_buffer, or uvloop's own read buffer in plain reads.
+            read = UVLOOP_READ if conn._reading_plain else 65536
+            assert READ_HIGH_FRAMES < queued <= READ_HIGH_FRAMES + read // 5
             await asyncio.sleep(0.05)
             assert len(conn._inbox) - conn._pos == queued  # nothing more was read
             state["go"].set()
-            assert await client.recv() == b"20000"
+            assert await client.recv() == b"%d" % FRAMES
             assert not conn._read_paused
 
     arun(scenario())
@@ -630,6 +643,59 @@ def test_frames_cross_reads_in_any_split(arun: Runner[Any]) -> None:
             assert data == wire
             writer.close()
             await writer.wait_closed()
+
+    arun(scenario())
+
+
+def test_uvloop_reads_plain_between_large_frames_and_into_them_directly(
+    arun: Runner[Any],
+) -> None:
+    # On uvloop small frames come through _PlainReads.data_received; a large
+    # frame begun in a read makes the connection the protocol again, so the
+    # rest is received straight into the frame's object, until
+    # PLAIN_AFTER_READS reads in a row begin none. Other loops always read
+    # through get_buffer. Every frame arrives either way.
+    small = [bytes([i]) * (i + 1) for i in range(PLAIN_AFTER_READS + 4)]
+    large = b"L" * (DIRECT_THRESHOLD * 3)
+    seen: list[tuple[int, str]] = []
+
+    @fastnet.callback_handler
+    def record(conn: fastnet.Connection, frames: list[bytes]) -> list[bytes]:
+        reader = type(conn._transport.get_protocol()).__name__  # type: ignore[attr-defined]
+        seen.extend((len(f), reader) for f in frames)
+        return frames
+
+    async def scenario() -> None:
+        uv = type(asyncio.get_running_loop()).__module__.startswith("uvloop")
+        async with serving(record) as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+
+            async def echoed(wire: bytes, *, split: int = 0) -> None:
+                if split:  # the large frame's header and first bytes come alone
+                    writer.write(wire[:split])
+                    await writer.drain()
+                    await asyncio.sleep(0.05)
+                    wire = wire[split:]
+                writer.write(wire)
+                await writer.drain()
+
+            sent = [*small, large, *small]
+            for frame in sent:  # one at a time: a read each, at least
+                wire = frame_bytes(frame)
+                await echoed(wire, split=1000 if frame is large else 0)
+                assert await reader.readexactly(len(wire)) == wire
+            writer.close()
+            await writer.wait_closed()
+        assert [n for n, _ in seen] == [len(f) for f in sent]
+        readers = [r for _, r in seen]
+        n = len(small)
+        if not uv:
+            assert "_PlainReads" not in readers
+            return
+        assert set(readers[:n]) == {"_PlainReads"}  # from the start
+        assert readers[n] != "_PlainReads"  # the large frame's rest: through get_buffer
+        assert readers[n + 1] != "_PlainReads"  # reads after it, until ...
+        assert set(readers[-3:]) == {"_PlainReads"}  # ... PLAIN_AFTER_READS of them
 
     arun(scenario())
 

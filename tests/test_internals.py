@@ -248,6 +248,72 @@ def test_plain_transports_take_a_window_that_is_only_a_buffer(loop_name: str) ->
     assert got == [b"hello", b"x" * 100_000, b"bye"]
 
 
+def test_uvloop_reads_plain_without_get_buffer_and_switches_on_set_protocol() -> None:
+    # Entry 5e: no get_buffer means data_received(bytes); set_protocol from
+    # inside a read callback switches the way of reading, losing no byte.
+    if not HAVE_UVLOOP:
+        pytest.skip("uvloop is not installed")
+    got: list[tuple[str, bytes]] = []
+    switch_at = 3  # each side hands over after this many reads
+
+    class Buffered(asyncio.BufferedProtocol):
+        def __init__(self) -> None:
+            self.buf = bytearray(4)  # small reads: several per send
+            self.transport: Any = None
+            self.reads = 0
+
+        def connection_made(self, transport: Any) -> None:
+            self.transport = transport
+
+        def get_buffer(self, sizehint: int) -> Any:
+            return self.buf
+
+        def buffer_updated(self, nbytes: int) -> None:
+            got.append(("buffered", bytes(self.buf[:nbytes])))
+            self.reads += 1
+            if self.reads == switch_at:
+                self.transport.set_protocol(plain)
+
+    class Plain:  # no get_buffer: uvloop reads into its own buffer
+        def __init__(self) -> None:
+            self.reads = 0
+
+        def data_received(self, data: bytes) -> None:
+            assert type(data) is bytes
+            got.append(("plain", data))
+            self.reads += 1
+            if self.reads == switch_at:
+                buffered.transport.set_protocol(buffered)
+
+    buffered = Buffered()
+    plain = Plain()
+    sent = bytes(range(256)) * 4
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        a, b = socket.socketpair()
+        transport, _ = await loop.connect_accepted_socket(lambda: buffered, a)
+        assert choose_strategy(transport).plain_reads
+        for i in range(0, len(sent), 2):  # many sends, with time to read each
+            b.sendall(sent[i : i + 2])
+            await asyncio.sleep(0.001)
+            if sum(len(d) for _, d in got) == len(sent):
+                break
+        for _ in range(400):
+            if sum(len(d) for _, d in got) == len(sent):
+                break
+            await asyncio.sleep(0.005)
+        transport.close()
+        b.close()
+
+    run_coroutine(scenario(), loop="uvloop")
+    assert b"".join(d for _, d in got) == sent
+    kinds = [kind for kind, _ in got]
+    assert kinds[:switch_at] == ["buffered"] * switch_at
+    assert kinds[switch_at : 2 * switch_at] == ["plain"] * switch_at
+    assert kinds[2 * switch_at] == "buffered"
+
+
 # ------------------------------------------------ the strategy after start_tls
 
 

@@ -40,6 +40,7 @@ from ._tunables import (
     PAUSE_INBOX,
     PAUSE_RATE,
     PAUSE_WRITE,
+    PLAIN_AFTER_READS,
     READ_BURST,
     READ_FAIR_FRAMES,
     READ_HIGH_BYTES,
@@ -59,6 +60,7 @@ cdef long long c_READ_LOW_FRAMES = READ_LOW_FRAMES
 cdef long long c_READ_HIGH_BYTES = READ_HIGH_BYTES
 cdef long long c_READ_LOW_BYTES = READ_LOW_BYTES
 cdef int c_READ_BURST = READ_BURST
+cdef int c_PLAIN_AFTER_READS = PLAIN_AFTER_READS
 cdef Py_ssize_t c_READ_FAIR_FRAMES = READ_FAIR_FRAMES
 cdef int c_PAUSE_FAIR = PAUSE_FAIR
 cdef int c_PAUSE_INBOX = PAUSE_INBOX
@@ -305,6 +307,36 @@ cdef Py_ssize_t _payload_size(object frame) except -1:
         return 0
 
 
+cdef class ConnectionCore
+
+
+cdef class _PlainReads:
+    """The protocol a uvloop transport reads through between large frames.
+
+    uvloop reads into its own buffer and calls ``data_received`` with the
+    bytes (one call per read) when the protocol has no ``get_buffer``
+    (``_internals`` 5e); everything else it calls is the connection's.
+    See the twin.
+    """
+
+    cdef ConnectionCore core
+
+    def data_received(self, data):
+        self.core._chunk(data)
+
+    def eof_received(self):
+        return self.core.eof_received()
+
+    def connection_lost(self, exc):
+        self.core.connection_lost(exc)
+
+    def pause_writing(self):
+        self.core.pause_writing()
+
+    def resume_writing(self):
+        self.core.resume_writing()
+
+
 cdef class ConnectionCore:
     """The per-read and per-send state and path of one framed connection.
 
@@ -345,6 +377,9 @@ cdef class ConnectionCore:
     cdef public int _read_fd
     cdef public int _lifecycle
     cdef public int _read_paused
+    cdef int _buffered_reads  # reads in a row through get_buffer with no large frame begun
+    cdef bint _plain_reads  # uvloop: read through a _PlainReads between large frames
+    cdef public bint _reading_plain  # ... and the transport does now
     cdef public bint _delivering
     cdef public bint _flush_scheduled
     cdef object __weakref__
@@ -395,6 +430,9 @@ cdef class ConnectionCore:
         self._decoded = decoder.buffer_updated
         self._c_decoder = decoder if isinstance(decoder, _Decoder) else None
         self._read_fd = -1
+        self._plain_reads = False
+        self._reading_plain = False
+        self._buffered_reads = 0
         self._strategy = None
         self._write_buffers = None
         self._out = framing.out_queue(0)
@@ -450,6 +488,8 @@ cdef class ConnectionCore:
         cdef int i
         if self._read_fd < 0:
             self._received(nbytes)
+            if self._plain_reads:
+                self._count_buffered_read()
             return
         # CPython's selector transport: read on through runs of large frames
         # (see the twin).
@@ -480,7 +520,6 @@ cdef class ConnectionCore:
             self._received(nbytes)
 
     cdef int _received(self, Py_ssize_t nbytes) except -1:
-        cdef Py_ssize_t unconsumed
         self.bytes_in += nbytes
         try:
             if self._c_decoder is not None:
@@ -490,6 +529,46 @@ cdef class ConnectionCore:
         except FrameError as exc:
             self._framing_failed(exc)
             return 0
+        return self._arrived(frames, nbytes)
+
+    cdef int _chunk(self, bytes data) except -1:
+        # A read that uvloop made into its own buffer (see the twin).
+        cdef Py_ssize_t nbytes = len(data)
+        self.bytes_in += nbytes
+        try:
+            frames = self._c_decoder._fed(data)
+        except FrameError as exc:
+            self._framing_failed(exc)
+            return 0
+        self._arrived(frames, nbytes)
+        if self._reading_plain and self._c_decoder.direct is not None:
+            self._reading_plain = False
+            self._buffered_reads = 0
+            self._transport.set_protocol(self)
+        return 0
+
+    cdef int _count_buffered_read(self) except -1:
+        # After a read through get_buffer on uvloop: back to plain reads once
+        # PLAIN_AFTER_READS reads in a row began no large frame.
+        if self._c_decoder.direct is not None:
+            self._buffered_reads = 0
+            return 0
+        self._buffered_reads += 1
+        if self._buffered_reads >= c_PLAIN_AFTER_READS and not self._reading_plain:
+            self._read_plain()
+        return 0
+
+    cdef int _read_plain(self) except -1:
+        # A new _PlainReads each time: the connection keeps none, so it makes
+        # no reference cycle (see the twin).
+        cdef _PlainReads plain = _PlainReads.__new__(_PlainReads)
+        plain.core = self
+        self._reading_plain = True
+        self._transport.set_protocol(plain)
+        return 0
+
+    cdef int _arrived(self, list frames, Py_ssize_t nbytes) except -1:
+        cdef Py_ssize_t unconsumed
         if not frames:
             return 0
         cdef Py_ssize_t count = len(frames)
@@ -595,6 +674,8 @@ cdef class ConnectionCore:
         self._decoded = buffer_updated
         self._c_decoder = None
         self._read_fd = -1
+        self._plain_reads = False
+        self._reading_plain = False
 
     def _queue_frames(self, list frames):
         """Queue frames outside a read (end of stream, frames before an error) and wake."""
@@ -967,6 +1048,10 @@ cdef class ConnectionCore:
         self._write_buffers = strategy.write_buffers
         if self._c_decoder is not None:
             self._c_decoder.raw_windows = strategy.raw_windows
+        self._reading_plain = False
+        self._plain_reads = strategy.plain_reads and self._c_decoder is not None
+        if self._plain_reads:
+            self._read_plain()
         threshold = LARGE_FRAME if strategy.write_buffers is not None else 0
         if self._out.queued_frames:
             self._flush_c()

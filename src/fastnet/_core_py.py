@@ -65,6 +65,7 @@ from ._tunables import (
     PAUSE_INBOX,
     PAUSE_RATE,
     PAUSE_WRITE,
+    PLAIN_AFTER_READS,
     READ_BURST,
     READ_FAIR_FRAMES,
     READ_HIGH_BYTES,
@@ -174,6 +175,39 @@ class FrameRate:
             handle.cancel()
 
 
+class _PlainReads:
+    """The protocol a uvloop transport reads through between large frames.
+
+    uvloop reads into a buffer of its own, shared by all its connections, and
+    calls ``data_received`` with the bytes when the protocol has no
+    ``get_buffer`` (``_internals`` 5e): one call per read, against two
+    (``get_buffer``, then ``buffer_updated``) for the connection itself, and
+    the buffer stays hot in the cache however many connections read. The
+    decoder copies the bytes out as it would from its own buffer. Everything
+    else uvloop calls goes to the connection.
+    """
+
+    __slots__ = ("core",)
+
+    def __init__(self, core: ConnectionCore) -> None:
+        self.core = core
+
+    def data_received(self, data: bytes) -> None:
+        self.core._chunk(data)
+
+    def eof_received(self) -> bool | None:
+        return self.core.eof_received()  # type: ignore[attr-defined, no-any-return]
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.core.connection_lost(exc)  # type: ignore[attr-defined]
+
+    def pause_writing(self) -> None:
+        self.core.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.core.resume_writing()
+
+
 class ConnectionCore:
     """The per-read and per-send state and path of one framed connection.
 
@@ -193,6 +227,7 @@ class ConnectionCore:
     __slots__ = (
         "__weakref__",
         "_await_wakeup",
+        "_buffered_reads",
         "_close_pending",
         "_closed_waiters",
         "_consumed_mark",
@@ -203,6 +238,7 @@ class ConnectionCore:
         "_drain_waiter",
         "_end",
         "_end_quiet",
+        "_feed",
         "_flush_scheduled",
         "_frame_rate",
         "_framing",
@@ -216,11 +252,13 @@ class ConnectionCore:
         "_on_frames",
         "_out",
         "_overhead",
+        "_plain_reads",
         "_pos",
         "_read_fd",
         "_read_paused",
         "_read_pauses_on_write",
         "_read_stats",
+        "_reading_plain",
         "_send_block",
         "_server",
         "_strategy",
@@ -264,7 +302,14 @@ class ConnectionCore:
         self._decoder_failed = False  # a framing error: the decoder takes no more input
         self.get_buffer = decoder.get_buffer
         self._decoded = decoder.buffer_updated
+        # The decoder's feed, for plain reads; None once _set_reader ran.
+        self._feed: Callable[[bytes], list[bytes]] | None = decoder.feed
         self._read_fd = -1  # the socket fastnet reads on itself; -1: never (transports.py)
+        # uvloop: the transport reads through a _PlainReads between large
+        # frames, and does now (see _chunk).
+        self._plain_reads = False
+        self._reading_plain = False
+        self._buffered_reads = 0  # reads in a row through get_buffer with no large frame begun
         self._strategy: Any = None  # connection_made chooses it
         # Writes a list of buffers as one vectored write; None: join them.
         self._write_buffers: Callable[[list[Buffer]], None] | None = None
@@ -323,6 +368,8 @@ class ConnectionCore:
         """Decode ``nbytes`` just received and deliver the frames; read on through large frames."""
         if self._read_fd < 0:
             self._received(nbytes)
+            if self._plain_reads:
+                self._count_buffered_read()
             return
         # CPython's selector transport: after a read that began a large frame
         # (its payload has most likely arrived with its header) or that
@@ -373,6 +420,45 @@ class ConnectionCore:
         except FrameError as exc:
             self._framing_failed(exc)  # type: ignore[attr-defined]
             return
+        self._arrived(frames, nbytes)
+
+    def _chunk(self, data: bytes) -> None:
+        # A read that uvloop made into its own buffer: _PlainReads passes the
+        # bytes on. A large frame begun in them is received through
+        # get_buffer, straight into its object: the connection becomes the
+        # transport's protocol again until PLAIN_AFTER_READS reads in a row
+        # begin no large frame (_count_buffered_read).
+        nbytes = len(data)
+        self.bytes_in += nbytes
+        try:
+            frames = self._feed(data)  # type: ignore[misc]  # not None while reading plain
+        except FrameError as exc:
+            self._framing_failed(exc)  # type: ignore[attr-defined]
+            return
+        self._arrived(frames, nbytes)
+        if self._reading_plain and self._decoder.missing:
+            self._reading_plain = False
+            self._buffered_reads = 0
+            self._transport.set_protocol(self)
+
+    def _count_buffered_read(self) -> None:
+        # After a read through get_buffer on uvloop: back to plain reads once
+        # PLAIN_AFTER_READS reads in a row began no large frame.
+        if self._decoder.missing:
+            self._buffered_reads = 0
+            return
+        self._buffered_reads += 1
+        if self._buffered_reads >= PLAIN_AFTER_READS and not self._reading_plain:
+            self._read_plain()
+
+    def _read_plain(self) -> None:
+        # A new _PlainReads each time: the connection keeps none, so it makes
+        # no reference cycle (uvloop's transport lets go of its protocol when
+        # the connection is lost, and the connection of its transport).
+        self._reading_plain = True
+        self._transport.set_protocol(_PlainReads(self))
+
+    def _arrived(self, frames: list[bytes], nbytes: int) -> None:
         if not frames:
             return
         count = len(frames)
@@ -471,7 +557,10 @@ class ConnectionCore:
         """
         self.get_buffer = get_buffer
         self._decoded = buffer_updated
+        self._feed = None
         self._read_fd = -1
+        self._plain_reads = False
+        self._reading_plain = False
 
     def _queue_frames(self, frames: list[bytes]) -> None:
         """Queue frames outside a read (end of stream, frames before an error) and wake."""
@@ -855,6 +944,10 @@ class ConnectionCore:
         self._strategy = strategy
         self._read_fd = strategy.read_fd
         self._write_buffers = strategy.write_buffers
+        self._reading_plain = False
+        self._plain_reads = strategy.plain_reads and self._feed is not None
+        if self._plain_reads:
+            self._read_plain()
         # Without vectored writes, [length field, payload] would cost two
         # send calls and a 4-byte packet per large frame (or a TLS record of
         # its own); copying the payload into the joined buffer is cheaper.

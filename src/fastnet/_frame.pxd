@@ -44,6 +44,7 @@ cdef class _Decoder:
     cdef int _raise_failed(self) except -1
     cdef int _enter(self) except -1
     cdef list _pull(self, const char* data, Py_ssize_t n)
+    cdef list _fed(self, bytes data)
     cdef list _updated(self, Py_ssize_t nbytes, object given=*, bint python=*)
 
 

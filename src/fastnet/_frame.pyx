@@ -511,6 +511,17 @@ cdef class _Decoder:
             if FASTNET_DEBUG:
                 _debug_check(self)
 
+    cdef list _fed(self, bytes data):
+        # feed() of a bytes object, called in C: what the compiled connection
+        # calls per read where the transport hands it the bytes it read.
+        self._enter()
+        try:
+            return self._pull(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+        finally:
+            self.busy = False
+            if FASTNET_DEBUG:
+                _debug_check(self)
+
     def get_buffer(self, sizehint=-1):
         """Return a writable buffer for the next receive (asyncio.BufferedProtocol).
 

@@ -111,3 +111,12 @@ else:
 #       instead of a new memoryview per read (transports.py, ``raw_windows``).
 #       asyncio's TLS layer slices the buffer: TLS and unknown transports get
 #       a memoryview.
+#    e. uvloop's stream transports read the plain way (into the loop's own
+#       buffer, then ``protocol.data_received(bytes)``) when the protocol has
+#       no ``get_buffer`` attribute, and ``set_protocol`` decides again and
+#       restarts reading, even from inside a read callback, losing nothing
+#       (uvloop's UVStream._set_protocol, 0.17-0.23). fastnet's connections
+#       read through a ``_PlainReads`` between large frames and set
+#       themselves again for a large one (transports.py, ``plain_reads``).
+#       Fallback: were it to stop holding, plain reads would still deliver
+#       every frame through ``data_received``, only large frames with a copy.

@@ -24,6 +24,7 @@ __all__ = [
     "PAUSE_RATE",
     "PAUSE_STOP",
     "PAUSE_WRITE",
+    "PLAIN_AFTER_READS",
     "READ_BURST",
     "READ_FAIR_FRAMES",
     "READ_HIGH_BYTES",
@@ -137,3 +138,12 @@ HANDLER_SECONDS_BOUNDS = (
     2.5,
     10.0,
 )
+
+# On uvloop a connection takes small frames through plain reads (uvloop reads
+# into its own buffer and hands over the bytes: no get_buffer call per read)
+# and switches to get_buffer/buffer_updated while a large frame is under way,
+# so the frame is received straight into its object. It switches back after
+# this many reads in a row with no large frame begun: each switch costs
+# uvloop a read stop and start (an epoll_ctl or two), so a run of large
+# frames, whose header reads come between them, stays on one mode.
+PLAIN_AFTER_READS = 8

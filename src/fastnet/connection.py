@@ -459,7 +459,12 @@ class Connection(FrameProtocol):
 
     @property
     def transport(self) -> asyncio.Transport:
-        """The asyncio transport underneath (for ``get_extra_info`` and the like)."""
+        """The asyncio transport underneath (for ``get_extra_info`` and the like).
+
+        On uvloop its ``get_protocol()`` is, between large frames, an internal
+        object that reads for this connection (docs/design.md §0), not the
+        connection itself.
+        """
         transport: asyncio.Transport = self._transport
         return transport
 

@@ -180,9 +180,8 @@ class _PlainReads:
 
     uvloop reads into a buffer of its own, shared by all its connections, and
     calls ``data_received`` with the bytes when the protocol has no
-    ``get_buffer`` (``_internals`` 5e): one call per read, against two
-    (``get_buffer``, then ``buffer_updated``) for the connection itself, and
-    the buffer stays hot in the cache however many connections read. The
+    ``get_buffer`` (``_internals`` 5e): one Python call per read, against two
+    (``get_buffer``, then ``buffer_updated``) for the connection itself. The
     decoder copies the bytes out as it would from its own buffer. Everything
     else uvloop calls goes to the connection.
     """

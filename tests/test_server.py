@@ -599,6 +599,56 @@ def test_last_replies_survive_unread_input_at_close(
     arun(scenario())
 
 
+@pytest.mark.parametrize("kind", ["callback", "task"])
+def test_a_handlers_close_lingers_over_unread_input(arun: Runner[Any], kind: str) -> None:
+    """``conn.close()`` from a handler closes as gracefully as its return does.
+
+    A probe found that a callback handler which answered and called
+    ``conn.close()`` while its client was still sending lost the answer: the
+    close went straight to ``transport.close()`` with input unread, and the
+    kernel reset the connection, dropping the queued reply. The close now
+    flushes, sends FIN and reads on until the peer closes (the lingering
+    close, bounded by the server), as the end of a handler does.
+    """
+    big = b"R" * (4 * 1024 * 1024)
+    closed: list[bool] = []
+
+    @fastnet.callback_handler
+    def callback(conn: fastnet.Connection, frames: list[bytes]) -> None:
+        if not closed:
+            conn.send(big)
+            conn.close()
+            closed.append(conn.closing)
+
+    async def task(conn: fastnet.Connection) -> None:
+        await conn.recv()
+        conn.send(big)
+        conn.close()
+        closed.append(conn.closing)
+        await asyncio.sleep(0.5)  # still running while the input goes unread
+
+    async def scenario() -> None:
+        async with serving(callback if kind == "callback" else task) as server:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", server.port))
+            reader, writer = await asyncio.open_connection(sock=sock)
+            writer.write(frame_bytes(b"request"))
+            await wait_until(lambda: bool(closed))
+            writer.write(frame_bytes(b"more") * 1000)  # input the server will not use
+            await writer.drain()
+            await asyncio.sleep(0.1)
+            data = await asyncio.wait_for(reader.read(), 10)  # all of it, then the FIN
+            assert data == frame_bytes(big)
+            assert closed == [True]
+            writer.close()
+            await writer.wait_closed()
+            await wait_until(lambda: server.stats()["active"] == 0)
+
+    arun(scenario())
+
+
 @pytest.mark.parametrize("kind", sorted(ECHOES))
 def test_replies_before_a_framing_error_survive_the_close(arun: Runner[Any], kind: str) -> None:
     """A framing error closes gracefully: every reply owed goes out, then the FIN, no reset.

@@ -357,7 +357,11 @@ class Connection(FrameProtocol):
         """Flush queued frames and close the connection. Idempotent.
 
         The transport still writes what it buffers before closing the socket.
-        Receiving and sending raise ``ConnectionClosedError`` afterwards.
+        Receiving and sending raise ``ConnectionClosedError`` afterwards. On a
+        server's connection the close is the one a handler's return makes:
+        FIN after the replies, then whatever the peer still sends is read and
+        dropped until it closes too (within the server's lingering bound), so
+        a peer that was still sending gets every reply instead of a reset.
         """
         if self._lifecycle >= CLOSING:
             return
@@ -372,6 +376,14 @@ class Connection(FrameProtocol):
                 self._flush()
             except Exception:  # the flush failed the connection and closed it
                 return
+        if self._server is not None:
+            # A server's connection closes as the end of its handler does: FIN
+            # after the replies, then what the peer still sends is read and
+            # dropped until its FIN (the supervisor bounds that wait). Closing
+            # the socket with input unread would make the kernel reset the
+            # connection and drop the replies it has not delivered yet.
+            self._finish()
+            return
         self._mark_closing()
         self._transport.close()
 

@@ -249,3 +249,55 @@ def test_a_write_limit_below_the_high_water_mark_still_holds(arun: Runner[Any]) 
                 conn.abort()
 
     arun(scenario())
+
+
+def test_cancelling_one_drain_leaves_another_tasks_drain_waiting(arun: Runner[Any]) -> None:
+    """Two tasks may wait in ``drain()`` on one connection; cancelling one cancels only it.
+
+    Both waited on one shared future, and a task cancelled while awaiting a
+    future cancels that future: the other task's ``drain()`` raised
+    ``CancelledError`` though nobody had cancelled it (a probe saw it). A
+    request task cut off by its timeout must not cancel the handler's own
+    drain.
+    """
+
+    async def scenario() -> None:
+        reading = asyncio.Event()
+        peer_done = asyncio.Event()
+
+        async def reads_later(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reading.wait()
+            while await reader.read(1 << 20):
+                pass
+            writer.close()
+            await writer.wait_closed()
+            peer_done.set()
+
+        listener = await asyncio.start_server(reads_later, "127.0.0.1", 0)
+        port = listener.sockets[0].getsockname()[1]
+        async with listener:
+            conn = await fastnet.connect("127.0.0.1", port)
+            for _ in range(400):  # at most 24 MB: loopback buffers hold a few
+                conn.send(b"x" * 60000)
+                await asyncio.sleep(0)  # flushed: the transport pauses writing
+                if not conn.writable:
+                    break
+            assert not conn.writable
+            first = asyncio.ensure_future(conn.drain())
+            second = asyncio.ensure_future(conn.drain())
+            await asyncio.sleep(0.05)
+            assert not first.done() and not second.done()  # the peer reads nothing yet
+            first.cancel()
+            await asyncio.sleep(0.05)
+            assert first.cancelled()
+            assert not second.done()  # still waiting, not cancelled
+            reading.set()
+            await asyncio.wait_for(second, 10)  # returns once the peer reads
+            assert second.result() is None
+            third = asyncio.ensure_future(conn.drain())  # a new drain after a cancelled one
+            await asyncio.wait_for(third, 10)
+            conn.close()
+            await conn.wait_closed()
+            await asyncio.wait_for(peer_done.wait(), 10)
+
+    arun(scenario())

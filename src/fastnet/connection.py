@@ -201,6 +201,9 @@ class Connection(FrameProtocol):
     async def drain(self) -> None:
         """Flush queued frames, then wait while the write buffer is over its high-water mark.
 
+        Any number of tasks may wait in ``drain()`` at once; cancelling one
+        of them leaves the others waiting.
+
         Raises:
             ConnectionClosedError, ConnectionBrokenError: the connection is
                 closed or broke.
@@ -216,7 +219,10 @@ class Connection(FrameProtocol):
         waiter = self._drain_waiter
         if waiter is None or waiter.done():
             waiter = self._drain_waiter = self._loop.create_future()
-        await waiter
+        # Shared by every task draining this connection: a task cancelled
+        # while awaiting a future cancels that future, which would cancel
+        # the others' drain too. The shield takes only the cancelled one out.
+        await asyncio.shield(waiter)
 
     # ---------------------------------------------------- state and tasks
 

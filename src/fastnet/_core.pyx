@@ -542,9 +542,7 @@ cdef class ConnectionCore:
             return 0
         self._arrived(frames, nbytes)
         if self._reading_plain and self._c_decoder.direct is not None:
-            self._reading_plain = False
-            self._buffered_reads = 0
-            self._transport.set_protocol(self)
+            self._read_buffered()
         return 0
 
     cdef int _count_buffered_read(self) except -1:
@@ -556,6 +554,13 @@ cdef class ConnectionCore:
         self._buffered_reads += 1
         if self._buffered_reads >= c_PLAIN_AFTER_READS and not self._reading_plain:
             self._read_plain()
+        return 0
+
+    cdef int _read_buffered(self) except -1:
+        # The rest of a large frame goes straight into its object (see the twin).
+        self._reading_plain = False
+        self._buffered_reads = 0
+        self._transport.set_protocol(self)
         return 0
 
     cdef int _read_plain(self) except -1:

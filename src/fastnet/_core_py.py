@@ -436,9 +436,7 @@ class ConnectionCore:
             return
         self._arrived(frames, nbytes)
         if self._reading_plain and self._decoder.missing:
-            self._reading_plain = False
-            self._buffered_reads = 0
-            self._transport.set_protocol(self)
+            self._read_buffered()
 
     def _count_buffered_read(self) -> None:
         # After a read through get_buffer on uvloop: back to plain reads once
@@ -449,6 +447,13 @@ class ConnectionCore:
         self._buffered_reads += 1
         if self._buffered_reads >= PLAIN_AFTER_READS and not self._reading_plain:
             self._read_plain()
+
+    def _read_buffered(self) -> None:
+        # The connection is the transport's protocol again: uvloop calls its
+        # get_buffer, and the rest of a large frame goes straight into its object.
+        self._reading_plain = False
+        self._buffered_reads = 0
+        self._transport.set_protocol(self)
 
     def _read_plain(self) -> None:
         # A new _PlainReads each time: the connection keeps none, so it makes

@@ -559,6 +559,15 @@ def test_invalid_server_arguments() -> None:
         fastnet.Server(echo, sock=sock, unix="/nonexistent")
 
 
+async def _small_window_client(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A stream client with a 16 KiB receive buffer, so a large reply stays queued at the server."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    return await asyncio.open_connection(sock=sock)
+
+
 @pytest.mark.parametrize("probe", ["siocoutq", "quiet-period"])
 def test_last_replies_survive_unread_input_at_close(
     arun: Runner[Any], probe: str, monkeypatch: pytest.MonkeyPatch
@@ -580,11 +589,7 @@ def test_last_replies_survive_unread_input_at_close(
         async with serving(answer_once) as server:
             # A small receive buffer keeps most of the reply queued on the
             # server side, in its transport and its kernel send queue.
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
-            sock.setblocking(False)
-            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", server.port))
-            reader, writer = await asyncio.open_connection(sock=sock)
+            reader, writer = await _small_window_client(server.port)
             writer.write(frame_bytes(b"request"))
             await asyncio.sleep(0.2)  # the handler has returned
             writer.write(frame_bytes(b"more") * 1000)  # input the server will not use
@@ -629,11 +634,7 @@ def test_a_handlers_close_lingers_over_unread_input(arun: Runner[Any], kind: str
 
     async def scenario() -> None:
         async with serving(callback if kind == "callback" else task) as server:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
-            sock.setblocking(False)
-            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", server.port))
-            reader, writer = await asyncio.open_connection(sock=sock)
+            reader, writer = await _small_window_client(server.port)
             writer.write(frame_bytes(b"request"))
             await wait_until(lambda: bool(closed))
             writer.write(frame_bytes(b"more") * 1000)  # input the server will not use

@@ -93,6 +93,42 @@ def test_lifecycle_refuses_an_illegal_transition(arun: Runner[Any]) -> None:
     arun(scenario())
 
 
+def test_a_callback_handlers_close_comes_after_the_replies_it_returns(arun: Runner[Any]) -> None:
+    # A callback handler answers QUIT with BYE and closes: conn.close(), then
+    # return [b"BYE"]. Before, close() flushed and sent FIN at once, and the
+    # replies returned after it were dropped without a word. Now the close
+    # waits for the handler to return: every reply, BYE last, then EOF.
+    @fastnet.callback_handler
+    def quits(conn: fastnet.Connection, frames: list[bytes]) -> list[bytes]:
+        replies = []
+        for frame in frames:
+            if frame == b"QUIT":
+                conn.close()
+                replies.append(b"BYE")
+                break
+            replies.append(frame.upper())
+        return replies
+
+    async def scenario() -> None:
+        async with serving(quits) as server:
+            for split in (False, True):  # QUIT in the batch of the frames before it, or alone
+                reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+                writer.write(frame_bytes(b"a") + frame_bytes(b"b"))
+                if split:
+                    await writer.drain()
+                    assert await reader.readexactly(10) == frame_bytes(b"A") + frame_bytes(b"B")
+                writer.write(frame_bytes(b"QUIT") + frame_bytes(b"ignored"))
+                rest = await asyncio.wait_for(reader.read(), 5)  # to EOF: no reset
+                expected = frame_bytes(b"BYE")
+                if not split:
+                    expected = frame_bytes(b"A") + frame_bytes(b"B") + expected
+                assert rest == expected
+                writer.close()
+            assert server.stats()["handler_errors"] == 0
+
+    arun(scenario())
+
+
 # ------------------------------------------------------------------ state
 
 
@@ -382,6 +418,66 @@ def test_send_raises_write_buffer_full_at_the_limit_exactly(arun: Runner[Any]) -
             assert seen["size"] <= limit < seen["size"] + 10_004
             assert seen["try"] is False
             writer.transport.abort()
+
+    arun(scenario())
+
+
+def _read_replies(sock: socket.socket, count: int, size: int) -> list[int]:
+    """Read ``count`` length-prefixed frames from a blocking socket; their sizes."""
+    sizes = []
+    buffer = bytearray()
+    while len(sizes) < count:
+        while len(buffer) < 4 or len(buffer) < 4 + int.from_bytes(buffer[:4], "big"):
+            chunk = sock.recv(1 << 20)
+            assert chunk, f"EOF after {len(sizes)} replies"
+            buffer += chunk
+        length = int.from_bytes(buffer[:4], "big")
+        assert buffer[4 : 4 + length] == b"r" * size
+        sizes.append(length)
+        del buffer[: 4 + length]
+    return sizes
+
+
+def test_a_handler_that_never_drains_waits_for_its_peer_to_read(arun: Runner[Any]) -> None:
+    # The README's first handler (async for, send, never drain) against a
+    # client that pipelines requests for large replies and reads them late.
+    # Before: every request arrived in one read, so async for handed them
+    # all over at once and the replies piled up in the connection's queue
+    # until send() raised WriteBufferFull at the fourth, and conn.writable
+    # said True all along (it ignored the queue). Now the handler waits in
+    # async for, its replies written, while they are over the high-water
+    # mark, and writable counts the queued bytes.
+    size = 1 << 20
+    count = 12  # 12 MiB of replies: three times max_write_buffer
+    seen: dict[str, list[Any]] = {"writable": [], "unsent": []}
+
+    async def big_replies(conn: fastnet.Connection) -> None:
+        async for _ in conn:
+            conn.send(b"r" * size)
+            seen["writable"].append(conn.writable)
+            seen["unsent"].append(conn.write_buffer_size)
+
+    async def scenario() -> None:
+        async with serving(big_replies) as server:
+            loop = asyncio.get_running_loop()
+            client = socket.socket()
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            client.connect(("127.0.0.1", server.port))
+            try:
+                client.sendall(frame_bytes(b"get") * count)  # one read at the server
+                await asyncio.sleep(0.3)  # the client reads nothing yet
+                assert len(seen["unsent"]) < count, "the handler did not wait"
+                client.settimeout(20)
+                sizes = await loop.run_in_executor(None, _read_replies, client, count, size)
+                assert sizes == [size] * count
+                assert server.stats()["handler_errors"] == 0
+            finally:
+                client.close()
+        # Right after each send, the 1 MiB reply is queued, past the 64 KiB
+        # mark: not writable. The handler waited with at most one reply
+        # queued and one in the transport, not max_write_buffer.
+        assert seen["writable"] == [False] * count
+        assert max(seen["unsent"]) <= 2 * (size + 4) + 65536
 
     arun(scenario())
 

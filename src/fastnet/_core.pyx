@@ -635,6 +635,8 @@ cdef class ConnectionCore:
         self._delivering = False
         if self._out.queued_frames:
             self._flush_c()
+        if self._close_pending:  # the handler called close()
+            self._close_after_callback()
         return 0
 
     cdef int _resume_receiver(self) except -1:
@@ -749,6 +751,8 @@ cdef class ConnectionCore:
         inbox = self._inbox
         cdef Py_ssize_t pos = self._pos
         if pos < len(inbox):
+            if (self._write_paused or self._out.queued_bytes > self._high_water) and self._wait_writing():
+                return None
             self._inbox = _EMPTY
             self._pos = 0
             if self._read_paused & c_PAUSE_INBOX:
@@ -764,6 +768,8 @@ cdef class ConnectionCore:
         inbox = self._inbox
         cdef Py_ssize_t pos = self._pos
         if pos < len(inbox):
+            if (self._write_paused or self._out.queued_bytes > self._high_water) and self._wait_writing():
+                return None
             self._pos = pos + 1
             frame = inbox[pos]
             if self._read_paused & c_PAUSE_INBOX:
@@ -797,6 +803,23 @@ cdef class ConnectionCore:
                 self._read_stats._handler(_monotonic() - woke_at)
         wakeup._asyncio_future_blocking = True
         return 0
+
+    cdef bint _wait_writing(self) except -1:
+        # Frames are queued while the handler's replies are past the write
+        # high-water mark: on a server's connection, write them, and wait
+        # for the peer to read before the next frame while the transport
+        # stays over its mark (see the twin). True after arming the wake-up.
+        if not self._read_pauses_on_write or self._send_block is not None:
+            return False
+        if self._out.queued_frames:
+            self._flush_c()
+        if not self._write_paused or self._send_block is not None:
+            return False
+        cdef Wakeup wakeup = self._wakeup
+        if wakeup._callback is not None:
+            raise ConnectionBusyError("another task is already receiving on this connection")
+        wakeup._asyncio_future_blocking = True
+        return True
 
     def _caught_up(self):
         # The handler took every queued frame.
@@ -954,11 +977,17 @@ cdef class ConnectionCore:
     def writable(self):
         """True while the connection is open for sending and below its write high-water mark.
 
+        The mark counts every unsent byte, the frames queued here as well as
+        the transport's buffer (as Netty's ``isWritable`` counts its outbound
+        buffer): a handler that sends many frames before it next waits sees
+        False once they pass the mark, and ``await conn.drain()`` writes them.
         The cheap question before sending to another connection: False means
         its peer is not keeping up (or it is closing), so a fan-out can skip
         it or use ``try_send``.
         """
-        return self._send_block is None and not self._write_paused
+        if self._send_block is not None or self._write_paused:
+            return False
+        return not self._out.queued_frames or self._unsent() <= self._high_water
 
     cdef Py_ssize_t _unsent(self) except -1:
         transport = self._transport
@@ -1043,6 +1072,8 @@ cdef class ConnectionCore:
         self._write_paused = False
         self._unpause_reading(c_PAUSE_WRITE)
         self._wake_drain(None)
+        if self._pos < len(self._inbox):  # the handler waits in _wait_writing
+            self._resume_receiver()
 
     def _use_transport(self, transport, strategy):
         """Run over ``transport`` with ``strategy`` (transports.TransportStrategy)."""

@@ -29,7 +29,12 @@ one write (``_flush``): when the handler waits for input or drains, at the
 end of the read callback that resumed it, or from one ``call_soon`` per batch
 for sends made elsewhere.
 
-Flow control. Reading pauses while the handler has more than
+Flow control. On a server's connection (``read_pauses_on_write``), a
+handler whose replies are over the write high-water mark (queued, or in the
+transport) takes no more queued frames until the peer reads
+(``_wait_writing``): what a request/response handler holds is bounded by the
+mark, not by how many requests the peer pipelined. Reading pauses while the
+handler has more than
 ``READ_HIGH_FRAMES`` frames or ``READ_HIGH_BYTES`` bytes queued, and resumes
 once it is down to a quarter; on a server's connections it also pauses while
 the transport is over its write high-water mark (``read_pauses_on_write``),
@@ -523,6 +528,8 @@ class ConnectionCore:
         self._delivering = False
         if self._out:
             self._flush()
+        if self._close_pending:  # the handler called close()
+            self._close_after_callback()  # type: ignore[attr-defined]
 
     def _resume_receiver(self) -> None:
         # Resume the handler task waiting for frames, here and now: it runs
@@ -639,6 +646,8 @@ class ConnectionCore:
         inbox = self._inbox
         pos = self._pos
         if pos < len(inbox):
+            if (self._write_paused or self._out.nbytes > self._high_water) and self._wait_writing():
+                return None
             self._inbox = _EMPTY
             self._pos = 0
             if self._read_paused & PAUSE_INBOX:
@@ -659,6 +668,8 @@ class ConnectionCore:
         inbox = self._inbox
         pos = self._pos
         if pos < len(inbox):
+            if (self._write_paused or self._out.nbytes > self._high_water) and self._wait_writing():
+                return None
             self._pos = pos + 1
             frame = inbox[pos]
             if self._read_paused & PAUSE_INBOX:
@@ -695,6 +706,28 @@ class ConnectionCore:
             if stats is not None:
                 stats.observe_handler(_monotonic() - woke_at)
         wakeup._asyncio_future_blocking = True
+
+    def _wait_writing(self) -> bool:
+        # Frames are queued for the handler while its replies are past the
+        # write high-water mark (queued, or in a paused transport). On a
+        # server's connection (read_pauses_on_write) the replies go out now,
+        # and while the transport stays over its mark the handler waits for
+        # the peer to read before it takes another frame: it holds at most a
+        # high-water mark of replies plus one, however many requests the peer
+        # pipelined (the frames already read obey the backpressure that
+        # reading does). Returns True after arming the wake-up, which
+        # resume_writing (or the end of the connection) resolves.
+        if not self._read_pauses_on_write or self._send_block is not None:
+            return False
+        if self._out:
+            self._flush()
+        if not self._write_paused or self._send_block is not None:
+            return False
+        wakeup = self._wakeup
+        if wakeup._callback is not None:
+            raise ConnectionBusyError("another task is already receiving on this connection")
+        wakeup._asyncio_future_blocking = True
+        return True
 
     def _caught_up(self) -> None:
         # The handler took every queued frame.
@@ -870,11 +903,17 @@ class ConnectionCore:
     def writable(self) -> bool:
         """True while the connection is open for sending and below its write high-water mark.
 
+        The mark counts every unsent byte, the frames queued here as well as
+        the transport's buffer (as Netty's ``isWritable`` counts its outbound
+        buffer): a handler that sends many frames before it next waits sees
+        False once they pass the mark, and ``await conn.drain()`` writes them.
         The cheap question before sending to another connection: False means
         its peer is not keeping up (or it is closing), so a fan-out can skip
         it or use ``try_send``.
         """
-        return self._send_block is None and not self._write_paused
+        if self._send_block is not None or self._write_paused:
+            return False
+        return not self._out or self._unsent() <= self._high_water
 
     def _unsent(self) -> int:
         transport = self._transport
@@ -940,6 +979,8 @@ class ConnectionCore:
         self._write_paused = False
         self._unpause_reading(PAUSE_WRITE)
         self._wake_drain(None)  # type: ignore[attr-defined]
+        if self._pos < len(self._inbox):  # the handler waits in _wait_writing
+            self._resume_receiver()
 
     def _use_transport(self, transport: Any, strategy: Any) -> None:
         """Run over ``transport`` with ``strategy`` (transports.TransportStrategy)."""

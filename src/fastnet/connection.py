@@ -280,6 +280,14 @@ class Connection(FrameProtocol):
             self._close_pending = False
             self.close()
 
+    def _close_after_callback(self) -> None:
+        # The core calls this after a callback handler's replies are written
+        # when _close_pending is set: by the handler's close() (then no task
+        # runs), or by a close() that waits for spawned tasks (_task_done).
+        if not self._tasks:
+            self._close_pending = False
+            self.close()
+
     def _task_failed(self, exc: Exception) -> None:
         if self._handler_error is None:
             self._handler_error = exc
@@ -343,10 +351,14 @@ class Connection(FrameProtocol):
     def closing(self) -> bool:
         """True once the connection is closing or closed, by either side's doing.
 
-        That includes a client connection whose server closed its side.
+        That includes a client connection whose server closed its side, and
+        a ``close()`` that waits for the callback handler calling it to
+        return, or for spawned tasks.
         """
-        return self._lifecycle >= CLOSING or (
-            self._lifecycle == PEER_CLOSED and not self._half_close
+        return (
+            self._lifecycle >= CLOSING
+            or self._close_pending
+            or (self._lifecycle == PEER_CLOSED and not self._half_close)
         )
 
     @property
@@ -368,6 +380,8 @@ class Connection(FrameProtocol):
         FIN after the replies, then whatever the peer still sends is read and
         dropped until it closes too (within the server's lingering bound), so
         a peer that was still sending gets every reply instead of a reset.
+        Called by a callback handler, the close takes effect when it
+        returns: the replies it returns go out first.
         """
         if self._lifecycle >= CLOSING:
             return
@@ -376,6 +390,11 @@ class Connection(FrameProtocol):
             # when the last of them is done (_task_done), after their sends.
             self._close_pending = True
             self._input_ended(_reasons.closed_by_us, quiet=False)
+            return
+        if self._delivering and self._on_frames is not None:
+            # A callback handler closes: the close happens when it returns
+            # (_close_after_callback), after the replies it returns.
+            self._close_pending = True
             return
         if self._out and self._lifecycle != CLOSED:
             try:

@@ -40,6 +40,7 @@ from ._tunables import (
     PAUSE_INBOX,
     PAUSE_RATE,
     PAUSE_WRITE,
+    QUEUE_CHECK_BYTES,
     PLAIN_AFTER_READS,
     READ_BURST,
     READ_FAIR_FRAMES,
@@ -66,6 +67,7 @@ cdef int c_PAUSE_FAIR = PAUSE_FAIR
 cdef int c_PAUSE_INBOX = PAUSE_INBOX
 cdef int c_PAUSE_RATE = PAUSE_RATE
 cdef int c_PAUSE_WRITE = PAUSE_WRITE
+cdef Py_ssize_t c_QUEUE_CHECK_BYTES = QUEUE_CHECK_BYTES
 cdef int c_CLOSING = CLOSING
 cdef int c_CLOSED = CLOSED
 
@@ -381,10 +383,10 @@ cdef class ConnectionCore:
     cdef bint _plain_reads  # uvloop: read through a _PlainReads between large frames
     cdef public bint _reading_plain  # ... and the transport does now
     cdef public bint _delivering
+    cdef public bint _close_pending  # tested after a callback handler's call
     cdef public bint _flush_scheduled
     cdef object __weakref__
     cdef public object _await_wakeup
-    cdef public bint _close_pending
     cdef public list _closed_waiters
     cdef public object _decoder
     cdef public bint _decoder_failed
@@ -751,7 +753,7 @@ cdef class ConnectionCore:
         inbox = self._inbox
         cdef Py_ssize_t pos = self._pos
         if pos < len(inbox):
-            if (self._write_paused or self._out.queued_bytes > self._high_water) and self._wait_writing():
+            if (self._read_paused & c_PAUSE_WRITE or self._out.queued_bytes > c_QUEUE_CHECK_BYTES) and self._wait_writing():
                 return None
             self._inbox = _EMPTY
             self._pos = 0
@@ -768,7 +770,7 @@ cdef class ConnectionCore:
         inbox = self._inbox
         cdef Py_ssize_t pos = self._pos
         if pos < len(inbox):
-            if (self._write_paused or self._out.queued_bytes > self._high_water) and self._wait_writing():
+            if (self._read_paused & c_PAUSE_WRITE or self._out.queued_bytes > c_QUEUE_CHECK_BYTES) and self._wait_writing():
                 return None
             self._pos = pos + 1
             frame = inbox[pos]
@@ -811,7 +813,7 @@ cdef class ConnectionCore:
         # stays over its mark (see the twin). True after arming the wake-up.
         if not self._read_pauses_on_write or self._send_block is not None:
             return False
-        if self._out.queued_frames:
+        if self._write_paused or self._out.queued_bytes > self._high_water:
             self._flush_c()
         if not self._write_paused or self._send_block is not None:
             return False

@@ -71,6 +71,7 @@ from ._tunables import (
     PAUSE_RATE,
     PAUSE_WRITE,
     PLAIN_AFTER_READS,
+    QUEUE_CHECK_BYTES,
     READ_BURST,
     READ_FAIR_FRAMES,
     READ_HIGH_BYTES,
@@ -646,7 +647,9 @@ class ConnectionCore:
         inbox = self._inbox
         pos = self._pos
         if pos < len(inbox):
-            if (self._write_paused or self._out.nbytes > self._high_water) and self._wait_writing():
+            if (
+                self._read_paused & PAUSE_WRITE or self._out.nbytes > QUEUE_CHECK_BYTES
+            ) and self._wait_writing():
                 return None
             self._inbox = _EMPTY
             self._pos = 0
@@ -668,7 +671,9 @@ class ConnectionCore:
         inbox = self._inbox
         pos = self._pos
         if pos < len(inbox):
-            if (self._write_paused or self._out.nbytes > self._high_water) and self._wait_writing():
+            if (
+                self._read_paused & PAUSE_WRITE or self._out.nbytes > QUEUE_CHECK_BYTES
+            ) and self._wait_writing():
                 return None
             self._pos = pos + 1
             frame = inbox[pos]
@@ -719,7 +724,7 @@ class ConnectionCore:
         # resume_writing (or the end of the connection) resolves.
         if not self._read_pauses_on_write or self._send_block is not None:
             return False
-        if self._out:
+        if self._write_paused or self._out.nbytes > self._high_water:
             self._flush()
         if not self._write_paused or self._send_block is not None:
             return False

@@ -89,6 +89,12 @@ LARGE_FRAME = DIRECT_THRESHOLD
 # holds at most a few MiB.
 DEFAULT_MAX_WRITE_BUFFER = 4 * 1024 * 1024
 
+# Replies queued past this many bytes make a server handler that takes its
+# next frame check the transport's write high-water mark (_wait_writing): the
+# per-frame test reads only the queue, not the transport. asyncio's and
+# uvloop's default mark.
+QUEUE_CHECK_BYTES = 64 * 1024
+
 # Most extra reads the core makes per readiness event on CPython's selector
 # transport while receiving runs of large frames, so a connection streaming
 # large frames cannot keep the loop from the others for long (libuv reads up

@@ -62,7 +62,8 @@ def count(kind: compare.ServerKind, workload: compare.Workload, args: argparse.N
         wrap = (
             "valgrind", "--tool=callgrind", "--instr-atstart=no",
             f"--callgrind-out-file={out}",
-            *(["--cache-sim=yes"] if args.cache_sim else []),
+            *(["--cache-sim=yes"] if args.cache_sim or args.cache_ll else []),
+            *([f"--LL={args.cache_ll},8,64"] if args.cache_ll else []),
         )  # fmt: skip
         server = compare.ServerProcess(kind, loop, pin=False, wrap=wrap)
         pid = str(server.proc.pid)
@@ -105,7 +106,7 @@ def count(kind: compare.ServerKind, workload: compare.Workload, args: argparse.N
         "instructions": counted.get("Ir", 0),
         "per_frame": counted.get("Ir", 0) / frames if frames else None,
     }
-    if args.cache_sim and frames:
+    if (args.cache_sim or args.cache_ll) and frames:
         # Simulated first-level data misses and last-level misses (data and code).
         row["d1_misses_per_frame"] = (counted["D1mr"] + counted["D1mw"]) / frames
         row["ll_misses_per_frame"] = (counted["DLmr"] + counted["DLmw"] + counted["ILmr"]) / frames
@@ -123,6 +124,10 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
         "| workload | server | loop | frames counted | instructions per frame | ÷ Tokio |",
         "|---|---|---|---:|---:|---:|",
     ]
+    misses = any("ll_misses_per_frame" in row for row in rows)
+    if misses:
+        lines[-2] += " L1 data misses per frame | last-level misses per frame |"
+        lines[-1] += "---:|---:|"
     for row in rows:
         tokio = next(
             (r["per_frame"] for r in rows if r["server"] == "tokio"
@@ -135,6 +140,9 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
             f"| {row['workload']} | {row['server']} | {row['loop']} | {row['frames']:,} "
             f"| {per_frame} | {ratio} |"
         )
+        if misses:
+            d1, ll = row.get("d1_misses_per_frame", 0), row.get("ll_misses_per_frame", 0)
+            lines[-1] += f" {d1:.1f} | {ll:.1f} |"
     return "\n".join(lines) + "\n"
 
 
@@ -154,6 +162,15 @@ def main() -> int:
         "--cache-sim",
         action="store_true",
         help="also simulate the caches: data misses per frame (slower)",
+    )
+    parser.add_argument(
+        "--cache-ll",
+        type=int,
+        metavar="BYTES",
+        help="simulate the caches with a last-level cache of BYTES (8-way, 64-byte lines): "
+        "callgrind's LL stands for the host's L3; 262144, smaller than every server's "
+        "per-connection data at 1,000 connections, makes its misses per frame the cache "
+        "lines of per-connection data a frame touches",
     )
     parser.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
     parser.add_argument(

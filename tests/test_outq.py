@@ -328,35 +328,66 @@ def test_unjoined_frame_is_kept_by_reference(frame_impl: ModuleType, outq_impl: 
 # --- memory: reused, doubled, shrunk ------------------------------------------
 
 
+def hold_the_spare(outq_impl: ModuleType, encoder: Any) -> Any:
+    """A queue holding whatever buffer earlier queues lent: the spare slot is empty after."""
+    holder = make(outq_impl, encoder)
+    holder.append(b"h")  # takes the spare, or allocates; not taken, so not lent back
+    return holder
+
+
 def test_buffer_grows_by_doubling_and_shrinks(
     frame_impl: ModuleType, outq_impl: ModuleType
 ) -> None:
     encoder = encoder_for(frame_impl, LengthPrefixed(length_size=4))
+    holder = hold_the_spare(outq_impl, encoder)
     queue = make(outq_impl, encoder)
+    other = make(outq_impl, encoder)
     initial, keep = outq_impl.INITIAL_SIZE, outq_impl.KEEP_SIZE
     assert capacity(queue, encoder) <= 1  # nothing allocated before the first frame
     queue.append(b"x" * 60)
     assert initial <= capacity(queue, encoder) <= initial + 1  # (a bytearray keeps one spare byte)
-    queue.take()
-    assert initial <= capacity(queue, encoder) <= initial + 1  # reused, not freed
-    queue.append(b"x" * initial)  # 4 + initial bytes: one doubling
+    queue.append(b"x" * initial)  # 68 + initial bytes: one doubling
     assert 2 * initial <= capacity(queue, encoder) <= 2 * initial + 1
     queue.clear()
-    assert 2 * initial <= capacity(queue, encoder) <= 2 * initial + 1  # below KEEP_SIZE: kept
+    assert capacity(queue, encoder) <= 1  # lent: the next queue without one takes it
+    other.append(b"y")
+    assert 2 * initial <= capacity(other, encoder) <= 2 * initial + 1  # the lent buffer
     for _ in range(20):
         queue.append(b"y" * 50_000)  # a 1 MB batch
     assert capacity(queue, encoder) >= queue.nbytes > 20 * 50_000
     assert len(queue.take()) == 20 * 50_004
-    assert keep <= capacity(queue, encoder) <= keep + 1  # back to KEEP_SIZE after the big batch
-    queue.extend([b"z" * 100_000] * 3)
-    queue.clear()
-    assert keep <= capacity(queue, encoder) <= keep + 1
+    assert capacity(queue, encoder) <= 1  # lent, shrunk to KEEP_SIZE first
     queue.append(b"again")
+    assert keep <= capacity(queue, encoder) <= keep + 1  # took it back
     assert queue.take() == encoder.encode(b"again")
+    assert other.take() == encoder.encode(b"y")
+    # The slot held the KEEP_SIZE buffer: lending took it in exchange.
+    assert keep <= capacity(other, encoder) <= keep + 1
+    assert holder.take() == encoder.encode(b"h")
+
+
+def test_queues_filled_together_keep_their_own_buffers(
+    frame_impl: ModuleType, outq_impl: ModuleType
+) -> None:
+    # Connections whose replies are queued in one loop iteration and written
+    # at its end (task handlers): each lends its buffer and takes back the
+    # one the slot held, so none of them allocates per batch.
+    encoder = encoder_for(frame_impl, LengthPrefixed(length_size=4))
+    holder = hold_the_spare(outq_impl, encoder)
+    queues = [make(outq_impl, encoder) for _ in range(4)]
+    for _ in range(3):
+        for i, queue in enumerate(queues):
+            queue.append(b"%d" % i)
+        assert [queue.take() for queue in queues] == [encoder.encode(b"%d" % i) for i in range(4)]
+    # Every queue but the first got a buffer back; the first one's is the spare.
+    assert capacity(queues[0], encoder) <= 1
+    assert all(capacity(queue, encoder) > 1 for queue in queues[1:])
+    assert holder.take() == encoder.encode(b"h")
 
 
 def test_unjoined_payloads_take_no_buffer(frame_impl: ModuleType, outq_impl: ModuleType) -> None:
     encoder = encoder_for(frame_impl, LengthPrefixed())
+    holder = hold_the_spare(outq_impl, encoder)
     queue = make(outq_impl, encoder, THRESHOLD)
     payloads = [b"p" * 1_000_000] * 4
     queue.extend(payloads)
@@ -364,6 +395,7 @@ def test_unjoined_payloads_take_no_buffer(frame_impl: ModuleType, outq_impl: Mod
     # Only the length fields were copied.
     assert capacity(queue, encoder) <= outq_impl.INITIAL_SIZE + 1
     assert queue.take() == [b"\x00\x0f\x42\x40", payloads[0]] * 4
+    assert holder.take() == encoder.encode(b"h")
 
 
 # --- re-entrancy --------------------------------------------------------------
@@ -659,6 +691,10 @@ def test_fuzz_harness_runs() -> None:
     from pathlib import Path
 
     path = Path(__file__).resolve().parent.parent / "fuzz" / "fuzz_outq.py"
+    if str(path.parent) not in sys.path:
+        # The harness imports its sibling differential.py; run alone, this
+        # test failed without it (other modules had put fuzz/ on the path).
+        sys.path.insert(0, str(path.parent))
     spec = importlib.util.spec_from_file_location("fuzz_outq", path)
     assert spec is not None and spec.loader is not None
     harness = importlib.util.module_from_spec(spec)

@@ -8,12 +8,22 @@ Strategy:
   ``send`` with nothing queued, and ``nbytes`` is the exact size of what will
   be written. The checks are the encoders' own (``_check``, cimported from
   ``_frame.pxd``), so the errors are those of ``encoder.encode``.
-- Encoded frames are written straight into one growable C buffer that the
-  queue keeps from batch to batch: appending a frame allocates no Python
-  object; ``take`` makes one ``bytes`` object of the batch. The buffer grows
-  by doubling from ``INITIAL_SIZE`` and, after a batch has grown it past
-  ``KEEP_SIZE``, shrinks back to ``KEEP_SIZE`` when the batch is taken, which
-  bounds what a quiet connection keeps.
+- Encoded frames are written straight into one growable C buffer:
+  appending a frame allocates no Python object; ``take`` makes one ``bytes``
+  object of the batch. The buffer grows by doubling from ``INITIAL_SIZE``
+  and, after a batch has grown it past ``KEEP_SIZE``, shrinks back to
+  ``KEEP_SIZE`` when the batch is taken.
+- Once its batch is taken (or cleared), a queue lends its buffer to the
+  process: it puts it in one spare slot and keeps whatever buffer was there
+  (none, mostly), and a queue that needs a buffer and has none takes the
+  spare. A connection that answers each read at once (a callback handler)
+  so writes its replies into the buffer the previous connection's replies
+  just went through, still in the CPU's caches, instead of into its own,
+  which at 1,000 connections is cold: callgrind's cache model counted three
+  cache misses per frame in that copy (docs/design.md §5). Queues that fill
+  in the same loop iteration (task handlers) keep buffers of their own, as
+  before: none of them allocates per batch. A quiet connection holds no
+  buffer.
 - A length-prefixed payload of at least ``unjoined_threshold`` bytes that is
   a flat byte buffer is not copied: its length field goes into the buffer,
   and the payload object is remembered with the buffer offset it follows,
@@ -40,7 +50,7 @@ from cpython.bytes cimport (
     PyBytes_GET_SIZE,
 )
 from cpython.list cimport PyList_GET_SIZE
-from cpython.mem cimport PyMem_Free, PyMem_Realloc
+from cpython.mem cimport PyMem_RawFree, PyMem_RawRealloc
 from libc.stdint cimport uint64_t
 from libc.string cimport memcpy
 
@@ -63,6 +73,24 @@ cdef enum:
     # allocation, small next to copying that many bytes. A connection that
     # once sent a large batch keeps at most this much.
     KEEP_BUFFER = 65536
+
+cdef extern from *:
+    """
+    /* The spare buffer (see the module docstring). While spare, a buffer's
+       first bytes hold its size. The exchange is atomic, so queues on event
+       loops in other threads (free-threaded builds) never share a buffer;
+       without the builtin, no buffer is lent. */
+    #if defined(__GNUC__) || defined(__clang__)
+    static char *fastnet_outq_spare = NULL;
+    static char *fastnet_outq_swap(char *buf) {
+        return __atomic_exchange_n(&fastnet_outq_spare, buf, __ATOMIC_ACQ_REL);
+    }
+    #else
+    static char *fastnet_outq_swap(char *buf) { return buf; }
+    #endif
+    """
+    char* fastnet_outq_swap(char* buf) nogil
+
 
 # The same values, for Python code and tests (the twin's names).
 INITIAL_SIZE = INITIAL_BUFFER
@@ -157,7 +185,7 @@ cdef class OutQueue:
         self._reset()
 
     def __dealloc__(self):
-        PyMem_Free(self.buf)
+        PyMem_RawFree(self.buf)
         self.buf = NULL
 
     @property
@@ -186,12 +214,18 @@ cdef class OutQueue:
         cdef char* grown
         if need <= self.size:
             return 0
+        if self.buf == NULL:
+            self.buf = fastnet_outq_swap(NULL)  # the spare, if there is one
+            if self.buf != NULL:
+                self.size = (<Py_ssize_t*>self.buf)[0]
+                if need <= self.size:
+                    return 0
         size = self.size if self.size > INITIAL_BUFFER else INITIAL_BUFFER
         while size < need:
             if size > (<Py_ssize_t>1 << 61):
                 raise MemoryError()
             size *= 2
-        grown = <char*>PyMem_Realloc(self.buf, size)
+        grown = <char*>PyMem_RawRealloc(self.buf, size)
         if grown == NULL:
             raise MemoryError()
         self.buf = grown
@@ -375,8 +409,14 @@ Return everything queued, for one write, and empty the queue.
         if PyList_GET_SIZE(self.refs):
             del self.refs[:]
         if self.size > KEEP_BUFFER:
-            smaller = <char*>PyMem_Realloc(self.buf, KEEP_BUFFER)
+            smaller = <char*>PyMem_RawRealloc(self.buf, KEEP_BUFFER)
             if smaller != NULL:  # else keep the larger block: still correct
                 self.buf = smaller
                 self.size = KEEP_BUFFER
+        if self.buf != NULL and self.size <= KEEP_BUFFER:
+            # Lend it: the spare slot takes this buffer, this queue takes
+            # what the slot held (NULL, mostly).
+            (<Py_ssize_t*>self.buf)[0] = self.size
+            self.buf = fastnet_outq_swap(self.buf)
+            self.size = 0 if self.buf == NULL else (<Py_ssize_t*>self.buf)[0]
         return 0

@@ -3,12 +3,16 @@
 Strategy: a frame is validated and encoded when it is queued, not when the
 batch is written, so a frame that cannot be encoded is refused in the caller
 of ``send`` with nothing queued, and ``nbytes`` is the exact size of what will
-be written. Encoded frames are copied into one reusable ``bytearray`` with a
-fill offset: slice assignment into room already there does not resize it,
-so the buffer is reused from batch to batch. It grows by doubling from
-``INITIAL_SIZE`` and, after a batch has grown it past ``KEEP_SIZE``, goes back
-to ``KEEP_SIZE`` when the batch is taken, which bounds what a quiet
-connection keeps (the extension's C buffer follows the same policy).
+be written. Encoded frames are copied into one ``bytearray`` with a fill
+offset: slice assignment into room already there does not resize it. It
+grows by doubling from ``INITIAL_SIZE`` and, after a batch has grown it past
+``KEEP_SIZE``, goes back to ``KEEP_SIZE`` when the batch is taken. Once its
+batch is taken (or cleared) a queue lends its buffer to the process: it puts
+it in the one spare slot and keeps whatever buffer was there (none, mostly);
+a queue that needs a buffer and has none takes the spare. So connections
+that answer each read at once share one buffer, still in the CPU's caches,
+and a quiet connection holds none (the extension's C buffer follows the
+same policy, where it matters: see ``_outq.pyx``).
 
 A length-prefixed payload of at least ``unjoined_threshold`` bytes that is a
 flat byte buffer is not copied: its length field goes into the buffer, and
@@ -23,6 +27,7 @@ the test suite runs against both.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -48,6 +53,11 @@ INITIAL_SIZE = 4096
 # copying that many bytes. A connection that once sent a large batch keeps
 # at most this much, not the size of its largest batch.
 KEEP_SIZE = 65536
+
+# The spare buffer: at most one, mostly (two threads lending at once may
+# leave two). list.pop and list.append are atomic, so two queues never take
+# the same buffer, free-threaded builds included.
+_spare: list[bytearray] = []
 
 # Bounds unjoined_threshold as framing.MAX_SIZE_PARAMETER bounds sizes.
 MAX_THRESHOLD = 2**48
@@ -152,6 +162,11 @@ class OutQueue:
         return object.__sizeof__(self) + self._buf.__sizeof__()
 
     def _grow(self, end: int) -> None:
+        if not self._buf and _spare:
+            with contextlib.suppress(IndexError):  # another thread took it
+                self._buf = _spare.pop()
+            if end <= len(self._buf):
+                return
         size = max(len(self._buf), INITIAL_SIZE)
         while size < end:
             size *= 2
@@ -302,3 +317,10 @@ class OutQueue:
             self._refs.clear()
         if len(self._buf) > KEEP_SIZE:
             self._buf = bytearray(KEEP_SIZE)
+        if self._buf:  # lend it (see the module docstring)
+            try:
+                other = _spare.pop()
+            except IndexError:
+                other = bytearray()
+            _spare.append(self._buf)
+            self._buf = other

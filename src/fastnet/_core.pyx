@@ -363,7 +363,7 @@ cdef class ConnectionCore:
     cdef public object _decoded
     cdef public object _on_frames
     cdef public OutQueue _out
-    cdef public object _write
+    cdef public object _transport  # its write is called by name: no bound method to keep warm
     cdef public object _write_buffers
     cdef public FrameRate _frame_rate
     cdef public ReadStats _read_stats
@@ -405,7 +405,6 @@ cdef class ConnectionCore:
     cdef public object _server
     cdef public object _strategy
     cdef public set _tasks
-    cdef public object _transport
     cdef public object _user_state
     cdef public double _woke_at
     cdef public bint _write_paused
@@ -420,7 +419,6 @@ cdef class ConnectionCore:
         self._server = server
         self._max_write_buffer = max_write_buffer
         self._transport = None
-        self._write = None
         self._high_water = 0
         self.peer = None
         self.local = None
@@ -1053,13 +1051,13 @@ cdef class ConnectionCore:
         if data is None:
             return 0
         if type(data) is _bytes:
-            self._write(data)
+            self._transport.write(data)
         else:
             write_buffers = self._write_buffers
             if write_buffers is not None:
                 write_buffers(data)
             else:
-                self._write(b"".join(data))
+                self._transport.write(b"".join(data))
         self.frames_out += n
         self.bytes_out += size
         self.writes += 1
@@ -1080,7 +1078,6 @@ cdef class ConnectionCore:
     def _use_transport(self, transport, strategy):
         """Run over ``transport`` with ``strategy`` (transports.TransportStrategy)."""
         self._transport = transport
-        self._write = transport.write
         self._strategy = strategy
         self._read_fd = strategy.read_fd
         self._write_buffers = strategy.write_buffers

@@ -441,7 +441,7 @@ class ConnectionCore:
             self._framing_failed(exc)  # type: ignore[attr-defined]
             return
         self._arrived(frames, nbytes)
-        if self._reading_plain and self._decoder.missing:
+        if self._decoder.missing and self._reading_plain:
             self._read_buffered()
 
     def _count_buffered_read(self) -> None:

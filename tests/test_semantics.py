@@ -482,6 +482,44 @@ def test_a_handler_that_never_drains_waits_for_its_peer_to_read(arun: Runner[Any
     arun(scenario())
 
 
+def test_turning_read_pauses_on_write_off_releases_a_waiting_handler(arun: Runner[Any]) -> None:
+    # The handler waits in async for, its replies over the mark and the peer
+    # not reading; then it turns into a feed (read_pauses_on_write = False).
+    # The wait is for the old rule: it must end at once, not when the peer
+    # reads (a probe saw it wait on).
+    handled: list[int] = []
+    waited: list[int] = []
+    switched = asyncio.Event()
+
+    async def turns_into_a_feed(conn: fastnet.Connection) -> None:
+        async def switch() -> None:
+            await wait_until(lambda: len(handled) > 0)
+            await asyncio.sleep(0.2)  # the handler is waiting by now
+            waited.append(len(handled))
+            conn.read_pauses_on_write = False
+            switched.set()
+
+        conn.spawn(switch())
+        async for _ in conn:
+            handled.append(1)
+            conn.send(b"x" * (256 << 10) if conn.read_pauses_on_write else b"small")
+
+    async def scenario() -> None:
+        async with serving(turns_into_a_feed) as server:
+            client = socket.socket()
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            client.connect(("127.0.0.1", server.port))
+            try:
+                client.sendall(frame_bytes(b"g") * 100)  # read by the server in one go
+                await asyncio.wait_for(switched.wait(), 10)
+                assert waited[0] < 100, "the handler never waited"
+                await wait_until(lambda: len(handled) == 100, timeout=5)
+            finally:
+                client.close()
+
+    arun(scenario())
+
+
 # ------------------------------------------------------- over-long lines
 
 

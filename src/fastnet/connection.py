@@ -327,6 +327,10 @@ class Connection(FrameProtocol):
             self._pause_reading(PAUSE_WRITE)
         elif not value:
             self._unpause_reading(PAUSE_WRITE)
+            if self._pos < len(self._inbox):
+                # A handler waiting for the peer to read before it takes the
+                # next queued frame (see _wait_writing) waits no more.
+                self._wakeup.wake_soon()
 
     # ------------------------------------------------------------------ close
 
@@ -381,7 +385,8 @@ class Connection(FrameProtocol):
         dropped until it closes too (within the server's lingering bound), so
         a peer that was still sending gets every reply instead of a reset.
         Called by a callback handler, the close takes effect when it
-        returns: the replies it returns go out first.
+        returns: what it sent until then and the replies it returns go out
+        first.
         """
         if self._lifecycle >= CLOSING:
             return

@@ -13,6 +13,7 @@ import os
 import random
 import socket
 import sys
+import time
 from typing import Any
 
 import pytest
@@ -270,6 +271,49 @@ def test_idle_timeout_closes_silent_and_half_sent_connections(arun: Runner[Any])
                 await conn.wait_closed()
             w_half.close()
             await w_half.wait_closed()
+
+    arun(scenario())
+
+
+def test_a_peer_reading_a_large_reply_slowly_is_not_idle(arun: Runner[Any]) -> None:
+    # The reply has left the transport for the kernel's send queue, and the
+    # peer takes it from there slowly. Before, nothing the transport showed
+    # changed, so the idle timeout closed the connection while the peer was
+    # still reading (a probe: 8 MiB read over 5 s, idle after 4.3 s). The
+    # socket's unacknowledged bytes shrinking now counts as the peer taking
+    # our output.
+    size = 2 << 20
+
+    async def one_large_reply(conn: fastnet.Connection) -> None:
+        async for _ in conn:
+            conn.send(b"r" * size)
+
+    def read_slowly(sock: socket.socket) -> tuple[int, float]:
+        got = 0
+        start = time.monotonic()
+        while got < size + 4:
+            chunk = sock.recv(16384)
+            if not chunk:
+                break
+            got += len(chunk)
+            time.sleep(0.01)  # about 1.6 MB/s
+        return got, time.monotonic() - start
+
+    async def scenario() -> None:
+        async with serving(one_large_reply, idle_timeout=0.4) as server:
+            client = socket.socket()
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+            client.connect(("127.0.0.1", server.port))
+            client.settimeout(20)
+            try:
+                client.sendall(frame_bytes(b"get"))
+                loop = asyncio.get_running_loop()
+                got, took = await loop.run_in_executor(None, read_slowly, client)
+                assert got == size + 4
+                assert took > 0.8, "the reply went too fast to test anything"
+                assert server.stats()["idle_timeouts"] == 0
+            finally:
+                client.close()
 
     arun(scenario())
 

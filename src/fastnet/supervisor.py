@@ -324,6 +324,12 @@ def _unacknowledged_probe(transport: asyncio.BaseTransport) -> Callable[[], int]
     return unacknowledged
 
 
+def _send_queue(transport: asyncio.BaseTransport) -> int:
+    """The socket's unacknowledged bytes (Linux, TCP), or 0 where they cannot be known."""
+    probe = _unacknowledged_probe(transport)
+    return 0 if probe is None else probe()
+
+
 def _abort_with_reset(conn: Connection) -> None:
     """Abort ``conn`` so that the peer sees a reset (RST), not an orderly close.
 
@@ -1036,10 +1042,11 @@ class Supervisor:
         # seconds after the fact.
         #
         # Idle: the handler waits for input, no byte arrived, and the peer
-        # took none of our output (bytes_out and the transport's write
-        # buffer unchanged): a client reading replies slowly while reading
-        # is paused by our write backpressure is busy, not idle. A handler
-        # that is working (not waiting for input) is never idle.
+        # took none of our output (bytes_out, the transport's write buffer
+        # and, on Linux, the socket's unacknowledged bytes unchanged): a
+        # client reading replies slowly while reading is paused by our
+        # write backpressure is busy, not idle. A handler that is working
+        # (not waiting for input) is never idle.
         #
         # Frame deadline: part of a frame is buffered (the decoder's
         # `pending`) and no frame has completed since the part began.
@@ -1057,12 +1064,12 @@ class Supervisor:
         shortest = min(t for t in (idle_timeout, frame_timeout) if t is not None)
         tick = min(max(shortest / TIMER_DIVISIONS, TIMER_TICK_MIN), TIMER_TICK_MAX)
         loop = asyncio.get_running_loop()
-        idle_seen: dict[Connection, tuple[int, int, int, float]] = {}
+        idle_seen: dict[Connection, tuple[int, int, int, int, float]] = {}
         frame_seen: dict[Connection, tuple[int, float]] = {}
         while True:
             await asyncio.sleep(tick)
             now = loop.time()
-            idle_now: dict[Connection, tuple[int, int, int, float]] = {}
+            idle_now: dict[Connection, tuple[int, int, int, int, float]] = {}
             frame_now: dict[Connection, tuple[int, float]] = {}
             for conn in list(self.connections):
                 transport = conn._transport
@@ -1086,8 +1093,16 @@ class Supervisor:
                         or not conn._idle
                         or (conn._backpressured and not conn._write_backpressured)
                     ):
-                        idle_now[conn] = (*activity, now)
-                    elif now - last[3] >= idle_timeout:
+                        idle_now[conn] = (*activity, -1, now)
+                        continue
+                    # Nothing changed that the transport shows; our replies
+                    # may still be leaving the kernel's send queue for a
+                    # peer that reads them slowly (a probe saw 8 MiB take
+                    # 5 s): that queue shrinking is the peer taking output.
+                    queued = _send_queue(transport) if activity[1] else 0
+                    if last[3] >= 0 and queued != last[3]:
+                        idle_now[conn] = (*activity, queued, now)
+                    elif now - last[4] >= idle_timeout:
                         self.counters.idle_timeouts += 1
                         self._close_reasons[conn] = "idle_timeout"
                         peer = format_peer(conn.peer)
@@ -1099,7 +1114,7 @@ class Supervisor:
                         )
                         conn._idle_timeout()
                     else:
-                        idle_now[conn] = last
+                        idle_now[conn] = (*activity, queued, last[4])
             idle_seen = idle_now
             frame_seen = frame_now
 

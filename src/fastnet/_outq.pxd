@@ -16,6 +16,7 @@ cdef class OutQueue:
     cdef Py_ssize_t threshold        # smallest flat payload kept unjoined; 0: join everything
     cdef list refs                   # [offset, payload, ...]: unjoined payload after buf[:offset]
     cdef bint busy                   # inside a public call: a re-entrant call raises RuntimeError
+    cdef bint unjoined               # refs is not empty: tested instead of the list (a cold line)
 
     cdef int _reserve(self, Py_ssize_t extra) except -1
     cdef int _add(self, object frame) except -1

@@ -259,6 +259,7 @@ cdef class OutQueue:
                                   head, lp.big)
                     self.refs.append(self.used + head)
                     self.refs.append(frame)
+                    self.unjoined = True
                     self.used += head
                 else:
                     self._reserve(head + size)
@@ -335,7 +336,7 @@ Validate and encode one frame, and queue it.
         cdef Py_ssize_t used = self.used
         cdef Py_ssize_t queued_bytes = self.queued_bytes
         cdef Py_ssize_t queued_frames = self.queued_frames
-        cdef Py_ssize_t nrefs = PyList_GET_SIZE(self.refs)
+        cdef Py_ssize_t nrefs = PyList_GET_SIZE(self.refs) if self.unjoined else 0
         try:
             for frame in frames:
                 self._add(frame)
@@ -344,6 +345,7 @@ Validate and encode one frame, and queue it.
             self.queued_bytes = queued_bytes
             self.queued_frames = queued_frames
             del self.refs[nrefs:]
+            self.unjoined = nrefs != 0
             raise
         finally:
             self.busy = False
@@ -355,10 +357,10 @@ Validate and encode one frame, and queue it.
             raise RuntimeError(REENTRANT)
         if self.queued_frames == 0:
             return None
-        n = PyList_GET_SIZE(self.refs)
-        if n == 0:
+        if not self.unjoined:
             out = PyBytes_FromStringAndSize(self.buf, self.used)
         else:
+            n = PyList_GET_SIZE(self.refs)
             parts = []
             for i in range(0, n, 2):
                 offset = self.refs[i]
@@ -406,8 +408,9 @@ Return everything queued, for one write, and empty the queue.
     cdef int _reset(self) except -1:
         cdef char* smaller
         self.used = self.queued_bytes = self.queued_frames = 0
-        if PyList_GET_SIZE(self.refs):
+        if self.unjoined:
             del self.refs[:]
+            self.unjoined = False
         if self.size > KEEP_BUFFER:
             smaller = <char*>PyMem_RawRealloc(self.buf, KEEP_BUFFER)
             if smaller != NULL:  # else keep the larger block: still correct

@@ -645,10 +645,10 @@ cdef class LengthPrefixedDecoder(_Decoder):
         self.length_size = spec.length_size
         self.big = spec.byteorder == "big"
         self.adjustment = spec.adjustment
-        self.strip = spec.strip_size
+        self.strip_size = spec.strip_size
         self.max_frame = spec.max_frame
         self.header = spec.offset + spec.length_size
-        self.header_peek = max(self.header, self.strip)
+        self.header_peek = max(self.header, self.strip_size)
         self.direct_room = self.header_peek if self.header_peek <= DIRECT_ROOM else 0
         self.arena_limit = max(READ_SIZE, self.header + spec.max_frame)
 
@@ -675,17 +675,17 @@ cdef class LengthPrefixedDecoder(_Decoder):
                 self.failed = self.error = FrameTooLarge(body, self.max_frame, frames=out)
                 return pos
             size = self.header + <Py_ssize_t>body
-            if self.strip > size:
-                self.failed = self.error = strip_past_end(self.strip, size, frames=out)
+            if self.strip_size > size:
+                self.failed = self.error = strip_past_end(self.strip_size, size, frames=out)
                 return pos
             if avail >= size:
-                out.append(PyBytes_FromStringAndSize(data + pos + self.strip, size - self.strip))
+                out.append(PyBytes_FromStringAndSize(data + pos + self.strip_size, size - self.strip_size))
                 pos += size
                 continue
-            if size - self.strip >= DIRECT_THRESHOLD and avail >= self.strip:
+            if size - self.strip_size >= DIRECT_THRESHOLD and avail >= self.strip_size:
                 try:
-                    self._start_direct(data + pos + self.strip, avail - self.strip,
-                                       size - self.strip, self.strip)
+                    self._start_direct(data + pos + self.strip_size, avail - self.strip_size,
+                                       size - self.strip_size, self.strip_size)
                 except MemoryError:
                     # Not fatal: the frame stays in the arena, and a later
                     # read tries again (or fails to grow the arena, loudly).

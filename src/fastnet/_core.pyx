@@ -78,10 +78,10 @@ cdef type _bytearray = bytearray
 cdef type _list = list
 
 # The write of the transport type last seen without a __dict__ (uvloop's
-# transports), called unbound: no bound method per connection to keep warm
-# (a cache line per write with a thousand connections), and no method lookup
-# per write. Instances with a __dict__ could shadow write: they are called
-# by name (see _write).
+# transports), set by _use_transport and called unbound by _flush_c: no bound
+# method per connection to keep warm (a cache line per write with a thousand
+# connections), and no method lookup per write. Instances with a __dict__
+# could shadow write, so _flush_c calls theirs by name.
 cdef type _write_type = None
 cdef object _write_function = None
 
@@ -371,7 +371,7 @@ cdef class ConnectionCore:
     cdef _Decoder _c_decoder  # the decoder when it is this extension's (called in C), else None
     cdef public object _on_frames
     cdef public OutQueue _out
-    cdef public object _transport  # its write is called by name: no bound method to keep warm
+    cdef public object _transport  # written through _write_function when its type is _write_type, else by name
     cdef public FrameRate _frame_rate
     cdef public ReadStats _read_stats
     cdef public long long bytes_in
@@ -1056,17 +1056,15 @@ cdef class ConnectionCore:
             return 0
         n = out.queued_frames
         size = out.queued_bytes
-        data = out._take()
+        data = out._take()  # None, one bytes, or a list of buffers (large payloads unjoined)
         if data is None:
             return 0
-        if type(data) is not _bytes:
-            write_buffers = self._write_buffers
-            if write_buffers is not None:
-                write_buffers(data)
-                data = None
-            else:
+        write_buffers = self._write_buffers
+        if type(data) is not _bytes and write_buffers is not None:
+            write_buffers(data)  # the strategy's vectored write
+        else:
+            if type(data) is not _bytes:
                 data = b"".join(data)
-        if data is not None:
             transport = self._transport
             if type(transport) is _write_type:
                 _write_function(transport, data)

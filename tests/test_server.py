@@ -481,6 +481,38 @@ def test_server_properties_and_stats(arun: Runner[Any]) -> None:
     arun(scenario())
 
 
+def test_buffered_bytes_is_the_live_sum_without_limits(arun: Runner[Any]) -> None:
+    # stats()["buffered_bytes"] was the overload watch's last sum, so it read 0
+    # with megabytes queued whenever overload_high was unset.
+    go = asyncio.Event()
+
+    async def handler(conn: fastnet.Connection) -> None:
+        await go.wait()  # the input waits, untaken
+        async for frame in conn:
+            conn.send(frame)
+
+    async def scenario() -> None:
+        nonlocal go
+        go = asyncio.Event()
+        async with serving(handler) as server:
+            assert server.port is not None
+            async with await fastnet.connect("127.0.0.1", server.port) as conn:
+                conn.send_many([b"x" * 1000] * 100)
+                await conn.drain()
+                await wait_until(
+                    lambda: server.stats()["bytes_in"] == 100 * 1004, 5.0, "input read"
+                )
+                assert server.stats()["buffered_bytes"] == 100 * 1004
+                go.set()
+                replies: list[bytes] = []
+                while len(replies) < 100:
+                    replies += await asyncio.wait_for(conn.recv_batch(), 5.0)
+                assert replies == [b"x" * 1000] * 100
+                await wait_until(lambda: server.stats()["buffered_bytes"] == 0, 5.0, "all taken")
+
+    arun(scenario())
+
+
 def _have_ipv6() -> bool:
     if not socket.has_ipv6:
         return False

@@ -426,8 +426,7 @@ class FastnetCollector:
         )
         buffered = GaugeMetricFamily(
             "fastnet_buffered_bytes",
-            "Bytes the connections buffer (output queued or unsent, input not yet taken), "
-            "as last summed by the overload watch; 0 when it is off.",
+            "Bytes the open connections buffer (output queued or unsent, input not yet taken).",
             labels=label,
         )
         for snap in snaps:

@@ -494,8 +494,10 @@ class Server:
         with ``limits``: ``rejected_rate``, ``rejected_concurrency`` and
         ``rejected_overload`` (connections closed at once by the limits),
         ``peer_table_evictions``, ``overloaded`` (1 during an overload
-        episode), ``overload_episodes``, and ``buffered_bytes`` (the last
-        sum the overload watch took; 0 without ``overload_high``). Counters are
+        episode), ``overload_episodes``; and ``buffered_bytes``, summed when
+        asked, with or without limits: the bytes the open connections buffer
+        (unsent replies, queued or in the transports, and input not yet taken
+        by the handlers), the sum the overload watch compares. Counters are
         kept per read and per write, and summed here over the open connections.
         """
         result = self._supervisor.stats()

@@ -867,14 +867,20 @@ class Supervisor:
         while True:
             await asyncio.sleep(limits.overload_interval)
             try:
-                total = 0
-                for conn in self.connections:
-                    if conn._transport is not None and not conn._lost:
-                        total += conn._buffered
-                if gate.update(total):
+                if gate.update(self._buffered_bytes()):
                     self._overload_changed(gate)
             except Exception:  # never let the watch die: log, and look again
                 logger.exception("the overload watch failed; retrying")
+
+    def _buffered_bytes(self) -> int:
+        # What the open connections buffer now (O(connections)): the overload
+        # watch's sum, and stats()'s buffered_bytes. Over a copy taken in one
+        # step: a scrape may come from another thread (prometheus_client's).
+        total = 0
+        for conn in tuple(self.connections):
+            if conn._transport is not None and not conn._lost:
+                total += conn._buffered
+        return total
 
     def _overload_changed(self, gate: OverloadGate) -> None:
         now = time.monotonic()
@@ -1182,7 +1188,7 @@ class Supervisor:
         """The counters of closed connections plus the live ones, and ``active``."""
         c = self.counters
         result = {name: getattr(c, name) for name in _Counters.__slots__}
-        for conn in self.connections:
+        for conn in tuple(self.connections):
             result["bytes_in"] += conn.bytes_in
             result["frames_in"] += conn.frames_in
             result["bytes_out"] += conn.bytes_out
@@ -1194,7 +1200,7 @@ class Supervisor:
         result["peer_table_evictions"] = 0 if peers is None else peers.evictions
         gate = self._overload
         result["overloaded"] = int(gate is not None and gate.overloaded)
-        result["buffered_bytes"] = 0 if gate is None else gate.buffered
+        result["buffered_bytes"] = self._buffered_bytes()
         return result
 
 

@@ -68,6 +68,35 @@ def test_window_size_follows_the_hint(frame_impl: ModuleType, hint: int, size: i
         decoder.buffer_updated(size + 1)
 
 
+@pytest.mark.parametrize(
+    "hint, outcome",
+    [
+        (3.5, (TypeError, "'float' object cannot be interpreted as an integer")),
+        (2.0**70, 1 << 20),  # over MAX_READ: clamped before any conversion
+        (None, (TypeError, "'>' not supported between instances of 'NoneType' and 'int'")),
+        (True, 1),
+        (2**70, 1 << 20),
+        (-(2**70), 65536),
+    ],
+)
+def test_odd_size_hints_give_the_same_window_or_error(
+    frame_impl: ModuleType, hint: object, outcome: object
+) -> None:
+    # Error for error with the twin: a float hint under MAX_READ failed there
+    # with bytearray's message, and in the extension with int conversion's.
+    decoder = frame_impl.LengthPrefixedDecoder(LengthPrefixed())
+    if isinstance(outcome, tuple):
+        kind, message = outcome
+        with pytest.raises(kind) as info:
+            decoder.get_buffer(hint)
+        assert str(info.value) == message
+        assert decoder.feed(b"\x00\x00\x00\x01x") == [b"x"]  # the decoder is still usable
+        return
+    view = decoder.get_buffer(hint)
+    assert len(view) == outcome
+    view.release()
+
+
 def test_buffer_updated_rejects_absurd_counts(frame_impl: ModuleType) -> None:
     decoder = frame_impl.LineDecoder(Lines())
     decoder.get_buffer(-1).release()

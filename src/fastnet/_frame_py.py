@@ -21,6 +21,7 @@ input and every chunking; the test suite runs against both.
 from __future__ import annotations
 
 import mmap
+import operator
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -212,8 +213,8 @@ class _Decoder:
             FrameError: the decoder has failed (see ``feed``).
         """
         want = READ_SIZE
-        if sizehint > 0:
-            want = MAX_READ if sizehint >= MAX_READ else sizehint
+        if sizehint > 0:  # a hint under MAX_READ must be an integer, as the extension converts it
+            want = MAX_READ if sizehint >= MAX_READ else operator.index(sizehint)
         self._enter()
         try:
             self._check()

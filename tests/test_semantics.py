@@ -55,6 +55,66 @@ def test_a_client_sees_the_server_close(arun: Runner[Any]) -> None:
     arun(scenario())
 
 
+def test_a_clients_close_does_not_reset_away_its_last_frames(arun: Runner[Any]) -> None:
+    # A producer sends 3 MB and closes at once while the echoes come back
+    # unread. Closing the socket then made the kernel reset the connection
+    # (unread input) and drop the send queue: the server got 130 of 3,000
+    # frames. Now the client lingers as a server connection does: FIN after
+    # the data, read and drop until the server closes or has it all.
+    received = 0
+
+    def counting_echo(conn: fastnet.Connection, frames: list[bytes]) -> list[bytes]:
+        nonlocal received
+        received += len(frames)
+        return frames
+
+    async def scenario() -> None:
+        nonlocal received
+        received = 0
+        async with serving(fastnet.callback_handler(counting_echo)) as server:
+            conn = await fastnet.connect("127.0.0.1", server.port)
+            conn.send_many([b"x" * 1000] * 3000)
+            conn.close()
+            assert conn.closing
+            with pytest.raises(ConnectionClosedError):
+                conn.send(b"late")
+            await asyncio.wait_for(conn.wait_closed(), 10)
+            await wait_until(lambda: received == 3000, 5.0, "every frame at the server")
+            await wait_until(lambda: server.stats()["active"] == 0, 5.0, "the server side closed")
+            assert server.stats()["resets"] == 0
+
+    arun(scenario())
+
+
+def test_a_clients_lingering_close_is_bounded(
+    arun: Runner[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A server that neither reads nor closes cannot keep a closing client
+    # forever: after the bound the client resets the connection.
+    monkeypatch.setattr(fastnet.lingering, "CLOSE_LINGER", 0.5)
+    stuck = asyncio.Event()
+
+    async def never_reads(conn: fastnet.Connection) -> None:
+        stuck.set()
+        await asyncio.sleep(30)  # reading pauses once 4 MiB wait unconsumed
+
+    async def scenario() -> None:
+        nonlocal stuck
+        stuck = asyncio.Event()
+        async with serving(never_reads, drain_timeout=0.5) as server:
+            conn = await fastnet.connect("127.0.0.1", server.port, max_write_buffer=64 << 20)
+            await asyncio.wait_for(stuck.wait(), 5)
+            conn.send_many([b"x" * 65536] * 512)  # 32 MiB: more than the kernels hold
+            await asyncio.sleep(0.1)
+            conn.close()
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+            await asyncio.wait_for(conn.wait_closed(), 5)
+            assert 0.4 <= loop.time() - began < 3.0
+
+    arun(scenario())
+
+
 def test_a_server_connection_still_answers_a_half_closed_peer(arun: Runner[Any]) -> None:
     # The server side keeps half-close semantics: a client that sends its
     # requests then shuts down its sending side still gets every reply.

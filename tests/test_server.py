@@ -26,7 +26,7 @@ from test_server_support import (
 )
 
 import fastnet
-from fastnet import ConnectionBrokenError, ConnectionClosedError, supervisor
+from fastnet import ConnectionBrokenError, ConnectionClosedError, lingering
 from fastnet.apps import KVStore, echo, echo_task
 from fastnet.listener import ACCEPT_CAPACITY_ERRNOS, ACCEPT_IGNORABLE_ERRNOS
 
@@ -651,7 +651,7 @@ def test_last_replies_survive_unread_input_at_close(
     if probe == "siocoutq" and not sys.platform.startswith("linux"):
         pytest.skip("SIOCOUTQ is Linux only")
     if probe == "quiet-period":  # what other platforms get
-        monkeypatch.setattr(supervisor, "_unacknowledged_probe", lambda transport: None)
+        monkeypatch.setattr(lingering, "unacknowledged_probe", lambda transport: None)
     big = b"R" * (4 * 1024 * 1024)
 
     async def answer_once(conn: fastnet.Connection) -> None:

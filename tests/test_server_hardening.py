@@ -34,7 +34,7 @@ from test_server_support import (
 )
 
 import fastnet
-from fastnet import supervisor
+from fastnet import lingering, supervisor
 from fastnet.apps import echo, echo_task
 from fastnet.listener import ACCEPT_BATCH
 
@@ -56,7 +56,7 @@ def test_a_lingering_close_backs_off_instead_of_polling(
     # A 20 ms poll would ask 75 times in 1.5 s; backing off from 20 ms
     # (doubling to 1 s) asks about 6 times.
     checks: collections.Counter[int] = collections.Counter()
-    real_probe = supervisor._unacknowledged_probe
+    real_probe = lingering.unacknowledged_probe
 
     def counting_probe(transport: asyncio.BaseTransport) -> Any:
         probe = real_probe(transport)
@@ -69,7 +69,7 @@ def test_a_lingering_close_backs_off_instead_of_polling(
 
         return counted
 
-    monkeypatch.setattr(supervisor, "_unacknowledged_probe", counting_probe)
+    monkeypatch.setattr(lingering, "unacknowledged_probe", counting_probe)
     reply = b"R" * (128 * 1024)
 
     async def answer_once(conn: fastnet.Connection) -> None:

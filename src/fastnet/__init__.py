@@ -15,6 +15,7 @@ Layout (data flows top to bottom on receive; docs/design.md §0 draws what runs 
     connection.py   Connection, what a handler sees (recv, send, drain, close, spawn); connect()
     listener.py     bind, the accept loop (slots, back-off, admission hook)
     supervisor.py   one connection's life: handler kinds, errors, lingering close, timeouts
+    lingering.py    the lingering close (FIN, then close once nothing can be lost), both sides
     limits.py       Limits: per-peer connection rate and cap, frames/s, the overload marks
     proxy.py        the PROXY protocol v1/v2: sans-IO header parser, encoder, CRC32C
     _proxy_io.py    reading that header byte-exact from an accepted socket (before TLS)

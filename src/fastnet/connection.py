@@ -18,7 +18,7 @@ import types
 from collections.abc import Coroutine, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import _reasons, framing
+from . import _reasons, framing, lingering
 from ._tunables import DEFAULT_MAX_WRITE_BUFFER, PAUSE_WRITE
 from .errors import ConnectionBrokenError, ConnectionClosedError, WriteBufferFull
 from .framing import Buffer, Framing, LengthPrefixed
@@ -379,11 +379,14 @@ class Connection(FrameProtocol):
         """Flush queued frames and close the connection. Idempotent.
 
         The transport still writes what it buffers before closing the socket.
-        Receiving and sending raise ``ConnectionClosedError`` afterwards. On a
-        server's connection the close is the one a handler's return makes:
-        FIN after the replies, then whatever the peer still sends is read and
-        dropped until it closes too (within the server's lingering bound), so
-        a peer that was still sending gets every reply instead of a reset.
+        Receiving and sending raise ``ConnectionClosedError`` afterwards. The
+        close is the one a server handler's return makes, on both sides: FIN
+        after our data, then whatever the peer still sends is read and
+        dropped until it closes too or has acknowledged all our data, so a
+        peer that was still sending gets everything instead of a reset. A
+        server's connection waits within the server's lingering bound; a
+        client's for at most 30 s, then it is reset (``abort()`` resets at
+        once). ``wait_closed()`` returns when the socket is closed.
         Called by a callback handler, the close takes effect when it
         returns: what it sent until then and the replies it returns go out
         first.
@@ -406,16 +409,28 @@ class Connection(FrameProtocol):
                 self._flush()
             except Exception:  # the flush failed the connection and closed it
                 return
-        if self._server is not None:
-            # A server's connection closes as the end of its handler does: FIN
-            # after the replies, then what the peer still sends is read and
-            # dropped until its FIN (the supervisor bounds that wait). Closing
-            # the socket with input unread would make the kernel reset the
-            # connection and drop the replies it has not delivered yet.
-            self._finish()
-            return
-        self._mark_closing()
-        self._transport.close()
+        # FIN after what we sent, then what the peer still sends is read and
+        # dropped until the close cannot lose our data (lingering.py).
+        # Closing the socket with input unread, or input arriving after the
+        # close, would make the kernel reset the connection and drop what
+        # it has not delivered yet: a server's replies to a pipelining
+        # client, a client's last requests while replies came in unread.
+        # The supervisor bounds a server connection's wait; a client's is
+        # bounded here.
+        self._finish()
+        if self._server is None:
+            self._linger()
+
+    def _linger(self) -> None:
+        transport = self._transport
+        if self._lost or transport is None or transport.is_closing():
+            return  # closed at once: the peer had closed, TLS (close_notify), or it failed
+        closer = lingering.Lingering(
+            self, self._loop, lingering.CLOSE_LINGER, what="the last data sent to it"
+        )
+        done = self._loop.create_future()  # resolved by connection_lost
+        done.add_done_callback(lambda _: closer.cancel())
+        self._closed_waiters.append(done)
 
     def abort(self) -> None:
         """Close the connection at once, discarding unsent data; cancel its spawned tasks.

@@ -51,18 +51,12 @@ from .connection import Connection
 from .errors import ConnectionBrokenError, ConnectionClosedError, FrameError
 from .framing import Buffer, Framing
 from .limits import Limits, OverloadGate, PeerLimiter, peer_key
+from .lingering import CLOSE_LINGER, Lingering, send_queue
 from .listener import format_peer
 from .metrics import CloseInfo, Hooks, ServerMetrics, frame_error_kind, handshake_error_cause
 from .proxy import ProxyHeader, ProxyHeaderError, ProxySettings
 from .tls import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT
 from .transports import extra_info
-
-try:  # imported once, here: a lazy import can fail later with EMFILE
-    import fcntl
-    import termios
-except ImportError:  # Windows
-    fcntl = None  # type: ignore[assignment]
-    termios = None  # type: ignore[assignment]
 
 __all__ = [
     "CLOSE_LINGER",
@@ -138,26 +132,6 @@ def callback_handler(fn: CallbackFunction) -> CallbackHandler:
 
 
 Handler = Callable[[Connection], Awaitable[None]] | CallbackHandler
-
-# After the handler returns, the connection still writes what it buffers,
-# sends FIN, and waits for the peer's FIN. A peer that never reads, or never
-# closes, would keep it (and its slot) forever, so it is aborted after this
-# many seconds: long enough for a slow client to take a large last reply.
-# During shutdown, the drain timeout bounds it too.
-CLOSE_LINGER = 30.0
-
-# A lingering close ends on events (the peer's FIN or a lost connection
-# close it at once); what no event announces (our write buffer and the
-# kernel's send queue emptying) is checked by a timer that starts at a
-# fiftieth of a second and doubles up to a second: a client that takes its
-# last replies at once is closed within tens of milliseconds, and one that
-# never reads costs about 30 checks over CLOSE_LINGER instead of 1,500.
-LINGER_POLL_MIN = 0.02
-LINGER_POLL_MAX = 1.0
-# Without SIOCOUTQ, a lingering connection whose peer has sent nothing for
-# this long is closed without waiting for its FIN (nginx waits 5 s by
-# default; a shutdown waits for this, so it is shorter here).
-LINGER_QUIET = 0.5
 
 # After the drain timeout, cancelled handlers get this long to unwind
 # (finally blocks, context managers) before shutdown stops waiting for them.
@@ -299,37 +273,6 @@ class _LogLimiter:
             self._logged = 0
 
 
-def _unacknowledged_probe(transport: asyncio.BaseTransport) -> Callable[[], int] | None:
-    """A function returning the bytes of the socket's send queue not yet acknowledged.
-
-    Linux only (the SIOCOUTQ ioctl, which is TIOCOUTQ's number); None elsewhere
-    or for sockets that are not TCP.
-    """
-    if not sys.platform.startswith("linux") or fcntl is None or termios is None:
-        return None
-    sock = extra_info(transport, "socket")
-    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return None
-    fd = sock.fileno()
-    ioctl = fcntl.ioctl
-    request = termios.TIOCOUTQ
-
-    def unacknowledged() -> int:
-        try:
-            raw = ioctl(fd, request, b"\0\0\0\0")
-        except OSError:
-            return 0  # the socket is gone: nothing left to lose
-        return int.from_bytes(raw, sys.byteorder, signed=True)
-
-    return unacknowledged
-
-
-def _send_queue(transport: asyncio.BaseTransport) -> int:
-    """The socket's unacknowledged bytes (Linux, TCP), or 0 where they cannot be known."""
-    probe = _unacknowledged_probe(transport)
-    return 0 if probe is None else probe()
-
-
 def _abort_with_reset(conn: Connection) -> None:
     """Abort ``conn`` so that the peer sees a reset (RST), not an orderly close.
 
@@ -344,66 +287,6 @@ def _abort_with_reset(conn: Connection) -> None:
         with contextlib.suppress(OSError):  # closed already
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _SO_LINGER_RESET)
     conn.abort()
-
-
-class _Lingering:
-    """One lingering close: timer callbacks with back-off; the task awaits only the close.
-
-    Closes the transport when that cannot lose a reply (our buffer is empty
-    and the kernel holds nothing unacknowledged, or, without SIOCOUTQ, the
-    peer has been quiet for LINGER_QUIET), aborts it after CLOSE_LINGER.
-    Any error aborts the transport and is logged; nothing escapes.
-    """
-
-    __slots__ = ("_conn", "_deadline", "_handle", "_interval", "_loop", "_probe", "_quiet", "_seen")
-
-    def __init__(
-        self, conn: Connection, loop: asyncio.AbstractEventLoop, limit: float = CLOSE_LINGER
-    ) -> None:
-        self._conn = conn
-        self._loop = loop
-        self._probe = _unacknowledged_probe(conn._transport)
-        now = loop.time()
-        self._deadline = now + limit
-        self._seen = conn.bytes_in
-        self._quiet = now  # since when the peer has sent nothing
-        self._interval = LINGER_POLL_MIN
-        self._handle: asyncio.TimerHandle | None = loop.call_later(self._interval, self._check)
-
-    def cancel(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
-
-    def _check(self) -> None:
-        self._handle = None
-        conn = self._conn
-        try:
-            if conn._lost:
-                return
-            now = self._loop.time()
-            if now >= self._deadline:
-                peer = format_peer(conn.peer)
-                logger.info("%s did not take its last replies; aborted", peer, extra={"peer": peer})
-                conn.abort()
-                return
-            transport = conn._transport
-            if conn.bytes_in != self._seen:
-                self._seen = conn.bytes_in
-                self._quiet = now
-            # Closing already, or replies still in our buffer: look again later.
-            if not transport.is_closing() and not transport.get_write_buffer_size():
-                probe = self._probe
-                safe = probe() == 0 if probe is not None else now - self._quiet >= LINGER_QUIET
-                if safe:
-                    transport.close()
-                    return
-            self._interval = min(self._interval * 2, LINGER_POLL_MAX)
-            delay = min(self._interval, self._deadline - now)
-            self._handle = self._loop.call_later(delay, self._check)
-        except Exception:
-            logger.exception("lingering close of %s failed; aborted", format_peer(conn.peer))
-            conn.abort()
 
 
 class Supervisor:
@@ -653,7 +536,7 @@ class Supervisor:
             _stop_frame_rate(conn)  # whatever the peer still sends is read and dropped
             # Flush the replies, send FIN, and close once the peer has closed
             # too or every reply is acknowledged (a lingering close, see
-            # _Lingering). Wait for that before freeing the slot, so
+            # lingering.py). Wait for that before freeing the slot, so
             # max_connections counts open sockets.
             conn._finish()
             await self._linger(conn)
@@ -979,9 +862,9 @@ class Supervisor:
             return
         assert self._loop is not None
         if conn.strategy == "tls":
-            lingering = _Lingering(conn, self._loop, self.tls_shutdown_timeout + 1.0)
+            lingering = Lingering(conn, self._loop, self.tls_shutdown_timeout + 1.0)
         else:
-            lingering = _Lingering(conn, self._loop)
+            lingering = Lingering(conn, self._loop)
         try:
             await conn.wait_closed()
         finally:
@@ -1105,7 +988,7 @@ class Supervisor:
                     # may still be leaving the kernel's send queue for a
                     # peer that reads them slowly (a probe saw 8 MiB take
                     # 5 s): that queue shrinking is the peer taking output.
-                    queued = _send_queue(transport) if activity[1] else 0
+                    queued = send_queue(transport) if activity[1] else 0
                     if last[3] >= 0 and queued != last[3]:
                         idle_now[conn] = (*activity, queued, now)
                     elif now - last[4] >= idle_timeout:

@@ -29,7 +29,7 @@ Workloads (connections x frames in flight per connection x payload):
 small pipelined 64 x 16 x 64 B, rpc 64 x 1 x 64 B, large 8 x 4 x 64 KiB,
 many connections 1,000 x 1 x 128 B.
 
-Servers (4-byte big-endian length prefix, 8 MiB limit, all of them):
+Servers (4-byte big-endian length prefix, 8 MiB limit, all but the floor):
 
 - fastnet's ``echo`` (callback handler) with the extension, the same with
   ``FASTNET_NO_EXTENSIONS=1``, and ``echo-task`` (an ``async def`` handler);
@@ -38,6 +38,10 @@ Servers (4-byte big-endian length prefix, 8 MiB limit, all of them):
   (``servers/protocol_echo.py``), and the reflecting Protocol that writes each
   read's complete frames back untouched (``servers/protocol_reflect.py``, the
   strongest Python baseline), each on asyncio and on uvloop;
+- on request (``--servers raw-echo``), the floor: a Protocol that writes every
+  read back unparsed, the loop calling the transport's write directly
+  (``servers/raw_echo.py``). Not framed (the 4-byte prefix and the limit mean
+  nothing to it); the least any Python server does per read on that loop;
 - Tokio 1.x + tokio-util's ``LengthDelimitedCodec`` on the current_thread
   runtime (``servers/tokio_echo/``), once per workload. It is built with
   ``cargo build --release --offline`` from Debian's packaged crates
@@ -219,6 +223,10 @@ SERVERS = (
     # The strongest Python baseline: reflects each read's complete frames
     # without re-encoding them (servers/protocol_reflect.py).
     ServerKind("protocol-reflect", "reflecting Protocol baseline", script="protocol_reflect.py"),
+    # The floor of any Python server on a loop: each read written back
+    # unparsed, the loop calling the transport's write directly
+    # (servers/raw_echo.py). Not framed; not in the default run.
+    ServerKind("raw-echo", "raw echo floor (reads written back unparsed)", script="raw_echo.py"),
     # Tokio + tokio-util's LengthDelimitedCodec, current_thread runtime
     # (servers/tokio_echo/), built from Debian's packaged crates.
     ServerKind("tokio", "Tokio (tokio-util codec)", native=True),

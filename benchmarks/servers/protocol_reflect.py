@@ -135,9 +135,14 @@ def tls_context(cert: str, key: str | None) -> ssl.SSLContext:
     return context
 
 
-async def serve(host: str, port: int, context: ssl.SSLContext | None = None) -> None:
+async def serve(
+    host: str,
+    port: int,
+    context: ssl.SSLContext | None = None,
+    protocol: type[asyncio.Protocol] = ReflectProtocol,
+) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(ReflectProtocol, host, port, backlog=BACKLOG, ssl=context)
+    server = await loop.create_server(protocol, host, port, backlog=BACKLOG, ssl=context)
     sock_host, sock_port = server.sockets[0].getsockname()[:2]
     print(f"listening on {sock_host}:{sock_port}", flush=True)
     stop = asyncio.Event()
@@ -150,8 +155,14 @@ async def serve(host: str, port: int, context: ssl.SSLContext | None = None) -> 
         await stop.wait()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(
+    argv: list[str] | None = None,
+    protocol: type[asyncio.Protocol] = ReflectProtocol,
+    description: str = __doc__.split("\n\n")[0],
+) -> int:
+    """Serve ``protocol`` (the reflecting one; raw_echo.py passes its own)."""
+    name = "raw_echo" if protocol is not ReflectProtocol else "protocol_reflect"
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
@@ -163,19 +174,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         context = tls_context(args.tls_cert, args.tls_key) if args.tls_cert else None
     except (OSError, ssl.SSLError) as exc:
-        print(f"protocol_reflect: cannot load {args.tls_cert}: {exc}", file=sys.stderr)
+        print(f"{name}: cannot load {args.tls_cert}: {exc}", file=sys.stderr)
         return 1
     try:
         if args.loop == "uvloop":
             import uvloop
 
-            uvloop.run(serve(args.host, args.port, context))
+            uvloop.run(serve(args.host, args.port, context, protocol))
         else:
-            asyncio.run(serve(args.host, args.port, context))
+            asyncio.run(serve(args.host, args.port, context, protocol))
     except KeyboardInterrupt:
         pass
     except OSError as exc:
-        print(f"protocol_reflect: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        print(f"{name}: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import sys
 import traceback
 from typing import Any
 
@@ -84,6 +85,62 @@ def test_a_clients_close_does_not_reset_away_its_last_frames(arun: Runner[Any]) 
             assert server.stats()["resets"] == 0
 
     arun(scenario())
+
+
+def test_a_client_with_nothing_in_flight_closes_at_once(arun: Runner[Any]) -> None:
+    # A request/response client that read its reply has nothing to linger
+    # for: it closes its socket in close() as before, not after the ACK of
+    # its FIN (which a peer that stays open delays by about 40 ms).
+    async def stays_open(conn: fastnet.Connection) -> None:
+        conn.send(await conn.recv())
+        await asyncio.sleep(30)  # ignores our FIN
+
+    async def scenario() -> None:
+        async with serving(stays_open, drain_timeout=0.5) as server:
+            conn = await fastnet.connect("127.0.0.1", server.port)
+            conn.send(b"ping")
+            assert await asyncio.wait_for(conn.recv(), 5) == b"ping"
+            await asyncio.sleep(0.05)  # our request is acknowledged by now
+            conn.close()
+            assert conn._transport.is_closing()  # closed, not lingering
+            await asyncio.wait_for(conn.wait_closed(), 5)
+
+    arun(scenario())
+
+
+def test_the_probe_does_not_count_a_lone_fin_as_data() -> None:
+    if not sys.platform.startswith("linux"):
+        pytest.skip("SIOCOUTQ and TCP_INFO are Linux's")
+    import fcntl
+    import termios
+
+    from fastnet.lingering import unacknowledged_probe
+
+    class FakeTransport:
+        def __init__(self, sock: socket.socket) -> None:
+            self.sock = sock
+
+        def get_extra_info(self, name: str, default: Any = None) -> Any:
+            return self.sock if name == "socket" else default
+
+    seen_fin_only = 0
+    for _ in range(20):  # the peer's delayed ACK of our FIN: about 40 ms
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            ours = socket.create_connection(listener.getsockname())
+            theirs, _ = listener.accept()
+            with ours, theirs:
+                probe = unacknowledged_probe(FakeTransport(ours))  # type: ignore[arg-type]
+                assert probe is not None
+                ours.sendall(b"x" * 1000)
+                assert theirs.recv(1000, socket.MSG_WAITALL) == b"x" * 1000
+                ours.shutdown(socket.SHUT_WR)
+                raw = fcntl.ioctl(ours.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+                if int.from_bytes(raw, sys.byteorder) == 1:
+                    seen_fin_only += 1
+                assert probe() == 0  # the data is acknowledged; the FIN is not data
+        if seen_fin_only >= 3:
+            break
+    assert seen_fin_only >= 1, "the FIN was always acknowledged at once: nothing tested"
 
 
 def test_a_clients_lingering_close_is_bounded(

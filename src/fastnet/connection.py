@@ -384,9 +384,11 @@ class Connection(FrameProtocol):
         after our data, then whatever the peer still sends is read and
         dropped until it closes too or has acknowledged all our data, so a
         peer that was still sending gets everything instead of a reset. A
-        server's connection waits within the server's lingering bound; a
-        client's for at most 30 s, then it is reset (``abort()`` resets at
-        once). ``wait_closed()`` returns when the socket is closed.
+        server's connection waits within the server's lingering bound. A
+        client with nothing in flight closes at once; one still lingering
+        after 30 s closes if all its data is in the kernel, else resets
+        (``abort()`` resets at once). ``wait_closed()`` returns when the
+        socket is closed: await it before the event loop ends.
         Called by a callback handler, the close takes effect when it
         returns: what it sent until then and the replies it returns go out
         first.
@@ -417,6 +419,10 @@ class Connection(FrameProtocol):
         # client, a client's last requests while replies came in unread.
         # The supervisor bounds a server connection's wait; a client's is
         # bounded here.
+        if self._server is None and lingering.nothing_in_flight(self._transport):
+            self._mark_closing()  # a client that read every reply: nothing to linger for
+            self._transport.close()
+            return
         self._finish()
         if self._server is None:
             self._linger()
@@ -426,7 +432,11 @@ class Connection(FrameProtocol):
         if self._lost or transport is None or transport.is_closing():
             return  # closed at once: the peer had closed, TLS (close_notify), or it failed
         closer = lingering.Lingering(
-            self, self._loop, lingering.CLOSE_LINGER, what="the last data sent to it"
+            self,
+            self._loop,
+            lingering.CLOSE_LINGER,
+            what="the last data sent to it",
+            graceful_deadline=True,
         )
         done = self._loop.create_future()  # resolved by connection_lost
         done.add_done_callback(lambda _: closer.cancel())

@@ -38,7 +38,13 @@ except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
     termios = None  # type: ignore[assignment]
 
-__all__ = ["CLOSE_LINGER", "Lingering", "send_queue", "unacknowledged_probe"]
+__all__ = [
+    "CLOSE_LINGER",
+    "Lingering",
+    "nothing_in_flight",
+    "send_queue",
+    "unacknowledged_probe",
+]
 
 logger = logging.getLogger("fastnet")
 
@@ -63,11 +69,23 @@ LINGER_POLL_MAX = 1.0
 LINGER_QUIET = 0.5
 
 
+# Linux TCP states (include/net/tcp_states.h) in which our FIN is sent and
+# may be unacknowledged: SIOCOUTQ then counts it as one byte.
+_FIN_SENT_STATES = frozenset((4, 9, 11))  # FIN_WAIT1, LAST_ACK, CLOSING
+
+
+def _ioctl_int(fd: int, request: int) -> int:
+    raw = fcntl.ioctl(fd, request, b"\0\0\0\0")
+    return int.from_bytes(raw, sys.byteorder, signed=True)
+
+
 def unacknowledged_probe(transport: asyncio.BaseTransport) -> Callable[[], int] | None:
-    """A function returning the bytes of the socket's send queue not yet acknowledged.
+    """A function returning the bytes of data in the socket's send queue not yet acknowledged.
 
     Linux only (the SIOCOUTQ ioctl, which is TIOCOUTQ's number); None elsewhere
-    or for sockets that are not TCP.
+    or for sockets that are not TCP. Our FIN is not data: when it is the one
+    unacknowledged sequence number, the data is all acknowledged (a peer
+    that stays open after our FIN delays that ACK by about 40 ms).
     """
     if not sys.platform.startswith("linux") or fcntl is None or termios is None:
         return None
@@ -75,17 +93,52 @@ def unacknowledged_probe(transport: asyncio.BaseTransport) -> Callable[[], int] 
     if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return None
     fd = sock.fileno()
-    ioctl = fcntl.ioctl
     request = termios.TIOCOUTQ
 
     def unacknowledged() -> int:
         try:
-            raw = ioctl(fd, request, b"\0\0\0\0")
+            queued = _ioctl_int(fd, request)
+            if queued == 1:
+                state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+                if state in _FIN_SENT_STATES:
+                    return 0
         except OSError:
             return 0  # the socket is gone: nothing left to lose
-        return int.from_bytes(raw, sys.byteorder, signed=True)
+        return queued
 
     return unacknowledged
+
+
+def _is_unix(transport: Any) -> bool:
+    sock = extra_info(transport, "socket")
+    family = getattr(socket, "AF_UNIX", None)
+    return sock is not None and family is not None and sock.family == family
+
+
+def nothing_in_flight(transport: Any) -> bool:
+    """True when closing ``transport``'s socket now cannot lose data either way.
+
+    Nothing of ours is unsent or unacknowledged, and nothing of the peer's
+    waits unread (which would make close(2) send RST): a client that read
+    every reply closes at once, as a plain close does. Linux TCP only
+    (SIOCOUTQ, FIONREAD); a Unix socket once our buffer is empty (the peer
+    reads all that was written to it even after a reset); False where it
+    cannot be known.
+    """
+    if transport.get_write_buffer_size():
+        return False
+    if _is_unix(transport):
+        return True
+    sock = extra_info(transport, "socket")
+    if sock is None:
+        return False
+    probe = unacknowledged_probe(transport)
+    if probe is None:
+        return False
+    try:
+        return probe() == 0 and _ioctl_int(sock.fileno(), termios.FIONREAD) == 0
+    except OSError:
+        return True  # the socket is gone: nothing left to lose
 
 
 def send_queue(transport: asyncio.BaseTransport) -> int:
@@ -101,18 +154,22 @@ class Lingering:
     and the kernel holds nothing unacknowledged, or, without SIOCOUTQ, the
     peer has been quiet for LINGER_QUIET), aborts it after ``limit`` seconds.
     Any error aborts the transport and is logged; nothing escapes. ``what``
-    names the data in the log line of an abort.
+    names the data in the log line of an abort. With ``graceful_deadline``
+    (a client's close) the deadline closes instead of aborting when our
+    buffer is empty: the kernel still delivers its send queue.
     """
 
     __slots__ = (
         "_conn",
         "_deadline",
+        "_graceful_deadline",
         "_handle",
         "_interval",
         "_loop",
         "_probe",
         "_quiet",
         "_seen",
+        "_unix",
         "_what",
     )
 
@@ -122,10 +179,15 @@ class Lingering:
         loop: asyncio.AbstractEventLoop,
         limit: float = CLOSE_LINGER,
         what: str = "its last replies",
+        graceful_deadline: bool = False,
     ) -> None:
         self._conn = conn
+        self._graceful_deadline = graceful_deadline
         self._loop = loop
         self._what = what
+        # A Unix socket needs only our buffer written: its peer reads all
+        # that was written to it, reset or not.
+        self._unix = _is_unix(conn._transport)
         self._probe = unacknowledged_probe(conn._transport)
         now = loop.time()
         self._deadline = now + limit
@@ -147,6 +209,13 @@ class Lingering:
                 return
             now = self._loop.time()
             if now >= self._deadline:
+                transport = conn._transport
+                if self._graceful_deadline and not transport.get_write_buffer_size():
+                    # All our data is in the kernel, still going out to a peer
+                    # that reads slowly: the kernel delivers it after the close
+                    # (unless the peer sends more), a reset would drop it.
+                    transport.close()
+                    return
                 peer = format_peer(conn.peer)
                 logger.info("%s did not take %s; aborted", peer, self._what, extra={"peer": peer})
                 conn.abort()
@@ -158,7 +227,12 @@ class Lingering:
             # Closing already, or data still in our buffer: look again later.
             if not transport.is_closing() and not transport.get_write_buffer_size():
                 probe = self._probe
-                safe = probe() == 0 if probe is not None else now - self._quiet >= LINGER_QUIET
+                if self._unix:
+                    safe = True
+                elif probe is not None:
+                    safe = probe() == 0
+                else:
+                    safe = now - self._quiet >= LINGER_QUIET
                 if safe:
                     transport.close()
                     return

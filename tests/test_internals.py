@@ -380,3 +380,38 @@ def test_start_tls_chooses_the_strategy_again(
         assert kinds["window_after"] == "memoryview"
 
     arun(scenario())
+
+
+@unix_only
+def test_a_failed_write_leaves_the_socket_open_in_connection_lost(loop_name: str) -> None:
+    # Entry 5f: the input the socket holds can still be read in connection_lost.
+    if loop_name == "uvloop" and not HAVE_UVLOOP:
+        pytest.skip("uvloop is not installed")
+    seen: list[Any] = []
+
+    class ReadsWhatIsLeft(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            fd = self.transport.get_extra_info("socket").fileno()
+            seen.append(exc)
+            seen.append(os.read(fd, 100))
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        a, b = socket.socketpair()
+        transport, _ = await loop.connect_accepted_socket(ReadsWhatIsLeft, a)
+        transport.pause_reading()
+        b.sendall(b"unread")
+        b.close()
+        transport.write(b"x")  # EPIPE: the peer is gone
+        for _ in range(200):
+            if seen:
+                break
+            await asyncio.sleep(0.005)
+        transport.close()
+
+    run_coroutine(scenario(), loop=loop_name)
+    assert isinstance(seen[0], BrokenPipeError), seen
+    assert seen[1] == b"unread"

@@ -8,9 +8,14 @@ and runs on both codec backends and both event loops (``arun``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import socket
+import struct
 import sys
+import threading
+import time
 import traceback
 from typing import Any
 
@@ -711,5 +716,200 @@ def test_abort_is_a_reset_for_the_peer(arun: Runner[Any]) -> None:
             with pytest.raises(ConnectionResetError):
                 await asyncio.wait_for(reader.read(), 5)
             writer.close()
+
+    arun(scenario())
+
+
+# ------------------------------------------- input that a reset cannot take
+
+
+def _send_then_go(
+    address: Any, family: int, rest: bytes, first_seen: threading.Event, released: threading.Event
+) -> None:
+    # One frame; once the server holds it (its handler then blocks the loop),
+    # the rest, which stays unread in the server's socket; then go: a reset
+    # (TCP, once the kernel acknowledged it all) or a close (Unix), so that
+    # the server's next write fails while that input is still unread.
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.settimeout(5)
+            sock.connect(address)
+            sock.sendall(frame_bytes(_payload(0)))
+            if not first_seen.wait(5):
+                return
+            sock.sendall(rest)
+            if family != socket.AF_UNIX:
+                deadline = time.monotonic() + 5
+                while _unacknowledged(sock) and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    finally:
+        released.set()
+
+
+def _unacknowledged(sock: socket.socket) -> int:
+    import fcntl
+    import termios
+
+    raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    return int.from_bytes(raw, sys.byteorder)
+
+
+def _payload(i: int) -> bytes:
+    return i.to_bytes(4, "big")
+
+
+# 5,000 frames of 8 bytes: 40 kB, acknowledged whole into the server's receive
+# buffer, and more frames than the inbox's high-water mark (READ_HIGH_FRAMES).
+_RESET_FRAMES = 5000
+_RESET_REST = b"".join(frame_bytes(_payload(i)) for i in range(1, _RESET_FRAMES))
+
+
+async def _producer_goes(
+    server: fastnet.Server,
+    family: str,
+    path: str,
+    rest: bytes,
+    first_seen: threading.Event,
+    released: threading.Event,
+) -> None:
+    if family == "unix":
+        address, af = path, socket.AF_UNIX
+    else:
+        address, af = ("127.0.0.1", server.port), socket.AF_INET
+    client = threading.Thread(target=_send_then_go, args=(address, af, rest, first_seen, released))
+    client.start()
+    try:
+        await wait_until(lambda: server.stats()["closed"] == 1, 10.0, "the connection ended")
+    finally:
+        released.set()
+        client.join(10)
+
+
+@pytest.mark.parametrize("family", ["tcp", "unix"])
+@pytest.mark.parametrize("kind", ["callback", "task"])
+def test_frames_received_before_a_reset_are_all_delivered(
+    arun: Runner[Any], family: str, kind: str, tmp_path: Any
+) -> None:
+    # A producer sends frames and goes without reading the acks. The server
+    # writes an ack, the write fails (EPIPE/ECONNRESET), and the event loop's
+    # transport gave up its socket with the rest of the input still in it,
+    # acknowledged to the producer: 1 of 5,000 frames reached the handler.
+    # Every frame the kernel took is delivered, then the input ends. The task
+    # handler takes them one by one: the inbox fills past its mark, reading
+    # waits, and resumes as the handler catches up.
+    if not sys.platform.startswith("linux"):
+        pytest.skip("SIOCOUTQ is Linux's")
+    first_seen = threading.Event()
+    released = threading.Event()
+    got: list[bytes] = []
+    ended: list[BaseException] = []
+
+    def blocks_on_the_first(frames: list[bytes]) -> None:
+        got.extend(frames)
+        if not first_seen.is_set():
+            first_seen.set()
+            assert released.wait(5)
+
+    def acks(conn: fastnet.Connection, frames: list[bytes]) -> list[bytes]:
+        blocks_on_the_first(frames)
+        return [b"ack"] * len(frames)
+
+    async def acks_in_a_task(conn: fastnet.Connection) -> None:
+        try:
+            while True:
+                frame = await conn.recv()
+                blocks_on_the_first([frame])
+                with contextlib.suppress(ConnectionBrokenError):
+                    conn.send(b"ack")
+        except ConnectionBrokenError as exc:
+            ended.append(exc)
+
+    handler = fastnet.callback_handler(acks) if kind == "callback" else acks_in_a_task
+
+    async def scenario() -> None:
+        got.clear()
+        ended.clear()
+        first_seen.clear()
+        released.clear()
+        path = str(tmp_path / f"reset-{len(list(tmp_path.iterdir()))}.sock")
+        kwargs = {"unix": path} if family == "unix" else {}
+        async with serving(handler, **kwargs) as server:
+            await _producer_goes(server, family, path, _RESET_REST, first_seen, released)
+            assert server.stats()["frames_in"] == _RESET_FRAMES
+        assert got == [_payload(i) for i in range(_RESET_FRAMES)]
+        if kind == "task":
+            assert len(ended) == 1  # the end of input comes after the last frame
+
+    arun(scenario())
+
+
+def test_a_framing_error_in_the_input_left_after_a_reset(arun: Runner[Any]) -> None:
+    # The frames before the bad bytes are delivered and the error is counted,
+    # as on a connection that did not break.
+    if not sys.platform.startswith("linux"):
+        pytest.skip("SIOCOUTQ is Linux's")
+    first_seen = threading.Event()
+    released = threading.Event()
+    got: list[bytes] = []
+
+    def acks(conn: fastnet.Connection, frames: list[bytes]) -> list[bytes]:
+        got.extend(frames)
+        if not first_seen.is_set():
+            first_seen.set()
+            assert released.wait(5)
+        return [b"ack"] * len(frames)
+
+    rest = _RESET_REST + (1000).to_bytes(4, "big") + b"x" * 100  # over max_frame
+
+    async def scenario() -> None:
+        got.clear()
+        first_seen.clear()
+        released.clear()
+        framing = fastnet.LengthPrefixed(max_frame=100)
+        async with serving(fastnet.callback_handler(acks), framing=framing) as server:
+            await _producer_goes(server, "tcp", "", rest, first_seen, released)
+            assert server.stats()["frame_errors"] == 1
+        assert got == [_payload(i) for i in range(_RESET_FRAMES)]
+
+    arun(scenario())
+
+
+def test_a_handler_that_returns_stops_the_reading_of_what_is_left(arun: Runner[Any]) -> None:
+    # The handler takes one frame and returns while the rest still waits in
+    # the broken connection's socket: the reading stops, its descriptor is
+    # closed, the connection ends.
+    if not sys.platform.startswith("linux"):
+        pytest.skip("SIOCOUTQ is Linux's; /proc/self/fd")
+    first_seen = threading.Event()
+    released = threading.Event()
+    reading: list[bool] = []
+
+    async def one_then_done(conn: fastnet.Connection) -> None:
+        await conn.recv()
+        first_seen.set()
+        assert released.wait(5)
+        with contextlib.suppress(ConnectionBrokenError):
+            conn.send(b"ack")
+            await conn.drain()
+        await asyncio.wait_for(conn.wait_closed(), 5)  # the write failed
+        reading.append(conn._leftover is not None)  # paused: the inbox is full
+
+    def sockets() -> int:
+        count = 0
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):  # the listing's own descriptor, closed
+                count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+        return count
+
+    async def scenario() -> None:
+        first_seen.clear()
+        released.clear()
+        reading.clear()
+        async with serving(one_then_done) as server:
+            before = sockets()
+            await _producer_goes(server, "tcp", "", _RESET_REST, first_seen, released)
+            assert reading == [True]
+            await wait_until(lambda: sockets() <= before, 5.0, "the sockets closed")
 
     arun(scenario())

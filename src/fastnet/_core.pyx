@@ -888,7 +888,9 @@ cdef class ConnectionCore:
             return
         paused &= ~reason
         self._read_paused = paused
-        if not paused and self._lifecycle != c_CLOSED and not self._transport.is_closing():
+        if self._lifecycle == c_CLOSED:
+            self._resume_leftover()  # protocol.py: a broken connection's input still read
+        elif not paused and not self._transport.is_closing():
             self._transport.resume_reading()
 
     # -------------------------------------------------------------- sending

@@ -790,7 +790,9 @@ class ConnectionCore:
             return
         paused &= ~reason
         self._read_paused = paused
-        if not paused and self._lifecycle != CLOSED and not self._transport.is_closing():
+        if self._lifecycle == CLOSED:
+            self._resume_leftover()  # type: ignore[attr-defined]  # protocol.py (leftover.py)
+        elif not paused and not self._transport.is_closing():
             self._transport.resume_reading()
 
     # -------------------------------------------------------------- sending

@@ -120,3 +120,11 @@ else:
 #       themselves again for a large one (transports.py, ``plain_reads``).
 #       Fallback: were it to stop holding, plain reads would still deliver
 #       every frame through ``data_received``, only large frames with a copy.
+#    f. When a write fails (EPIPE, ECONNRESET), both loops' socket transports
+#       stop reading and call ``connection_lost(exc)`` with the socket still
+#       open, the input it holds still in it; they close it after that
+#       callback returns (asyncio: _call_connection_lost; uvloop:
+#       UVBaseTransport._call_connection_lost). leftover.LeftoverInput
+#       duplicates the descriptor there and reads that input after the
+#       break. Fallback: were the socket closed first, os.dup would fail
+#       (OSError) and nothing more would be delivered, as before.

@@ -32,6 +32,7 @@ __all__ = [
     "READ_LOW_BYTES",
     "READ_LOW_FRAMES",
     "READ_SIZE",
+    "SALVAGE_BYTES",
 ]
 
 # Window get_buffer() opens when the caller gives no size hint (asyncio passes
@@ -153,3 +154,8 @@ HANDLER_SECONDS_BOUNDS = (
 # uvloop a read stop and start (an epoll_ctl or two), so a run of large
 # frames, whose header reads come between them, stays on one mode.
 PLAIN_AFTER_READS = 8
+
+# Most input read from a socket after its connection broke (leftover.py):
+# what the peer sent before it reset. The kernel's receive buffer bounds it
+# first (6 MiB by default on Linux).
+SALVAGE_BYTES = 16 << 20

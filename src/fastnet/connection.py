@@ -139,6 +139,7 @@ class Connection(FrameProtocol):
             self = core.__new__(_implementation(core, cls))
         self.proxy = None
         self._lost_error = None
+        self._leftover = None
         self._session = None
         return self
 
@@ -616,9 +617,9 @@ def _implementation(core: type, cls: type) -> type:
     impl = _implementations.get((core, cls))
     if impl is None:
         # The slots a connection has beyond its core's fields, set once per
-        # connection: `proxy`, `_lost_error`, and `_session` (a Router's
-        # per-connection state; the cores stay as they are).
-        slots = ("_lost_error", "_session", "proxy")
+        # connection: `proxy`, `_lost_error`, `_leftover` (protocol.py), and
+        # `_session` (a Router's per-connection state; the cores stay as they are).
+        slots = ("_leftover", "_lost_error", "_session", "proxy")
         impl = type(cls.__name__, (core, cls), {"__slots__": slots, "__module__": cls.__module__})
         impl.__qualname__ = cls.__qualname__
         impl.__doc__ = cls.__doc__

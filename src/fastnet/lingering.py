@@ -12,7 +12,11 @@ FIN closes the transport at once), or every byte we sent is acknowledged
 neither (it stopped reading) is aborted after ``CLOSE_LINGER`` seconds.
 
 Acknowledged data is safe from the reset: Linux hands the receiving
-application what it has acknowledged before it reports the reset.
+application what it has acknowledged before it reports the reset, and a
+fastnet connection whose write fails reads it after the break
+(``leftover.py``). A peer that stops at its first
+failed write loses what it had not read: the ACK says the kernel has it,
+not the application.
 
 The supervisor lingers after every handler (the replies a pipelining client
 has not read yet); a client connection lingers after ``close()`` (the requests

@@ -14,7 +14,9 @@ A connection is one object with three layers (see docs/design.md, "Layout"):
 - ``Connection`` (connection.py): what a handler calls.
 
 Ending. A framing error first delivers the frames that preceded the bad
-bytes, then stops reading and ends the input. The end of the stream delivers
+bytes, then stops reading and ends the input. A connection that breaks (a
+write fails because the peer reset) first delivers what the socket still
+holds (``leftover.py``). The end of the stream delivers
 the decoder's last frames; a server's connection stays open for writing, so
 the handler can still answer, and a client's closes. Either way the handler
 sees the end after the queued frames (``async for`` ends, ``recv`` raises).
@@ -43,6 +45,7 @@ from ._tunables import (
     READ_SIZE,
 )
 from .errors import ConnectionBrokenError, ConnectionClosedError, FrameError, WriteBufferFull
+from .leftover import LeftoverInput
 from .lifecycle import CLOSED, CLOSING, OPEN, PEER_CLOSED, Lifecycle, check_transition
 from .transports import TLS_STRATEGY, TransportStrategy, choose_strategy, extra_info
 
@@ -80,8 +83,9 @@ class FrameProtocol(asyncio.BufferedProtocol, _Base):
     if TYPE_CHECKING:
         # A slot of each connection's class (connection._implementation): the
         # socket error that ended the connection, if one did.
-        __slots__ = ("_lost_error",)
+        __slots__ = ("_leftover", "_lost_error")
         _lost_error: BaseException | None
+        _leftover: LeftoverInput | None  # reading a broken connection's socket (leftover.py)
     else:
         __slots__ = ()
 
@@ -173,7 +177,13 @@ class FrameProtocol(asyncio.BufferedProtocol, _Base):
         elif exc is None:
             self._input_ended(_reasons.peer_closed, pause=False)
         else:
-            self._input_ended(_reasons.broken_factory(exc), pause=False)
+            end = _reasons.broken_factory(exc)
+            if isinstance(exc, OSError) and not self._decoder_failed and self._end is None:
+                # A failed write (the peer went): what the socket still
+                # holds came before the break (leftover.py).
+                self._leftover = LeftoverInput.start(self, end)
+            if self._leftover is None:
+                self._input_ended(end, pause=False)
         if self._send_block is None:
             if closing:
                 self._send_block = _reasons.closed_by_us
@@ -195,6 +205,12 @@ class FrameProtocol(asyncio.BufferedProtocol, _Base):
             if not waiter.done():
                 waiter.set_result(None)
 
+    def _resume_leftover(self) -> None:
+        # Called by the core's _unpause_reading once the transport is lost.
+        leftover = self._leftover
+        if leftover is not None:
+            leftover.resume()
+
     # --------------------------------------------------- rare events of a read
 
     def _callback_failed(self, exc: Exception) -> None:
@@ -205,7 +221,8 @@ class FrameProtocol(asyncio.BufferedProtocol, _Base):
         self._input_ended(_reasons.reraise_factory(exc), quiet=False)
 
     def _framing_failed(self, exc: FrameError) -> None:
-        if self._lifecycle >= CLOSING:  # bad bytes after we closed (lingering): just go
+        if self._lifecycle >= CLOSING and self._leftover is None:
+            # Bad bytes after we closed (lingering): just go.
             self._transport.abort()
             return
         self._decoder_failed = True
@@ -239,6 +256,10 @@ class FrameProtocol(asyncio.BufferedProtocol, _Base):
         self, exc_factory: Callable[[], Exception], *, quiet: bool = True, pause: bool = True
     ) -> None:
         """No more frames will come: ``recv`` raises ``exc_factory()`` after the queued ones."""
+        leftover = self._leftover
+        if leftover is not None:  # the input ends otherwise first: stop reading the rest
+            self._leftover = None
+            leftover.stop()
         if self._end is None:
             self._end = exc_factory
             self._end_quiet = quiet
@@ -258,6 +279,8 @@ class FrameProtocol(asyncio.BufferedProtocol, _Base):
         pipelining client would lose answers. The caller bounds the wait and
         aborts a peer that never closes.
         """
+        if self._leftover is not None:  # the handler is done with the input
+            self._input_ended(_reasons.closed_by_us, pause=False)
         if self._lifecycle >= CLOSING:  # closed by the handler, or failed, or lost
             return
         if self._out:
@@ -351,11 +374,14 @@ class FrameProtocol(asyncio.BufferedProtocol, _Base):
         for a complete one.
         """
         self._out.clear()
+        lost = self._lifecycle == CLOSED
         self._mark_closing()
         transport = self._transport
-        sock = extra_info(transport, "socket") if reset else None
+        sock = extra_info(transport, "socket") if reset and not lost else None
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            with contextlib.suppress(OSError):  # closed already
+            # Closed already: OSError, or ValueError from uvloop's stand-in
+            # socket for a closed handle (fd -1).
+            with contextlib.suppress(OSError, ValueError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _SO_LINGER_RESET)
         transport.abort()
 

@@ -913,3 +913,83 @@ def test_a_handler_that_returns_stops_the_reading_of_what_is_left(arun: Runner[A
             await wait_until(lambda: sockets() <= before, 5.0, "the sockets closed")
 
     arun(scenario())
+
+
+def _large_receive_buffer(sock: socket.socket, peer: Any) -> bool:
+    # admit=: room for the whole burst, acknowledged while the handler blocks.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    return True
+
+
+def test_close_stops_the_reading_of_what_is_left(arun: Runner[Any]) -> None:
+    # A callback handler closes in the first batch read after the break: no
+    # batch after it (the probe got 5,807 more frames after close()).
+    if not sys.platform.startswith("linux"):
+        pytest.skip("SIOCOUTQ is Linux's")
+    first_seen = threading.Event()
+    released = threading.Event()
+    batches: list[int] = []
+    rest = b"".join(frame_bytes(_payload(i)) for i in range(1, 20_000))  # 160 kB: 3 reads
+
+    def closes_in_the_second_batch(conn: fastnet.Connection, frames: list[bytes]) -> list[bytes]:
+        batches.append(len(frames))
+        if len(batches) == 1:
+            first_seen.set()
+            assert released.wait(5)
+        elif len(batches) == 2:
+            conn.close()
+        return [b"ack"] * len(frames)
+
+    async def scenario() -> None:
+        batches.clear()
+        first_seen.clear()
+        released.clear()
+        handler = fastnet.callback_handler(closes_in_the_second_batch)
+        async with serving(handler, admit=_large_receive_buffer) as server:
+            await _producer_goes(server, "tcp", "", rest, first_seen, released)
+        assert len(batches) == 2, batches
+
+    arun(scenario())
+
+
+def test_shutdown_with_a_broken_connection_still_handled(arun: Runner[Any]) -> None:
+    # The drain timeout aborts a handler still busy on a connection that
+    # broke while its input was being read: the reset must not touch the
+    # closed socket (uvloop raised ValueError: negative file descriptor).
+    if not sys.platform.startswith("linux"):
+        pytest.skip("SIOCOUTQ is Linux's")
+    first_seen = threading.Event()
+    released = threading.Event()
+    lost = asyncio.Event()
+
+    async def slow(conn: fastnet.Connection) -> None:
+        await conn.recv()
+        first_seen.set()
+        assert released.wait(5)
+        with contextlib.suppress(ConnectionBrokenError):
+            conn.send(b"ack")
+            await conn.drain()
+        await conn.wait_closed()
+        lost.set()
+        await asyncio.sleep(30)  # busy: only the drain timeout ends it
+
+    async def scenario() -> None:
+        first_seen.clear()
+        released.clear()
+        lost.clear()
+        server = fastnet.Server(slow, "127.0.0.1", 0, drain_timeout=0.2)
+        await server.start()
+        client = threading.Thread(
+            target=_send_then_go,
+            args=(("127.0.0.1", server.port), socket.AF_INET, _RESET_REST, first_seen, released),
+        )
+        client.start()
+        try:
+            await asyncio.wait_for(lost.wait(), 10)
+        finally:
+            released.set()
+            client.join(10)
+        await asyncio.wait_for(server.shutdown(), 5)
+        assert server.stats()["active"] == 0
+
+    arun(scenario())

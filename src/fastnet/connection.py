@@ -395,6 +395,11 @@ class Connection(FrameProtocol):
         first.
         """
         if self._lifecycle >= CLOSING:
+            if self._leftover is not None:
+                # Lost, and the input its socket still held is being read
+                # (leftover.py): no more of it, and receiving raises as after
+                # any close.
+                self._input_ended(_reasons.closed_by_us, quiet=False, pause=False)
             return
         if self._tasks:
             # Spawned tasks still run: no more input, and the close happens

@@ -29,14 +29,18 @@ transport's socket holds records its layer never decrypted.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import Callable
 from typing import Any
 
 from ._tunables import PAUSE_BUSY, PAUSE_FAIR, PAUSE_INBOX, PAUSE_RATE, READ_SIZE, SALVAGE_BYTES
+from .listener import format_peer
 from .transports import extra_info
 
 __all__ = ["LeftoverInput"]
+
+logger = logging.getLogger("fastnet")
 
 # What makes reading wait (a transport would be paused): not PAUSE_WRITE,
 # since nothing is written any more, nor PAUSE_STOP, which comes with an end
@@ -90,6 +94,13 @@ class LeftoverInput:
         if fd >= 0:
             os.close(fd)
 
+    def __del__(self) -> None:
+        # A connection dropped while its reading waited (every end of input
+        # stops it first; this is the backstop): the descriptor is not leaked.
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
     def _read(self) -> None:
         self._handle = None
         conn = self._conn
@@ -104,6 +115,14 @@ class LeftoverInput:
                 nbytes = os.readv(self._fd, (buf,))
             except OSError:  # drained (EAGAIN), or the reset itself
                 nbytes = 0
+        else:
+            peer = format_peer(conn.peer)
+            logger.info(
+                "%s: %d bytes read after the connection broke; the rest is dropped",
+                peer,
+                SALVAGE_BYTES,
+                extra={"peer": peer},
+            )
         if not nbytes:
             self._finish()
             return

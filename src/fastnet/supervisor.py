@@ -282,9 +282,11 @@ def _abort_with_reset(conn: Connection) -> None:
     transport = conn._transport
     if transport is None:
         return
-    sock = extra_info(transport, "socket")
+    sock = None if conn._lost else extra_info(transport, "socket")
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        with contextlib.suppress(OSError):  # closed already
+        # Closed already: OSError, or ValueError from uvloop's stand-in
+        # socket for a closed handle (fd -1).
+        with contextlib.suppress(OSError, ValueError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _SO_LINGER_RESET)
     conn.abort()
 

@@ -723,28 +723,61 @@ def test_abort_is_a_reset_for_the_peer(arun: Runner[Any]) -> None:
 # ------------------------------------------- input that a reset cannot take
 
 
-def _send_then_go(
-    address: Any, family: int, rest: bytes, first_seen: threading.Event, released: threading.Event
-) -> None:
-    # One frame; once the server holds it (its handler then blocks the loop),
-    # the rest, which stays unread in the server's socket; then go: a reset
-    # (TCP, once the kernel acknowledged it all) or a close (Unix), so that
-    # the server's next write fails while that input is still unread.
-    try:
-        with socket.socket(family, socket.SOCK_STREAM) as sock:
-            sock.settimeout(5)
-            sock.connect(address)
-            sock.sendall(frame_bytes(_payload(0)))
-            if not first_seen.wait(5):
-                return
-            sock.sendall(rest)
-            if family != socket.AF_UNIX:
-                deadline = time.monotonic() + 5
-                while _unacknowledged(sock) and time.monotonic() < deadline:
-                    time.sleep(0.005)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    finally:
-        released.set()
+class _Producer:
+    """A peer that sends a burst and goes while the server's handler blocks the loop.
+
+    It sends one frame; once the handler holds it (``hold`` blocks the loop
+    there), it sends ``rest``, which stays unread in the server's socket,
+    and goes: a reset (TCP, once the kernel acknowledged it all) or a close
+    (Unix). The handler's next write then fails with that input unread.
+    """
+
+    def __init__(self, rest: bytes) -> None:
+        self.rest = rest
+        self.first_seen = threading.Event()
+        self.released = threading.Event()
+
+    def reset(self) -> None:
+        self.first_seen.clear()
+        self.released.clear()
+
+    def hold(self) -> None:
+        """In the handler, on the first frame: block until the producer has gone."""
+        if not self.first_seen.is_set():
+            self.first_seen.set()
+            assert self.released.wait(5)
+
+    async def goes(self, server: fastnet.Server, family: str = "tcp", path: str = "") -> None:
+        """Run the producer against ``server``; return once its connection closed."""
+        if family == "unix":
+            address: Any = path
+            af = socket.AF_UNIX
+        else:
+            address, af = ("127.0.0.1", server.port), socket.AF_INET
+        client = threading.Thread(target=self._run, args=(address, af))
+        client.start()
+        try:
+            await wait_until(lambda: server.stats()["closed"] == 1, 10.0, "the connection ended")
+        finally:
+            self.released.set()
+            client.join(10)
+
+    def _run(self, address: Any, family: int) -> None:
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
+                sock.settimeout(5)
+                sock.connect(address)
+                sock.sendall(frame_bytes(_payload(0)))
+                if not self.first_seen.wait(5):
+                    return
+                sock.sendall(self.rest)
+                if family != socket.AF_UNIX:
+                    deadline = time.monotonic() + 5
+                    while _unacknowledged(sock) and time.monotonic() < deadline:
+                        time.sleep(0.005)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        finally:
+            self.released.set()
 
 
 def _unacknowledged(sock: socket.socket) -> int:
@@ -763,29 +796,14 @@ def _payload(i: int) -> bytes:
 # buffer, and more frames than the inbox's high-water mark (READ_HIGH_FRAMES).
 _RESET_FRAMES = 5000
 _RESET_REST = b"".join(frame_bytes(_payload(i)) for i in range(1, _RESET_FRAMES))
+_RESET_PAYLOADS = [_payload(i) for i in range(_RESET_FRAMES)]
+
+linux_only = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="SIOCOUTQ and /proc/self/fd are Linux's"
+)
 
 
-async def _producer_goes(
-    server: fastnet.Server,
-    family: str,
-    path: str,
-    rest: bytes,
-    first_seen: threading.Event,
-    released: threading.Event,
-) -> None:
-    if family == "unix":
-        address, af = path, socket.AF_UNIX
-    else:
-        address, af = ("127.0.0.1", server.port), socket.AF_INET
-    client = threading.Thread(target=_send_then_go, args=(address, af, rest, first_seen, released))
-    client.start()
-    try:
-        await wait_until(lambda: server.stats()["closed"] == 1, 10.0, "the connection ended")
-    finally:
-        released.set()
-        client.join(10)
-
-
+@linux_only
 @pytest.mark.parametrize("family", ["tcp", "unix"])
 @pytest.mark.parametrize("kind", ["callback", "task"])
 def test_frames_received_before_a_reset_are_all_delivered(
@@ -798,28 +816,20 @@ def test_frames_received_before_a_reset_are_all_delivered(
     # Every frame the kernel took is delivered, then the input ends. The task
     # handler takes them one by one: the inbox fills past its mark, reading
     # waits, and resumes as the handler catches up.
-    if not sys.platform.startswith("linux"):
-        pytest.skip("SIOCOUTQ is Linux's")
-    first_seen = threading.Event()
-    released = threading.Event()
+    producer = _Producer(_RESET_REST)
     got: list[bytes] = []
     ended: list[BaseException] = []
 
-    def blocks_on_the_first(frames: list[bytes]) -> None:
-        got.extend(frames)
-        if not first_seen.is_set():
-            first_seen.set()
-            assert released.wait(5)
-
     def acks(conn: fastnet.Connection, frames: list[bytes]) -> list[bytes]:
-        blocks_on_the_first(frames)
+        got.extend(frames)
+        producer.hold()
         return [b"ack"] * len(frames)
 
     async def acks_in_a_task(conn: fastnet.Connection) -> None:
         try:
             while True:
-                frame = await conn.recv()
-                blocks_on_the_first([frame])
+                got.append(await conn.recv())
+                producer.hold()
                 with contextlib.suppress(ConnectionBrokenError):
                     conn.send(b"ack")
         except ConnectionBrokenError as exc:
@@ -830,65 +840,54 @@ def test_frames_received_before_a_reset_are_all_delivered(
     async def scenario() -> None:
         got.clear()
         ended.clear()
-        first_seen.clear()
-        released.clear()
+        producer.reset()
         path = str(tmp_path / f"reset-{len(list(tmp_path.iterdir()))}.sock")
         kwargs = {"unix": path} if family == "unix" else {}
         async with serving(handler, **kwargs) as server:
-            await _producer_goes(server, family, path, _RESET_REST, first_seen, released)
+            await producer.goes(server, family, path)
             assert server.stats()["frames_in"] == _RESET_FRAMES
-        assert got == [_payload(i) for i in range(_RESET_FRAMES)]
+        assert got == _RESET_PAYLOADS
         if kind == "task":
             assert len(ended) == 1  # the end of input comes after the last frame
 
     arun(scenario())
 
 
+@linux_only
 def test_a_framing_error_in_the_input_left_after_a_reset(arun: Runner[Any]) -> None:
     # The frames before the bad bytes are delivered and the error is counted,
     # as on a connection that did not break.
-    if not sys.platform.startswith("linux"):
-        pytest.skip("SIOCOUTQ is Linux's")
-    first_seen = threading.Event()
-    released = threading.Event()
+    producer = _Producer(_RESET_REST + (1000).to_bytes(4, "big") + b"x" * 100)  # over max_frame
     got: list[bytes] = []
 
     def acks(conn: fastnet.Connection, frames: list[bytes]) -> list[bytes]:
         got.extend(frames)
-        if not first_seen.is_set():
-            first_seen.set()
-            assert released.wait(5)
+        producer.hold()
         return [b"ack"] * len(frames)
-
-    rest = _RESET_REST + (1000).to_bytes(4, "big") + b"x" * 100  # over max_frame
 
     async def scenario() -> None:
         got.clear()
-        first_seen.clear()
-        released.clear()
+        producer.reset()
         framing = fastnet.LengthPrefixed(max_frame=100)
         async with serving(fastnet.callback_handler(acks), framing=framing) as server:
-            await _producer_goes(server, "tcp", "", rest, first_seen, released)
+            await producer.goes(server)
             assert server.stats()["frame_errors"] == 1
-        assert got == [_payload(i) for i in range(_RESET_FRAMES)]
+        assert got == _RESET_PAYLOADS
 
     arun(scenario())
 
 
+@linux_only
 def test_a_handler_that_returns_stops_the_reading_of_what_is_left(arun: Runner[Any]) -> None:
     # The handler takes one frame and returns while the rest still waits in
     # the broken connection's socket: the reading stops, its descriptor is
     # closed, the connection ends.
-    if not sys.platform.startswith("linux"):
-        pytest.skip("SIOCOUTQ is Linux's; /proc/self/fd")
-    first_seen = threading.Event()
-    released = threading.Event()
+    producer = _Producer(_RESET_REST)
     reading: list[bool] = []
 
     async def one_then_done(conn: fastnet.Connection) -> None:
         await conn.recv()
-        first_seen.set()
-        assert released.wait(5)
+        producer.hold()
         with contextlib.suppress(ConnectionBrokenError):
             conn.send(b"ack")
             await conn.drain()
@@ -903,12 +902,11 @@ def test_a_handler_that_returns_stops_the_reading_of_what_is_left(arun: Runner[A
         return count
 
     async def scenario() -> None:
-        first_seen.clear()
-        released.clear()
+        producer.reset()
         reading.clear()
         async with serving(one_then_done) as server:
             before = sockets()
-            await _producer_goes(server, "tcp", "", _RESET_REST, first_seen, released)
+            await producer.goes(server)
             assert reading == [True]
             await wait_until(lambda: sockets() <= before, 5.0, "the sockets closed")
 
@@ -921,75 +919,61 @@ def _large_receive_buffer(sock: socket.socket, peer: Any) -> bool:
     return True
 
 
+@linux_only
 def test_close_stops_the_reading_of_what_is_left(arun: Runner[Any]) -> None:
     # A callback handler closes in the first batch read after the break: no
     # batch after it (the probe got 5,807 more frames after close()).
-    if not sys.platform.startswith("linux"):
-        pytest.skip("SIOCOUTQ is Linux's")
-    first_seen = threading.Event()
-    released = threading.Event()
+    producer = _Producer(b"".join(frame_bytes(_payload(i)) for i in range(1, 20_000)))  # 3 reads
     batches: list[int] = []
-    rest = b"".join(frame_bytes(_payload(i)) for i in range(1, 20_000))  # 160 kB: 3 reads
 
     def closes_in_the_second_batch(conn: fastnet.Connection, frames: list[bytes]) -> list[bytes]:
         batches.append(len(frames))
-        if len(batches) == 1:
-            first_seen.set()
-            assert released.wait(5)
-        elif len(batches) == 2:
+        producer.hold()
+        if len(batches) == 2:
             conn.close()
         return [b"ack"] * len(frames)
 
     async def scenario() -> None:
         batches.clear()
-        first_seen.clear()
-        released.clear()
+        producer.reset()
         handler = fastnet.callback_handler(closes_in_the_second_batch)
         async with serving(handler, admit=_large_receive_buffer) as server:
-            await _producer_goes(server, "tcp", "", rest, first_seen, released)
+            await producer.goes(server)
         assert len(batches) == 2, batches
 
     arun(scenario())
 
 
+@linux_only
 def test_shutdown_with_a_broken_connection_still_handled(arun: Runner[Any]) -> None:
     # The drain timeout aborts a handler still busy on a connection that
     # broke while its input was being read: the reset must not touch the
     # closed socket (uvloop raised ValueError: negative file descriptor).
-    if not sys.platform.startswith("linux"):
-        pytest.skip("SIOCOUTQ is Linux's")
-    first_seen = threading.Event()
-    released = threading.Event()
-    lost = asyncio.Event()
+    producer = _Producer(_RESET_REST)
+    lost: list[bool] = []
 
     async def slow(conn: fastnet.Connection) -> None:
         await conn.recv()
-        first_seen.set()
-        assert released.wait(5)
+        producer.hold()
         with contextlib.suppress(ConnectionBrokenError):
             conn.send(b"ack")
             await conn.drain()
         await conn.wait_closed()
-        lost.set()
+        lost.append(True)
         await asyncio.sleep(30)  # busy: only the drain timeout ends it
 
     async def scenario() -> None:
-        first_seen.clear()
-        released.clear()
+        producer.reset()
         lost.clear()
         server = fastnet.Server(slow, "127.0.0.1", 0, drain_timeout=0.2)
         await server.start()
-        client = threading.Thread(
-            target=_send_then_go,
-            args=(("127.0.0.1", server.port), socket.AF_INET, _RESET_REST, first_seen, released),
-        )
-        client.start()
+        producer_done = asyncio.ensure_future(producer.goes(server))
         try:
-            await asyncio.wait_for(lost.wait(), 10)
+            await wait_until(lambda: lost == [True], 10.0, "the connection lost")
         finally:
-            released.set()
-            client.join(10)
+            producer.released.set()
         await asyncio.wait_for(server.shutdown(), 5)
+        await producer_done
         assert server.stats()["active"] == 0
 
     arun(scenario())

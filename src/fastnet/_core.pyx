@@ -32,6 +32,7 @@ from ._outq cimport OutQueue
 from . import _reasons
 from ._internals import current_task, fatal_error
 from ._tunables import (
+    BULK_READ,
     BATCH_BOUNDS,
     DEFAULT_MAX_WRITE_BUFFER,
     HANDLER_SECONDS_BOUNDS,
@@ -62,6 +63,7 @@ cdef long long c_READ_HIGH_BYTES = READ_HIGH_BYTES
 cdef long long c_READ_LOW_BYTES = READ_LOW_BYTES
 cdef int c_READ_BURST = READ_BURST
 cdef int c_PLAIN_AFTER_READS = PLAIN_AFTER_READS
+cdef Py_ssize_t c_BULK_READ = BULK_READ
 cdef Py_ssize_t c_READ_FAIR_FRAMES = READ_FAIR_FRAMES
 cdef int c_PAUSE_FAIR = PAUSE_FAIR
 cdef int c_PAUSE_INBOX = PAUSE_INBOX
@@ -498,7 +500,7 @@ cdef class ConnectionCore:
         if self._read_fd < 0:
             self._received(nbytes)
             if self._plain_reads:
-                self._count_buffered_read()
+                self._count_buffered_read(nbytes)
             return
         # CPython's selector transport: read on through runs of large frames
         # (see the twin).
@@ -550,14 +552,14 @@ cdef class ConnectionCore:
             self._framing_failed(exc)
             return 0
         self._arrived(frames, nbytes)
-        if self._c_decoder.direct is not None and self._reading_plain:
+        if self._reading_plain and (self._c_decoder.direct is not None or nbytes >= c_BULK_READ):
             self._read_buffered()
         return 0
 
-    cdef int _count_buffered_read(self) except -1:
+    cdef int _count_buffered_read(self, Py_ssize_t nbytes) except -1:
         # After a read through get_buffer on uvloop: back to plain reads once
-        # PLAIN_AFTER_READS reads in a row began no large frame.
-        if self._c_decoder.direct is not None:
+        # PLAIN_AFTER_READS small reads in a row began no large frame.
+        if self._c_decoder.direct is not None or nbytes >= c_BULK_READ:
             self._buffered_reads = 0
             return 0
         self._buffered_reads += 1

@@ -63,6 +63,7 @@ from . import _reasons
 from ._internals import current_task, fatal_error
 from ._tunables import (
     BATCH_BOUNDS,
+    BULK_READ,
     DEFAULT_MAX_WRITE_BUFFER,
     HANDLER_SECONDS_BOUNDS,
     LARGE_FRAME,
@@ -374,7 +375,7 @@ class ConnectionCore:
         if self._read_fd < 0:
             self._received(nbytes)
             if self._plain_reads:
-                self._count_buffered_read()
+                self._count_buffered_read(nbytes)
             return
         # CPython's selector transport: after a read that began a large frame
         # (its payload has most likely arrived with its header) or that
@@ -430,9 +431,10 @@ class ConnectionCore:
     def _chunk(self, data: bytes) -> None:
         # A read that uvloop made into its own buffer: _PlainReads passes the
         # bytes on. A large frame begun in them is received through
-        # get_buffer, straight into its object: the connection becomes the
-        # transport's protocol again until PLAIN_AFTER_READS reads in a row
-        # begin no large frame (_count_buffered_read).
+        # get_buffer, straight into its object, and a bulk read (BULK_READ)
+        # makes the next ones bounded by get_buffer's window: the connection
+        # becomes the transport's protocol again until PLAIN_AFTER_READS
+        # small reads in a row begin no large frame (_count_buffered_read).
         nbytes = len(data)
         self.bytes_in += nbytes
         try:
@@ -441,13 +443,14 @@ class ConnectionCore:
             self._framing_failed(exc)  # type: ignore[attr-defined]
             return
         self._arrived(frames, nbytes)
-        if self._decoder.missing and self._reading_plain:
+        if self._reading_plain and (self._decoder.missing or nbytes >= BULK_READ):
             self._read_buffered()
 
-    def _count_buffered_read(self) -> None:
+    def _count_buffered_read(self, nbytes: int) -> None:
         # After a read through get_buffer on uvloop: back to plain reads once
-        # PLAIN_AFTER_READS reads in a row began no large frame.
-        if self._decoder.missing:
+        # PLAIN_AFTER_READS reads in a row began no large frame and were
+        # small (BULK_READ).
+        if self._decoder.missing or nbytes >= BULK_READ:
             self._buffered_reads = 0
             return
         self._buffered_reads += 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 __all__ = [
     "BATCH_BOUNDS",
+    "BULK_READ",
     "DEFAULT_MAX_WRITE_BUFFER",
     "DIRECT_ROOM",
     "DIRECT_THRESHOLD",
@@ -154,6 +155,15 @@ HANDLER_SECONDS_BOUNDS = (
 # uvloop a read stop and start (an epoll_ctl or two), so a run of large
 # frames, whose header reads come between them, stays on one mode.
 PLAIN_AFTER_READS = 8
+
+# A plain read is as large as uvloop's own buffer (256 KiB): under a flood of
+# tiny frames that is four times the frames of a get_buffer window in one
+# handler call (65,536 zero-length frames: about 100 ms on the pure-Python
+# backend, which then kept a healthy client's pings waiting 0.9-1.4 s). A read
+# of at least this many bytes (the peer sends faster than it is served)
+# switches to get_buffer, whose window bounds each read, and such reads do not
+# count towards switching back: plain reads are for small reads.
+BULK_READ = READ_SIZE // 2
 
 # Most input read from a socket after its connection broke (leftover.py):
 # what the peer sent before it reset. The kernel's receive buffer bounds it
